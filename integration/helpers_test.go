@@ -1,0 +1,189 @@
+package integration
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pglocks/pglocks/keys"
+)
+
+var appSeq atomic.Int64
+
+// openDB opens a pool on driver with a unique application_name, closed at
+// the end of the test.
+func openDB(t testing.TB, driver string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open(driver, withApp(dsn, fmt.Sprintf("pglocks-test-%d", appSeq.Add(1))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetMaxIdleConns(64)
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func withApp(dsn, app string) string {
+	u, err := url.Parse(dsn)
+	if err != nil || u.Scheme == "" {
+		return dsn + " application_name=" + app
+	}
+	q := u.Query()
+	q.Set("application_name", app)
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// conn pins a connection, closed at the end of the test.
+func conn(t testing.TB, db *sql.DB) *sql.Conn {
+	t.Helper()
+	c, err := db.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// observer is a separate session that reads pg_locks.
+type observer struct{ db *sql.DB }
+
+func newObserver(t testing.TB) *observer {
+	t.Helper()
+	db, err := sql.Open("pgx", withApp(dsn, "pglocks-observer"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return &observer{db: db}
+}
+
+// modeOf returns pg_locks' mode name.
+func modeOf(shared bool) string {
+	if shared {
+		return "ShareLock"
+	}
+	return "ExclusiveLock"
+}
+
+// granted reports whether pid holds key in the given mode.
+func (o *observer) granted(t testing.TB, pid int, key keys.Key, shared bool) bool {
+	t.Helper()
+	c, ob, s := key.LockTag()
+	var n int
+	err := o.db.QueryRow(`SELECT count(*) FROM pg_catalog.pg_locks
+		WHERE locktype = 'advisory' AND pid = $1 AND classid = $2 AND objid = $3 AND objsubid = $4 AND mode = $5 AND granted
+		AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())`,
+		pid, int64(c), int64(ob), s, modeOf(shared)).Scan(&n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n > 0
+}
+
+// holders returns the pids holding key in any mode.
+func (o *observer) holders(t testing.TB, key keys.Key) []int {
+	t.Helper()
+	c, ob, s := key.LockTag()
+	rows, err := o.db.Query(`SELECT pid FROM pg_catalog.pg_locks
+		WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = $3 AND granted ORDER BY pid`,
+		int64(c), int64(ob), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var pids []int
+	for rows.Next() {
+		var p int
+		if err := rows.Scan(&p); err != nil {
+			t.Fatal(err)
+		}
+		pids = append(pids, p)
+	}
+	return pids
+}
+
+// waiting reports whether pid is waiting for key.
+func (o *observer) waiting(t testing.TB, pid int, key keys.Key) bool {
+	t.Helper()
+	c, ob, s := key.LockTag()
+	var n int
+	if err := o.db.QueryRow(`SELECT count(*) FROM pg_catalog.pg_locks
+		WHERE locktype = 'advisory' AND pid = $1 AND classid = $2 AND objid = $3 AND objsubid = $4 AND NOT granted`,
+		pid, int64(c), int64(ob), s).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n > 0
+}
+
+// waitUntilWaiting blocks until pid waits for key.
+func (o *observer) waitUntilWaiting(t testing.TB, pid int, key keys.Key) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !o.waiting(t, pid, key) {
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d never waited for %v", pid, key)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// alive reports whether a backend with pid exists.
+func (o *observer) alive(t testing.TB, pid int) bool {
+	t.Helper()
+	var n int
+	if err := o.db.QueryRow(`SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = $1`, pid).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n > 0
+}
+
+// waitGone waits until pid's backend has exited.
+func (o *observer) waitGone(t testing.TB, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for o.alive(t, pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("backend %d still alive 10s after its session was lost", pid)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// pidOf returns the backend pid of an executor.
+func pidOf(t testing.TB, x interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}) int {
+	t.Helper()
+	var pid int
+	if err := x.QueryRowContext(context.Background(), "SELECT pg_catalog.pg_backend_pid()").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	return pid
+}
+
+// keySeq hands out keys unique to this test run, so tests never share locks.
+var keySeq atomic.Int64
+
+func uniqueKey() keys.Key {
+	return keys.Int64(time.Now().UnixNano()&^0xffffff | keySeq.Add(1)&0xffffff)
+}
+
+// showSetting returns a GUC's current value on x.
+func showSetting(t testing.TB, x interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}, name string) string {
+	t.Helper()
+	var v string
+	if err := x.QueryRowContext(context.Background(), "SELECT pg_catalog.current_setting($1)", name).Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func lower(s string) string { return strings.ToLower(s) }

@@ -1,0 +1,187 @@
+package pglock
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/pglocks/pglocks/internal/sqlexec"
+)
+
+const (
+	// deadlineGrace is how long after ctx's deadline the driver is still
+	// allowed to wait for the server's own lock_timeout to answer. Only if
+	// the server has not answered by then is the statement cancelled through
+	// the driver, which closes the session.
+	deadlineGrace = 2 * time.Second
+
+	// settleTimeout bounds statements that never wait for a lock (try,
+	// unlock, verification, savepoint rollback). They run on a context that
+	// the caller's cancellation cannot break, so that their outcome is always
+	// known and the connection is not closed under them.
+	settleTimeout = 5 * time.Second
+)
+
+// shield returns a context for a statement that must not be interrupted by
+// the caller: it keeps ctx's values, ignores its cancellation and deadline,
+// and is bounded by settleTimeout.
+func shield(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+}
+
+// waitContext returns the context handed to the driver for a lock wait.
+//
+// A deadline on ctx is enforced by the server (lock_timeout), so the driver
+// context outlives it by deadlineGrace: cancelling through the driver would
+// close the session, and every lock on it with it. A cancellation of ctx is
+// passed on at once, since nothing else can interrupt the wait.
+func waitContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	base, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	dctx, cancelDeadline := base, context.CancelFunc(func() {})
+	if dl, ok := ctx.Deadline(); ok {
+		dctx, cancelDeadline = context.WithDeadline(base, dl.Add(deadlineGrace))
+	}
+	stop := context.AfterFunc(ctx, func() {
+		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			cancel(context.Cause(ctx))
+		}
+	})
+	return dctx, func() {
+		stop()
+		cancelDeadline()
+		cancel(context.Canceled)
+	}
+}
+
+// attempt is one acquisition on a caller's handle.
+type attempt struct {
+	x    sqlexec.Executor
+	lock sqlexec.Lock
+	wait bool // false: try once
+	// discard closes the underlying connection; it is called when the outcome
+	// of a session-lock statement cannot be settled, so that no lock outlives
+	// the error. Nil when there is nothing to close (transactions).
+	discard func()
+}
+
+// run takes the lock. It returns (true, nil) only when the lock is granted to
+// the session, and (false, nil) only when a try found it busy. Any error
+// means the session does not hold the lock because of this call.
+//
+// The uncontended path is one statement, one round trip. Anything uncertain
+// (ctx ended while the statement ran, or the statement failed while the
+// session may still be alive) is settled by asking pg_locks on the same
+// session, because drivers and the server can each report failure after
+// granting the lock, or success after the session died.
+func (a attempt) run(ctx context.Context) (bool, error) {
+	if err := ctx.Err(); err != nil {
+		// Never start with a dead context: database/sql would refuse, and
+		// pgx would mark the connection bad.
+		return false, err
+	}
+	var (
+		q     string
+		timed bool
+		qctx  context.Context
+		stop  context.CancelFunc
+	)
+	switch dl, hasDeadline := ctx.Deadline(); {
+	case !a.wait:
+		q = a.lock.TryLockSQL()
+		qctx, stop = shield(ctx)
+	case hasDeadline:
+		left := time.Until(dl)
+		if left <= 0 {
+			return false, context.DeadlineExceeded
+		}
+		q, timed = a.lock.LockTimeoutSQL(sqlexec.TimeoutMillis(left)), true
+		qctx, stop = waitContext(ctx)
+	default:
+		q = a.lock.LockSQL()
+		qctx, stop = waitContext(ctx)
+	}
+	res, err := a.x.ExecContext(qctx, q)
+	interrupted := qctx.Err() != nil
+	stop()
+
+	if err == nil && !interrupted {
+		if a.wait {
+			return true, nil
+		}
+		n, rerr := res.RowsAffected()
+		if rerr == nil {
+			return n == 1, nil
+		}
+		err = rerr
+	}
+	if err != nil && neverSent(err) {
+		return false, err
+	}
+	var ctxErr error
+	if interrupted {
+		ctxErr = ctx.Err()
+		if ctxErr == nil { // only the grace period after the deadline ran out
+			ctxErr = context.DeadlineExceeded
+		}
+	}
+
+	if timed && a.lock.Scope == sqlexec.Xact && err != nil {
+		// The wait ran inside SAVEPOINT pglocks_wait. Rolling back to it
+		// releases anything the failed wait was granted (PostgreSQL can grant
+		// the lock while raising 55P03) and restores lock_timeout, leaving the
+		// caller's transaction usable.
+		sctx, cancel := shield(ctx)
+		_, rbErr := a.x.ExecContext(sctx, sqlexec.RollbackWaitSQL)
+		cancel()
+		if rbErr != nil && sqlexec.IsSessionLost(rbErr) {
+			return false, join(ctxErr, ErrSessionLost, err)
+		}
+		// Either the savepoint was rolled back, or the transaction was
+		// already aborted (and its transaction locks released) before the
+		// wait began: in both cases nothing is held.
+		return false, join(classify(ctxErr, err, timed)...)
+	}
+
+	held, vErr := a.held(ctx)
+	switch {
+	case vErr == nil && held:
+		// Granted, whatever the driver said: a lock_timeout error racing the
+		// grant, or a cancellation that arrived just after it.
+		return true, nil
+	case vErr == nil:
+		if err == nil {
+			// The statement succeeded but the context was interrupted: only
+			// possible if the driver reported success for a statement that
+			// was cancelled before the grant.
+			err = ctxErr
+		}
+		return false, join(classify(ctxErr, err, timed)...)
+	case sqlexec.IsSessionLost(vErr) || sqlexec.IsSessionLost(err):
+		return false, join(ctxErr, ErrSessionLost, err, vErr)
+	case a.lock.Scope == sqlexec.Xact && sqlexec.SQLState(vErr) == sqlexec.CodeInFailedSQLTx:
+		// The failed statement aborted the transaction, which released its
+		// transaction locks.
+		return false, join(classify(ctxErr, err, timed)...)
+	default:
+		// The outcome cannot be settled. Close the session rather than risk
+		// a lock that outlives the error.
+		if a.discard != nil {
+			a.discard()
+			return false, join(ctxErr, ErrSessionLost, err, vErr)
+		}
+		return false, join(ctxErr, err, vErr)
+	}
+}
+
+// held asks pg_locks whether this session holds the lock, on a context the
+// caller's cancellation cannot break.
+func (a attempt) held(ctx context.Context) (bool, error) {
+	sctx, cancel := shield(ctx)
+	defer cancel()
+	res, err := a.x.ExecContext(sctx, a.lock.HeldSQL())
+	if err != nil {
+		return false, err
+	}
+	n, err := res.RowsAffected()
+	return n > 0, err
+}

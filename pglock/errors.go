@@ -1,0 +1,136 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"strings"
+
+	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/keys"
+)
+
+// Sentinel errors. Every error returned by this package is an [*Error] that
+// wraps one or more of these, the context error when ctx ended the call, and
+// the driver's own error; test them with [errors.Is].
+var (
+	// ErrNotHeld is returned by UnlockConn when this session does not hold
+	// the lock in the requested mode.
+	ErrNotHeld = errors.New("pglock: lock not held by this session")
+
+	// ErrNotAcquired is returned by a lock call with NoWait when another
+	// session holds the lock.
+	ErrNotAcquired = errors.New("pglock: lock not acquired: held by another session")
+
+	// ErrDeadlock is returned when PostgreSQL's deadlock detector chose this
+	// wait as the victim (SQLSTATE 40P01). The lock is not held. In a
+	// transaction without a deadline the transaction is aborted, as after any
+	// failed statement, and must be rolled back.
+	ErrDeadlock = errors.New("pglock: deadlock detected")
+
+	// ErrLockTimeout is returned when a lock_timeout that pglock did not set
+	// (one configured on the session, role or database) expired (SQLSTATE
+	// 55P03). When the limit came from ctx's deadline, the error wraps
+	// context.DeadlineExceeded instead.
+	ErrLockTimeout = errors.New("pglock: lock_timeout expired")
+
+	// ErrSessionLost means the database session ended during the call: it
+	// was terminated, the network failed, or the driver closed it to honour a
+	// cancelled ctx. Every session lock it held was released with it, and the
+	// *sql.Conn or *sql.Tx can no longer be used.
+	ErrSessionLost = errors.New("pglock: database session lost; every lock it held is released")
+
+	// ErrInvalidKey is returned for the zero keys.Key.
+	ErrInvalidKey = errors.New("pglock: invalid key: the zero keys.Key names no lock")
+
+	// ErrNilHandle is returned for a nil *sql.DB, *sql.Conn or *sql.Tx.
+	ErrNilHandle = errors.New("pglock: nil *sql.DB, *sql.Conn or *sql.Tx")
+
+	// ErrUnsupportedExecutor is returned by WithLock for an Executor other
+	// than *sql.DB, *sql.Conn and *sql.Tx.
+	ErrUnsupportedExecutor = errors.New("pglock: unsupported Executor: want *sql.DB, *sql.Conn or *sql.Tx")
+)
+
+// Error is the error type of every failed call in this package. Use
+// [errors.Is] with the sentinel errors, context.Canceled and
+// context.DeadlineExceeded, and [errors.As] to reach the driver's error
+// (*pq.Error, *pgconn.PgError).
+type Error struct {
+	Op    string   // "lock", "trylock" or "unlock"
+	Key   keys.Key // the lock
+	Scope string   // "session" or "transaction"
+	Err   error    // the causes, outermost first
+}
+
+// Error returns "pglock: <op> <key> (<scope>): <causes>".
+func (e *Error) Error() string {
+	return "pglock: " + e.Op + " " + e.Key.String() + " (" + e.Scope + "): " + e.Err.Error()
+}
+
+// Unwrap returns the causes.
+func (e *Error) Unwrap() error { return e.Err }
+
+// causes is an error made of several: each is reachable by errors.Is and
+// errors.As, and the message joins them with ": ".
+type causes []error
+
+func (c causes) Error() string {
+	parts := make([]string, 0, len(c))
+	for _, err := range c {
+		parts = append(parts, strings.TrimPrefix(err.Error(), "pglock: "))
+	}
+	return strings.Join(parts, ": ")
+}
+
+func (c causes) Unwrap() []error { return c }
+
+// join builds a causes value, dropping nils and repeats.
+func join(errs ...error) error {
+	var c causes
+outer:
+	for _, err := range errs {
+		if err == nil {
+			continue
+		}
+		for _, have := range c {
+			if have == err {
+				continue outer
+			}
+		}
+		c = append(c, err)
+	}
+	if len(c) == 1 {
+		return c[0]
+	}
+	return c
+}
+
+func opError(op string, l sqlexec.Lock, errs ...error) error {
+	return &Error{Op: op, Key: l.Key, Scope: l.Scope.String(), Err: join(errs...)}
+}
+
+// classify explains a failed lock statement. ctxErr is the error of the
+// caller's context when it ended the call; timed says that pglock bounded the
+// wait with lock_timeout from ctx's deadline.
+func classify(ctxErr, err error, timed bool) []error {
+	code := sqlexec.SQLState(err)
+	if ctxErr == nil && timed && code == sqlexec.CodeLockNotAvailable {
+		ctxErr = context.DeadlineExceeded
+	}
+	out := []error{ctxErr}
+	switch {
+	case code == sqlexec.CodeDeadlock:
+		out = append(out, ErrDeadlock)
+	case code == sqlexec.CodeLockNotAvailable && !timed:
+		out = append(out, ErrLockTimeout)
+	case sqlexec.IsSessionLost(err):
+		out = append(out, ErrSessionLost)
+	}
+	return append(out, err)
+}
+
+// neverSent reports whether err says database/sql refused the call before
+// anything reached the server.
+func neverSent(err error) bool {
+	return errors.Is(err, sql.ErrConnDone) || errors.Is(err, sql.ErrTxDone)
+}

@@ -1,0 +1,72 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+
+	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/keys"
+)
+
+// LockTx takes a transaction-level advisory lock in tx, waiting until it is
+// granted. The lock is released when tx commits or rolls back, and not
+// before: there is no unlock. Transaction locks are safe behind PgBouncer in
+// transaction pooling mode.
+//
+// A nil error means the transaction holds the lock. Any error means this call
+// left no lock held. Specifically:
+//
+//   - Deadline: the wait runs inside SAVEPOINT pglocks_wait, bounded on the
+//     server by lock_timeout. On expiry the error wraps
+//     context.DeadlineExceeded, the savepoint is rolled back, and tx is still
+//     usable: later statements in it succeed, and its lock_timeout is what it
+//     was before.
+//   - Cancellation: the drivers can only interrupt a waiting statement by
+//     closing the session, which ends tx. The error wraps context.Canceled and
+//     ErrSessionLost.
+//   - Without a deadline, an error from the server (ErrDeadlock, or
+//     ErrLockTimeout from a lock_timeout the session already has) aborts tx
+//     like any failed statement; roll it back.
+//
+// With NoWait, LockTx tries once and returns ErrNotAcquired if the lock is
+// busy. Shared takes the shared lock.
+//
+// Cost: one round trip when the lock is free, with or without a deadline (the
+// savepoint travels in the same message); a timed-out wait costs one more.
+func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
+	o := collect(opts)
+	ok, err := lockTx(ctx, tx, key, o, !o.noWait)
+	if err == nil && !ok {
+		err = opError("lock", xactLock(key, o), ErrNotAcquired)
+	}
+	return err
+}
+
+// TryLockTx tries once to take a transaction-level advisory lock in tx, without
+// waiting. It returns true when the transaction now holds the lock and false
+// when another session holds it. A failure to take a busy lock does not abort
+// tx. Like TryLockConn, once sent the statement is allowed to finish even if
+// ctx is cancelled. Cost: one round trip.
+func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (bool, error) {
+	return lockTx(ctx, tx, key, collect(opts), false)
+}
+
+func lockTx(ctx context.Context, tx *sql.Tx, key keys.Key, o options, wait bool) (bool, error) {
+	l := xactLock(key, o)
+	op := "lock"
+	if !wait {
+		op = "trylock"
+	}
+	if err := check(tx == nil, key); err != nil {
+		return false, opError(op, l, err)
+	}
+	ok, err := attempt{x: tx, lock: l, wait: wait}.run(ctx)
+	if err != nil {
+		return false, opError(op, l, err)
+	}
+	return ok, nil
+}
+
+func xactLock(key keys.Key, o options) sqlexec.Lock {
+	return sqlexec.Lock{Key: key, Shared: o.shared, Scope: sqlexec.Xact}
+}
