@@ -1,0 +1,288 @@
+package integration
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/pglocks/pglocks/keys"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+// raceTrials is the number of racing trials per driver and path
+// (PGLOCKS_RACE_TRIALS overrides it).
+func raceTrials(t *testing.T) int {
+	if s := os.Getenv("PGLOCKS_RACE_TRIALS"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil {
+			t.Fatalf("PGLOCKS_RACE_TRIALS: %v", err)
+		}
+		return n
+	}
+	return 2000
+}
+
+// lockFunc is an acquisition under test: it takes key through x.
+type lockFunc func(ctx context.Context, c *sql.Conn, tx *sql.Tx, key keys.Key) error
+
+// verdict checks the contract after one call, against pg_locks:
+//   - nil error: the lock is granted to the caller's backend;
+//   - an error: it is not, once a session the error reports as lost is gone.
+//
+// It returns "" when the contract holds, else what went wrong.
+func verdict(t testing.TB, o *observer, caller *sql.Conn, pid int, key keys.Key, err error) string {
+	if err == nil {
+		if !o.granted(t, pid, key, false) {
+			return "false success: nil error but pg_locks shows no grant to the caller"
+		}
+		// A backend whose client is gone still shows its locks until it
+		// exits: the caller's session must also be alive.
+		if _, xerr := caller.ExecContext(context.Background(), "SELECT 1"); xerr != nil {
+			return fmt.Sprintf("false success: nil error but the session is gone (%v)", xerr)
+		}
+		return ""
+	}
+	if errors.Is(err, pglock.ErrSessionLost) {
+		o.waitGone(t, pid) // the lock goes with the session
+		return ""
+	}
+	if o.granted(t, pid, key, false) {
+		return fmt.Sprintf("leak: error %q but the lock is granted to the caller", err)
+	}
+	return ""
+}
+
+// raceStats counts outcomes, to show the trials really raced.
+type raceStats struct {
+	ok, deadline, canceled, lost, other int
+}
+
+func (s raceStats) String() string {
+	return fmt.Sprintf("granted=%d deadline-error=%d cancel-error=%d session-lost=%d other=%d",
+		s.ok, s.deadline, s.canceled, s.lost, s.other)
+}
+
+// raceOnce runs one trial: a holder releases key at about the moment the
+// caller's deadline expires or its context is cancelled. It returns the
+// contract verdict.
+func raceOnce(t testing.TB, o *observer, holder *sql.Conn, caller *sql.Conn, tx *sql.Tx, pid int, key keys.Key, lock lockFunc, cancelMode bool, st *raceStats) (string, error) {
+	if err := pglock.LockConn(context.Background(), holder, key); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Duration(3+rand.IntN(8)) * time.Millisecond
+	jitter := time.Duration(rand.IntN(3000)-1500) * time.Microsecond
+	var ctx context.Context
+	var cancel context.CancelFunc
+	if cancelMode {
+		ctx, cancel = context.WithCancel(context.Background())
+		time.AfterFunc(at, cancel)
+	} else {
+		ctx, cancel = context.WithTimeout(context.Background(), at)
+	}
+	defer cancel()
+	released := make(chan error, 1)
+	time.AfterFunc(at+jitter, func() {
+		released <- pglock.UnlockConn(context.Background(), holder, key)
+	})
+	err := lock(ctx, caller, tx, key)
+	v := verdict(t, o, caller, pid, key, err)
+	if rerr := <-released; rerr != nil {
+		t.Fatalf("holder unlock: %v", rerr)
+	}
+	switch {
+	case err == nil:
+		st.ok++
+	case errors.Is(err, pglock.ErrSessionLost):
+		st.lost++
+	case errors.Is(err, context.DeadlineExceeded):
+		st.deadline++
+	case errors.Is(err, context.Canceled):
+		st.canceled++
+	default:
+		st.other++
+	}
+	return v, err
+}
+
+// runRace runs trials of lock against a releasing holder and fails on the
+// first contract violation.
+//
+// With naive set, violations are counted instead, and the session is
+// replaced after any failure, since a naive implementation's errors say
+// nothing reliable about it.
+func runRace(t *testing.T, driver string, useTx, naive bool, trials int, lock lockFunc) (raceStats, int) {
+	obs := newObserver(t)
+	db := openDB(t, driver)
+	holder := conn(t, db)
+	var st raceStats
+	violations := 0
+	var caller *sql.Conn
+	var tx *sql.Tx
+	pid := 0
+	reopen := func() {
+		if tx != nil {
+			_ = tx.Rollback()
+		}
+		if caller != nil {
+			_ = caller.Close()
+		}
+		var err error
+		if caller, err = db.Conn(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		pid = pidOf(t, caller)
+		tx = nil
+		if useTx {
+			if tx, err = caller.BeginTx(context.Background(), nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	reopen()
+	defer func() {
+		if tx != nil {
+			_ = tx.Rollback()
+		}
+		_ = caller.Close()
+	}()
+	for i := 0; i < trials; i++ {
+		key := uniqueKey()
+		v, err := raceOnce(t, obs, holder, caller, tx, pid, key, lock, i%2 == 1, &st)
+		if v != "" {
+			violations++
+			if !naive {
+				t.Fatalf("trial %d (%s): %s", i, map[bool]string{true: "cancel", false: "deadline"}[i%2 == 1], v)
+			}
+		}
+		switch {
+		case naive:
+			reopen()
+		case errors.Is(err, pglock.ErrSessionLost):
+			reopen()
+		case err == nil && useTx:
+			if cerr := tx.Commit(); cerr != nil {
+				t.Fatal(cerr)
+			}
+			if tx, err = caller.BeginTx(context.Background(), nil); err != nil {
+				t.Fatal(err)
+			}
+		case err == nil:
+			if uerr := pglock.UnlockConn(context.Background(), caller, key); uerr != nil {
+				t.Fatal(uerr)
+			}
+		case useTx:
+			// A deadline error left the transaction usable; prove it.
+			if _, xerr := tx.ExecContext(context.Background(), "SELECT 1"); xerr != nil {
+				t.Fatalf("trial %d: transaction unusable after %v: %v", i, err, xerr)
+			}
+		default:
+			if _, xerr := caller.ExecContext(context.Background(), "SELECT 1"); xerr != nil {
+				t.Fatalf("trial %d: connection unusable after %v: %v", i, err, xerr)
+			}
+		}
+	}
+	return st, violations
+}
+
+// TestRaceNoLeakNoFalseSuccess is the contract test: deadlines and
+// cancellations land exactly while the holder releases, thousands of times
+// per driver, and after every call pg_locks must agree with its result.
+func TestRaceNoLeakNoFalseSuccess(t *testing.T) {
+	trials := raceTrials(t)
+	for _, driver := range drivers {
+		t.Run(driver+"/conn", func(t *testing.T) {
+			st, _ := runRace(t, driver, false, false, trials, func(ctx context.Context, c *sql.Conn, _ *sql.Tx, key keys.Key) error {
+				return pglock.LockConn(ctx, c, key)
+			})
+			t.Logf("%d trials: %v", trials, st)
+			checkRaced(t, st)
+		})
+		t.Run(driver+"/tx", func(t *testing.T) {
+			st, _ := runRace(t, driver, true, false, trials, func(ctx context.Context, _ *sql.Conn, tx *sql.Tx, key keys.Key) error {
+				return pglock.LockTx(ctx, tx, key)
+			})
+			t.Logf("%d trials: %v", trials, st)
+			checkRaced(t, st)
+		})
+	}
+}
+
+// checkRaced fails if the trials did not produce both outcomes, which would
+// mean they never raced.
+func checkRaced(t *testing.T, st raceStats) {
+	if st.ok == 0 || st.deadline+st.canceled+st.lost == 0 {
+		t.Errorf("trials did not race: %v", st)
+	}
+}
+
+// The verdict must be able to fail. These deliberately wrong implementations
+// are the classic mistakes; the checker must flag them deterministically.
+func TestRaceCheckerCatchesNaive(t *testing.T) {
+	obs := newObserver(t)
+	db := openDB(t, "pgx")
+	holder := conn(t, db)
+	caller := conn(t, db)
+	pid := pidOf(t, caller)
+
+	t.Run("NaiveLateGrantReportedAsTimeout", func(t *testing.T) {
+		// Waits on the server with no bound, then reports the caller's
+		// expired deadline: the lock arrives after the deadline and leaks.
+		key := uniqueKey()
+		if err := pglock.LockConn(context.Background(), holder, key); err != nil {
+			t.Fatal(err)
+		}
+		time.AfterFunc(60*time.Millisecond, func() { _ = pglock.UnlockConn(context.Background(), holder, key) })
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		defer cancel()
+		_, err := caller.ExecContext(context.Background(), "SELECT pg_advisory_lock($1::bigint)", key.Int64())
+		if err == nil {
+			err = ctx.Err()
+		}
+		if v := verdict(t, obs, caller, pid, key, err); v == "" {
+			t.Fatal("the checker missed a lock held after an error")
+		} else {
+			t.Logf("caught: %s", v)
+		}
+		_ = pglock.UnlockConn(context.Background(), caller, key)
+	})
+	t.Run("NaiveIgnoresTryResult", func(t *testing.T) {
+		// Treats "the statement ran" as "the lock is held".
+		key := uniqueKey()
+		if err := pglock.LockConn(context.Background(), holder, key); err != nil {
+			t.Fatal(err)
+		}
+		defer pglock.UnlockConn(context.Background(), holder, key)
+		_, err := caller.ExecContext(context.Background(), "SELECT pg_try_advisory_lock($1::bigint)", key.Int64())
+		if v := verdict(t, obs, caller, pid, key, err); v == "" {
+			t.Fatal("the checker missed a false success")
+		} else {
+			t.Logf("caught: %s", v)
+		}
+	})
+}
+
+// TestRaceNaiveMeasured runs the racing trials against the obvious
+// implementation, the caller's context handed to ExecContext, and logs how
+// often it breaks the contract. It asserts nothing: it is the measurement
+// that motivates the design. (Measured here: see the README.)
+func TestRaceNaiveMeasured(t *testing.T) {
+	if testing.Short() {
+		t.Skip("measurement only")
+	}
+	n := raceTrials(t) / 5
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			st, violations := runRace(t, driver, false, true, n, func(ctx context.Context, c *sql.Conn, _ *sql.Tx, key keys.Key) error {
+				_, err := c.ExecContext(ctx, "SELECT pg_advisory_lock($1::bigint)", key.Int64())
+				return err
+			})
+			t.Logf("naive ExecContext(ctx, pg_advisory_lock): %d of %d trials broke the contract (%v)", violations, n, st)
+		})
+	}
+}
