@@ -108,7 +108,7 @@ func (s *connSession) exec(ctx context.Context, q string) error {
 	return err
 }
 func (s *connSession) setting(t testing.TB, name string) string { return showSetting(t, s.c, name) }
-func (s *connSession) scope() string                           { return "session" }
+func (s *connSession) scope() string                            { return "session" }
 
 // txSession uses LockTx and TryLockTx, or WithLock over a *sql.Tx; release
 // commits and opens the next transaction on the same connection.
@@ -191,7 +191,7 @@ func (s *txSession) exec(ctx context.Context, q string) error {
 	return err
 }
 func (s *txSession) setting(t testing.TB, name string) string { return showSetting(t, s.tx, name) }
-func (s *txSession) scope() string                           { return "transaction" }
+func (s *txSession) scope() string                            { return "transaction" }
 
 // scopedSession uses WithLock over a *sql.Conn or a *sql.DB: fn holds the lock
 // until release.
