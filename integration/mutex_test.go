@@ -63,6 +63,27 @@ func TestMutualExclusion(t *testing.T) {
 			return pglock.WithLock(ctx, db, key, func(context.Context, bool) error { body(); return nil })
 		}},
 	}
+	t.Run("control/no-lock-loses-increments", func(t *testing.T) {
+		// Without the lock the same body must lose increments, or the test
+		// above could not fail.
+		var counter atomic.Int64
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 200; i++ {
+					v := counter.Load()
+					runtime.Gosched()
+					counter.Store(v + 1)
+				}
+			}()
+		}
+		wg.Wait()
+		if counter.Load() == workers*200 {
+			t.Fatal("the unlocked control lost no increment: the counter cannot detect overlap")
+		}
+	})
 	for _, driver := range drivers {
 		for _, l := range lockers {
 			t.Run(driver+"/"+l.name, func(t *testing.T) {
