@@ -1,0 +1,441 @@
+package pglock_test
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/DATA-DOG/go-sqlmock"
+
+	"github.com/pglocks/pglocks/keys"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+// pgErr is a server error as both drivers expose it: through SQLState().
+type pgErr struct{ code, msg string }
+
+func (e *pgErr) Error() string    { return e.msg + " (SQLSTATE " + e.code + ")" }
+func (e *pgErr) SQLState() string { return e.code }
+
+var (
+	errLockTimeout = &pgErr{"55P03", "canceling statement due to lock timeout"}
+	errDeadlock    = &pgErr{"40P01", "deadlock detected"}
+	errAborted     = &pgErr{"25P02", "current transaction is aborted"}
+	errTerminated  = &pgErr{"57P01", "terminating connection due to administrator command"}
+	errSyntax      = &pgErr{"42601", "syntax error"}
+)
+
+const (
+	lock42      = "SELECT pg_catalog.pg_advisory_lock('42'::bigint)"
+	try42       = "SELECT 1 WHERE pg_catalog.pg_try_advisory_lock('42'::bigint)"
+	unlock42    = "SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)"
+	held42      = "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '0'::oid AND objid = '42'::oid AND objsubid = '1'::smallint AND mode = 'ExclusiveLock' AND granted"
+	xlock42     = "SELECT pg_catalog.pg_advisory_xact_lock('42'::bigint)"
+	xtry42      = "SELECT 1 WHERE pg_catalog.pg_try_advisory_xact_lock('42'::bigint)"
+	rollbackSP  = "ROLLBACK TO SAVEPOINT pglocks_wait; RELEASE SAVEPOINT pglocks_wait"
+	timedPrefix = "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '"
+)
+
+func timed(ms string, call string) string {
+	return timedPrefix + ms + "ms', true), " + strings.TrimPrefix(call, "SELECT ") + " OFFSET 0) AS w"
+}
+
+func newMock(t *testing.T) (*sql.DB, sqlmock.Sqlmock, *sql.Conn) {
+	t.Helper()
+	db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherEqual))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	c, err := db.Conn(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db, mock, c
+}
+
+func rows(n int64) driver.Result { return sqlmock.NewResult(0, n) }
+
+func TestSQLSent(t *testing.T) {
+	ctx := context.Background()
+	tests := []struct {
+		name string
+		call func(*sql.Conn, *sql.Tx) error
+		sql  string
+		res  driver.Result
+	}{
+		{"LockConn", func(c *sql.Conn, _ *sql.Tx) error { return pglock.LockConn(ctx, c, keys.Int64(42)) }, lock42, rows(1)},
+		{"LockConn shared pair", func(c *sql.Conn, _ *sql.Tx) error {
+			return pglock.LockConn(ctx, c, keys.Pair(1, -2), pglock.Shared())
+		}, "SELECT pg_catalog.pg_advisory_lock_shared('1'::integer, '-2'::integer)", rows(1)},
+		{"LockConn min int64", func(c *sql.Conn, _ *sql.Tx) error {
+			return pglock.LockConn(ctx, c, keys.Int64(-9223372036854775808))
+		}, "SELECT pg_catalog.pg_advisory_lock('-9223372036854775808'::bigint)", rows(1)},
+		{"LockConn string key", func(c *sql.Conn, _ *sql.Tx) error { return pglock.LockConn(ctx, c, keys.String("a")) },
+			"SELECT pg_catalog.pg_advisory_lock('-5808556873153909620'::bigint)", rows(1)},
+		{"TryLockConn", func(c *sql.Conn, _ *sql.Tx) error { _, err := pglock.TryLockConn(ctx, c, keys.Int64(42)); return err }, try42, rows(1)},
+		{"TryLockConn shared", func(c *sql.Conn, _ *sql.Tx) error {
+			_, err := pglock.TryLockConn(ctx, c, keys.Int64(42), pglock.Shared())
+			return err
+		}, "SELECT 1 WHERE pg_catalog.pg_try_advisory_lock_shared('42'::bigint)", rows(1)},
+		{"LockConn NoWait", func(c *sql.Conn, _ *sql.Tx) error { return pglock.LockConn(ctx, c, keys.Int64(42), pglock.NoWait()) }, try42, rows(1)},
+		{"UnlockConn", func(c *sql.Conn, _ *sql.Tx) error { return pglock.UnlockConn(ctx, c, keys.Int64(42)) }, unlock42, rows(1)},
+		{"UnlockConn shared", func(c *sql.Conn, _ *sql.Tx) error { return pglock.UnlockConn(ctx, c, keys.Int64(42), pglock.Shared()) },
+			"SELECT 1 WHERE pg_catalog.pg_advisory_unlock_shared('42'::bigint)", rows(1)},
+		{"LockTx", func(_ *sql.Conn, tx *sql.Tx) error { return pglock.LockTx(ctx, tx, keys.Int64(42)) }, xlock42, rows(1)},
+		{"LockTx shared", func(_ *sql.Conn, tx *sql.Tx) error { return pglock.LockTx(ctx, tx, keys.Int64(42), pglock.Shared()) },
+			"SELECT pg_catalog.pg_advisory_xact_lock_shared('42'::bigint)", rows(1)},
+		{"TryLockTx", func(_ *sql.Conn, tx *sql.Tx) error { _, err := pglock.TryLockTx(ctx, tx, keys.Int64(42)); return err }, xtry42, rows(1)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, mock, c := newMock(t)
+			var tx *sql.Tx
+			if strings.Contains(tt.name, "Tx") {
+				mock.ExpectBegin()
+				var err error
+				if tx, err = c.BeginTx(ctx, nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			mock.ExpectExec(tt.sql).WillReturnResult(tt.res)
+			if err := tt.call(c, tx); err != nil {
+				t.Fatal(err)
+			}
+			if err := mock.ExpectationsWereMet(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func TestDeadlineSQL(t *testing.T) {
+	// The deadline becomes lock_timeout in the same statement.
+	for _, tx := range []bool{false, true} {
+		db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherRegexp))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		want := regexp.QuoteMeta(timedPrefix) + `(29\d\d\d|30000)` + regexp.QuoteMeta("ms', true), pg_catalog.pg_advisory_lock('42'::bigint) OFFSET 0) AS w")
+		if tx {
+			mock.ExpectBegin()
+			want = "^" + regexp.QuoteMeta("SAVEPOINT pglocks_wait; ") + strings.Replace(want, "pg_advisory_lock", "pg_advisory_xact_lock", 1) +
+				regexp.QuoteMeta("; RELEASE SAVEPOINT pglocks_wait") + "$"
+		} else {
+			want = "^" + want + "$"
+		}
+		mock.ExpectExec(want).WillReturnResult(rows(1))
+		if tx {
+			t2, err := db.Begin()
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = pglock.LockTx(ctx, t2, keys.Int64(42))
+			if err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			c, _ := db.Conn(context.Background())
+			if err := pglock.LockConn(ctx, c, keys.Int64(42)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := mock.ExpectationsWereMet(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestSettle covers how failed and uncertain outcomes are settled: every
+// error is checked against pg_locks on the same session before it is
+// returned, except where the session is provably gone.
+func TestSettle(t *testing.T) {
+	type step struct {
+		sql string
+		res driver.Result
+		err error
+	}
+	deadline := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.Background(), time.Hour)
+	}
+	tests := []struct {
+		name      string
+		tx        bool
+		timed     bool
+		steps     []step
+		wantErr   []error // nil: success
+		notErr    []error
+		closeConn bool
+	}{
+		{
+			name:    "lock_timeout raced the grant: success",
+			timed:   true,
+			steps:   []step{{sql: "timed", err: errLockTimeout}, {sql: held42, res: rows(1)}},
+			wantErr: nil,
+		},
+		{
+			name:    "deadline expired: DeadlineExceeded, connection kept",
+			timed:   true,
+			steps:   []step{{sql: "timed", err: errLockTimeout}, {sql: held42, res: rows(0)}},
+			wantErr: []error{context.DeadlineExceeded},
+			notErr:  []error{pglock.ErrSessionLost, pglock.ErrLockTimeout},
+		},
+		{
+			name:    "session lock_timeout without a deadline: ErrLockTimeout",
+			steps:   []step{{sql: lock42, err: errLockTimeout}, {sql: held42, res: rows(0)}},
+			wantErr: []error{pglock.ErrLockTimeout},
+			notErr:  []error{context.DeadlineExceeded},
+		},
+		{
+			name:    "deadlock",
+			steps:   []step{{sql: lock42, err: errDeadlock}, {sql: held42, res: rows(0)}},
+			wantErr: []error{pglock.ErrDeadlock},
+		},
+		{
+			name:    "terminated while waiting (lib/pq reports ErrBadConn)",
+			steps:   []step{{sql: lock42, err: driver.ErrBadConn}},
+			wantErr: []error{pglock.ErrSessionLost},
+		},
+		{
+			name:    "terminated while waiting (SQLSTATE 57P01)",
+			steps:   []step{{sql: lock42, err: errTerminated}},
+			wantErr: []error{pglock.ErrSessionLost},
+		},
+		{
+			name:    "error, then the session dies before the check",
+			steps:   []step{{sql: lock42, err: errSyntax}, {sql: held42, err: driver.ErrBadConn}},
+			wantErr: []error{pglock.ErrSessionLost, errSyntax},
+		},
+		{
+			name:      "outcome cannot be settled: the connection is closed",
+			steps:     []step{{sql: lock42, err: errSyntax}, {sql: held42, err: errSyntax}},
+			wantErr:   []error{pglock.ErrSessionLost},
+			closeConn: true,
+		},
+		{
+			name:    "tx deadline: the savepoint is rolled back",
+			tx:      true,
+			timed:   true,
+			steps:   []step{{sql: "timed", err: errLockTimeout}, {sql: rollbackSP, res: rows(0)}},
+			wantErr: []error{context.DeadlineExceeded},
+			notErr:  []error{pglock.ErrSessionLost},
+		},
+		{
+			name:    "tx without deadline: an aborted transaction holds nothing",
+			tx:      true,
+			steps:   []step{{sql: xlock42, err: errDeadlock}, {sql: "SELECT 1 FROM pg_catalog.pg_locks" + held42[len("SELECT 1 FROM pg_catalog.pg_locks"):], err: errAborted}},
+			wantErr: []error{pglock.ErrDeadlock},
+		},
+		{
+			name:    "try: busy is false, not an error",
+			steps:   []step{{sql: try42, res: rows(0)}},
+			wantErr: []error{pglock.ErrNotAcquired},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherFunc(func(expected, actual string) error {
+				if expected == "timed" && strings.HasPrefix(actual, timedPrefix) || strings.HasPrefix(actual, "SAVEPOINT pglocks_wait; "+timedPrefix) && expected == "timed" {
+					return nil
+				}
+				if expected != actual {
+					return errors.New("want " + expected + "\n got " + actual)
+				}
+				return nil
+			})))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			ctx := context.Background()
+			if tt.timed {
+				var cancel context.CancelFunc
+				ctx, cancel = deadline()
+				defer cancel()
+			}
+			c, err := db.Conn(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.tx {
+				mock.ExpectBegin()
+			}
+			for _, s := range tt.steps {
+				e := mock.ExpectExec(s.sql)
+				if s.err != nil {
+					e.WillReturnError(s.err)
+				} else {
+					e.WillReturnResult(s.res)
+				}
+			}
+			if tt.tx {
+				tx, err := c.BeginTx(context.Background(), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				err = pglock.LockTx(ctx, tx, keys.Int64(42))
+				check(t, err, tt.wantErr, tt.notErr)
+			} else {
+				opts := []pglock.Option{}
+				if strings.HasPrefix(tt.name, "try") {
+					opts = append(opts, pglock.NoWait())
+				}
+				err = pglock.LockConn(ctx, c, keys.Int64(42), opts...)
+				check(t, err, tt.wantErr, tt.notErr)
+			}
+			if err := mock.ExpectationsWereMet(); err != nil {
+				t.Fatal(err)
+			}
+			if tt.closeConn {
+				if _, err := c.ExecContext(context.Background(), "SELECT 1"); !errors.Is(err, sql.ErrConnDone) {
+					t.Fatalf("connection still open after an unsettled outcome: %v", err)
+				}
+			}
+		})
+	}
+}
+
+func check(t *testing.T, err error, want, not []error) {
+	t.Helper()
+	if want == nil {
+		if err != nil {
+			t.Fatalf("want success, got %v", err)
+		}
+		return
+	}
+	if err == nil {
+		t.Fatal("want an error, got nil")
+	}
+	for _, w := range want {
+		if !errors.Is(err, w) {
+			t.Errorf("error %q does not wrap %v", err, w)
+		}
+	}
+	for _, n := range not {
+		if errors.Is(err, n) {
+			t.Errorf("error %q wraps %v", err, n)
+		}
+	}
+	var pe *pglock.Error
+	if !errors.As(err, &pe) || pe.Key != keys.Int64(42) {
+		t.Errorf("error %q is not a *pglock.Error for int:42", err)
+	}
+}
+
+func TestUnlockConn(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // unlock must run even on a cancelled context
+	_, mock, c := newMock(t)
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+	if err := pglock.UnlockConn(ctx, c, keys.Int64(42)); err != nil {
+		t.Fatalf("UnlockConn on a cancelled ctx: %v", err)
+	}
+	mock.ExpectExec(unlock42).WillReturnResult(rows(0))
+	if err := pglock.UnlockConn(ctx, c, keys.Int64(42)); !errors.Is(err, pglock.ErrNotHeld) {
+		t.Fatalf("UnlockConn of a lock not held: %v", err)
+	}
+	mock.ExpectExec(unlock42).WillReturnError(driver.ErrBadConn)
+	if err := pglock.UnlockConn(ctx, c, keys.Int64(42)); !errors.Is(err, pglock.ErrSessionLost) {
+		t.Fatalf("UnlockConn on a dead session: %v", err)
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLockWithDoneContextSendsNothing(t *testing.T) {
+	_, mock, c := newMock(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := pglock.LockConn(ctx, c, keys.Int64(42)); !errors.Is(err, context.Canceled) {
+		t.Fatalf("LockConn with a cancelled ctx: %v", err)
+	}
+	ctx, cancel = context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel()
+	if err := pglock.LockConn(ctx, c, keys.Int64(42)); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("LockConn past its deadline: %v", err)
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestWithLockMock(t *testing.T) {
+	ctx := context.Background()
+	t.Run("conn: fn error and unlock", func(t *testing.T) {
+		_, mock, c := newMock(t)
+		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+		sentinel := errors.New("fn")
+		err := pglock.WithLock(ctx, c, keys.Int64(42), func(_ context.Context, acquired bool) error {
+			if !acquired {
+				t.Error("acquired = false")
+			}
+			return sentinel
+		})
+		if !errors.Is(err, sentinel) {
+			t.Fatal(err)
+		}
+		if err := mock.ExpectationsWereMet(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("conn: unlock failure is joined to fn's error", func(t *testing.T) {
+		_, mock, c := newMock(t)
+		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(unlock42).WillReturnResult(rows(0))
+		sentinel := errors.New("fn")
+		err := pglock.WithLock(ctx, c, keys.Int64(42), func(context.Context, bool) error { return sentinel })
+		if !errors.Is(err, sentinel) || !errors.Is(err, pglock.ErrNotHeld) {
+			t.Fatalf("want fn's error and ErrNotHeld, got %v", err)
+		}
+	})
+	t.Run("db: NoWait busy releases the connection before fn", func(t *testing.T) {
+		db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherEqual))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		mock.ExpectExec(try42).WillReturnResult(rows(0))
+		err = pglock.WithLock(ctx, db, keys.Int64(42), func(_ context.Context, acquired bool) error {
+			if acquired {
+				t.Error("acquired = true on a busy key")
+			}
+			if s := db.Stats(); s.InUse != 0 {
+				t.Errorf("%d connections in use while fn runs unlocked", s.InUse)
+			}
+			return nil
+		}, pglock.NoWait())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := mock.ExpectationsWereMet(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("db: a failed unlock closes the connection", func(t *testing.T) {
+		db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherEqual))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(unlock42).WillReturnError(errSyntax)
+		mock.ExpectClose()
+		err = pglock.WithLock(ctx, db, keys.Int64(42), func(context.Context, bool) error { return nil })
+		if !errors.Is(err, errSyntax) {
+			t.Fatalf("want the unlock error, got %v", err)
+		}
+		if s := db.Stats(); s.OpenConnections != 0 {
+			t.Fatalf("a connection that may hold the lock went back to the pool (%d open)", s.OpenConnections)
+		}
+	})
+}
