@@ -1,0 +1,40 @@
+# pglocks: `make test` runs everything; `make demo` shows two workers contending.
+SHELL := /bin/bash
+
+LOCAL_DSN := postgres://postgres@127.0.0.1:5432/test?sslmode=disable
+
+# Use the local server when one answers and no DSN was given. Without one,
+# the integration tests try dockertest and otherwise fail loudly.
+PGLOCKS_TEST_DSN ?= $(shell (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && echo '$(LOCAL_DSN)')
+export PGLOCKS_TEST_DSN
+
+GO ?= go
+
+.PHONY: test vet unit demo fuzz
+
+## test: go vet, then every test (unit, examples, integration) with -race
+test: vet
+	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then echo "PGLOCKS_TEST_DSN=$$PGLOCKS_TEST_DSN"; \
+	  else echo "no PostgreSQL on 127.0.0.1:5432 and PGLOCKS_TEST_DSN unset: integration tests will try dockertest, then fail"; fi
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+vet:
+	$(GO) vet ./...
+
+## unit: the tests that need no database
+unit:
+	$(GO) test -race -count=1 ./keys ./internal/...
+
+## fuzz: run each fuzz target for a while
+fuzz:
+	$(GO) test -run XXX -fuzz FuzzParse -fuzztime 30s ./keys
+	$(GO) test -run XXX -fuzz FuzzLockTag -fuzztime 30s ./keys
+
+## demo: two workers contend for one key on the local server
+demo:
+	@if [ -z "$$PGLOCKS_TEST_DSN" ]; then \
+	  echo "make demo needs PostgreSQL. Start the local server:"; \
+	  echo "  pg_ctlcluster --skip-systemctl-redirect \$$(ls /etc/postgresql) main start"; \
+	  echo "or point it at one: PGLOCKS_TEST_DSN=postgres://user@host:5432/db?sslmode=disable make demo"; \
+	  exit 1; fi
+	$(GO) run ./internal/demo

@@ -1,0 +1,174 @@
+package pglock_test
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log"
+	"os"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // or _ "github.com/lib/pq"
+
+	"github.com/pglocks/pglocks/keys"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+// openExampleDB opens the database the examples run against: PGLOCKS_TEST_DSN,
+// which `make test` sets to the local server.
+func openExampleDB() *sql.DB {
+	dsn := os.Getenv("PGLOCKS_TEST_DSN")
+	if dsn == "" {
+		log.Fatal("examples need PostgreSQL: set PGLOCKS_TEST_DSN (make test sets it)")
+	}
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		log.Fatal(err)
+	}
+	return db
+}
+
+// Serialize a job across replicas: whoever holds the lock runs it.
+func ExampleWithLock() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	err := pglock.WithLock(ctx, db, keys.String("example:nightly-report"), func(ctx context.Context, _ bool) error {
+		fmt.Println("generating the report while holding the lock")
+		return nil
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	// Output: generating the report while holding the lock
+}
+
+// With NoWait, fn always runs and learns whether it got the lock, like
+// django-pglocks' advisory_lock(..., wait=False).
+func ExampleWithLock_noWait() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx := context.Background()
+
+	// Another session holds the key.
+	other, _ := db.Conn(ctx)
+	defer other.Close()
+	key := keys.String("example:cron")
+	_ = pglock.LockConn(ctx, other, key)
+	defer pglock.UnlockConn(ctx, other, key)
+
+	_ = pglock.WithLock(ctx, db, key, func(ctx context.Context, acquired bool) error {
+		if !acquired {
+			fmt.Println("another replica is running the job; skipping")
+			return nil
+		}
+		fmt.Println("running the job")
+		return nil
+	}, pglock.NoWait())
+	// Output: another replica is running the job; skipping
+}
+
+// Inside a transaction the lock lasts until COMMIT or ROLLBACK, so nothing
+// written under it is visible unlocked.
+func ExampleWithLock_transaction() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx := context.Background()
+
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer tx.Rollback()
+	err = pglock.WithLock(ctx, tx, keys.Pair(7, 1001), func(ctx context.Context, _ bool) error {
+		_, err := tx.ExecContext(ctx, "SELECT 1") // per-tenant work in tx
+		return err
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(tx.Commit()) // releases the lock
+	// Output: <nil>
+}
+
+// A session lock on a pinned connection, bounded by a deadline. The deadline
+// is enforced by the server, so on expiry the connection and its other locks
+// survive.
+func ExampleLockConn() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx := context.Background()
+
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close() // only after every lock on it is released
+
+	key := keys.Int64(42)
+	lockCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := pglock.LockConn(lockCtx, conn, key); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			fmt.Println("busy for 2s; try later")
+			return
+		}
+		log.Fatal(err)
+	}
+	fmt.Println("locked", key)
+	if err := pglock.UnlockConn(ctx, conn, key); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("unlocked", key)
+	// Output:
+	// locked int:42
+	// unlocked int:42
+}
+
+func ExampleTryLockConn() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx := context.Background()
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close()
+
+	key := keys.String("example:migrations")
+	ok, err := pglock.TryLockConn(ctx, conn, key)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if ok {
+		defer pglock.UnlockConn(ctx, conn, key)
+	}
+	fmt.Println("acquired:", ok)
+	// Output: acquired: true
+}
+
+func ExampleLockTx() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer tx.Rollback()
+	// On a deadline the transaction stays usable: the wait ran in a savepoint.
+	if err := pglock.LockTx(ctx, tx, keys.String("example:tenant:17")); err != nil {
+		log.Fatal(err)
+	}
+	// ... read-modify-write under the lock ...
+	if err := tx.Commit(); err != nil { // releases the lock
+		log.Fatal(err)
+	}
+	fmt.Println("committed")
+	// Output: committed
+}
