@@ -1,0 +1,56 @@
+// Package pglock takes PostgreSQL advisory locks through database/sql, with
+// any driver (lib/pq and pgx/v5/stdlib are tested).
+//
+// There are three ways to hold a lock, by what the caller owns:
+//
+//   - A *sql.Conn: session locks with [LockConn], [TryLockConn] and
+//     [UnlockConn]. They last until unlocked or until the session ends.
+//   - A *sql.Tx: transaction locks with [LockTx] and [TryLockTx]. They last
+//     until COMMIT or ROLLBACK, and are the only kind that works behind
+//     PgBouncer in transaction pooling mode.
+//   - Any of *sql.DB, *sql.Conn or *sql.Tx: [WithLock] runs a function under
+//     the lock and releases it afterwards, like django-pglocks'
+//     advisory_lock(lock_id, shared, wait, using).
+//
+// Locks are named by [keys.Key]: an int64, a pair of int32s, or a string
+// hashed with a frozen FNV-1a-64 (see package keys).
+//
+// # The contract
+//
+// Every acquisition path guarantees, with both drivers:
+//
+//   - if a call returns success (nil, or true), the lock is held by the
+//     caller's session;
+//   - if it returns an error (or false), the call left the lock not held;
+//   - the caller's connection and transaction stay usable, except where the
+//     error wraps [ErrSessionLost] (the session is gone, and every lock it
+//     held with it).
+//
+// The naive implementation breaks all three: drivers report success for
+// sessions they have already closed (lib/pq), report errors for locks the
+// server granted (pgx, database/sql's Rows), and PostgreSQL itself can grant a
+// lock while raising lock_timeout's error. pglock therefore settles every
+// uncertain outcome by asking pg_locks on the same session before returning,
+// and never lets the driver cancel a wait that a deadline can bound on the
+// server.
+//
+// # Deadlines and cancellation
+//
+// A deadline on ctx becomes lock_timeout for that one statement, so the server
+// ends the wait and the session survives with its other locks; inside a
+// transaction the wait runs in a savepoint, so the transaction survives too.
+// A cancellation has no server-side equivalent: both drivers interrupt a
+// running statement by closing the session, so a cancelled wait returns
+// promptly with an error wrapping context.Canceled and [ErrSessionLost].
+// Prefer deadlines where the connection matters.
+//
+// Statements that do not wait (try, unlock, the pg_locks check) are not
+// interrupted by ctx once sent; they are bounded by their own short timeout.
+//
+// # Cost
+//
+// Each call sends one statement with no bind parameters (the simple query
+// protocol): one round trip on every path when the lock is free, including
+// with a deadline, and no prepared statements, which keeps it safe behind
+// PgBouncer. Failures cost one more round trip to settle.
+package pglock
