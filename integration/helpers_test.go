@@ -19,7 +19,7 @@ var appSeq atomic.Int64
 // the end of the test.
 func openDB(t testing.TB, driver string) *sql.DB {
 	t.Helper()
-	db, err := sql.Open(driver, withApp(dsn, fmt.Sprintf("pglocks-test-%d", appSeq.Add(1))))
+	db, err := openPool(driver, withApp(dsn, fmt.Sprintf("pglocks-test-%d", appSeq.Add(1))))
 	if err != nil {
 		t.Fatal(err)
 	}

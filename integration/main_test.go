@@ -15,7 +15,10 @@ import (
 	"testing"
 	"time"
 
-	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
+	"github.com/jackc/pgx/v5/stdlib"
 	_ "github.com/lib/pq"
 	"github.com/ory/dockertest/v3"
 )
@@ -23,8 +26,29 @@ import (
 // dsn is the server under test, set by TestMain.
 var dsn string
 
-// drivers are the database/sql drivers every behaviour is proved with.
-var drivers = []string{"postgres", "pgx"} // lib/pq, pgx/v5/stdlib
+// drivers are the database/sql drivers every behaviour is proved with:
+//   - postgres: lib/pq;
+//   - pgx: pgx/v5/stdlib with its defaults;
+//   - pgx-cancelrequest: pgx/v5/stdlib configured to interrupt a statement
+//     with a protocol CancelRequest instead of closing the connection, the
+//     one configuration in which a driver lets a cancelled wait keep its
+//     session (see openPool).
+var drivers = []string{"postgres", "pgx", "pgx-cancelrequest"}
+
+// openPool opens a database/sql pool for one of drivers.
+func openPool(driver, dsn string) (*sql.DB, error) {
+	if driver != "pgx-cancelrequest" {
+		return sql.Open(driver, dsn)
+	}
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return nil, err
+	}
+	cfg.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.CancelRequestContextWatcherHandler{Conn: c, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
+	}
+	return stdlib.OpenDB(*cfg), nil
+}
 
 const noDatabase = `integration tests need PostgreSQL and found none.
 Provide one of:
@@ -56,7 +80,7 @@ func run(m *testing.M) int {
 
 func ping(dsn string) error {
 	for _, d := range drivers {
-		db, err := sql.Open(d, dsn)
+		db, err := openPool(d, dsn)
 		if err != nil {
 			return err
 		}

@@ -177,15 +177,6 @@ func (s *txSession) release(t testing.TB) {
 	s.begin()
 }
 
-// rollback ends an aborted transaction and opens the next one.
-func (s *txSession) rollback(t testing.TB) {
-	t.Helper()
-	if err := s.tx.Rollback(); err != nil {
-		t.Errorf("ROLLBACK: %v", err)
-	}
-	s.begin()
-}
-
 func (s *txSession) exec(ctx context.Context, q string) error {
 	_, err := s.tx.ExecContext(ctx, q)
 	return err

@@ -130,7 +130,7 @@ func TestRoundTrips(t *testing.T) {
 	proxy := startDelayProxy(t, u.Host, delay)
 	for _, driver := range drivers {
 		t.Run(driver, func(t *testing.T) {
-			db, err := sql.Open(driver, viaProxy(t, dsn, proxy.addr()))
+			db, err := openPool(driver, viaProxy(t, dsn, proxy.addr()))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -200,7 +200,7 @@ func TestRoundTrips(t *testing.T) {
 			// is more than one. lib/pq sends a parameterised statement as
 			// Parse/Describe/Sync, then Bind/Execute/Sync: two round trips,
 			// which is why pglocks sends none.
-			paramWant := map[string]int{"postgres": 2, "pgx": 1}[driver]
+			paramWant := map[string]int{"postgres": 2, "pgx": 1, "pgx-cancelrequest": 1}[driver]
 			cases = append(cases, struct {
 				name string
 				want int

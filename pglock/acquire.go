@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/trace"
 )
 
 const (
@@ -94,10 +95,10 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		if left <= 0 {
 			return false, context.DeadlineExceeded
 		}
-		q, timed = a.lock.LockTimeoutSQL(sqlexec.TimeoutMillis(left)), true
+		q, timed = a.lock.WaitSQL(sqlexec.TimeoutMillis(left)), true
 		qctx, stop = waitContext(ctx)
 	default:
-		q = a.lock.LockSQL()
+		q = a.lock.WaitSQL(0)
 		qctx, stop = waitContext(ctx)
 	}
 	res, err := a.x.ExecContext(qctx, q)
@@ -125,7 +126,7 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		}
 	}
 
-	if timed && a.lock.Scope == sqlexec.Xact && err != nil {
+	if a.wait && a.lock.Scope == sqlexec.Xact && err != nil {
 		// The wait ran inside SAVEPOINT pglocks_wait. Rolling back to it
 		// releases anything the failed wait was granted (PostgreSQL can grant
 		// the lock while raising 55P03) and restores lock_timeout, leaving the
@@ -134,7 +135,11 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		_, rbErr := a.x.ExecContext(sctx, sqlexec.RollbackWaitSQL)
 		cancel()
 		if rbErr != nil && sqlexec.IsSessionLost(rbErr) {
+			trace.SessionLost.Add(1)
 			return false, join(ctxErr, ErrSessionLost, err)
+		}
+		if rbErr == nil {
+			trace.SavepointRolledBack.Add(1)
 		}
 		// Either the savepoint was rolled back, or the transaction was
 		// already aborted (and its transaction locks released) before the
@@ -147,8 +152,10 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 	case vErr == nil && held:
 		// Granted, whatever the driver said: a lock_timeout error racing the
 		// grant, or a cancellation that arrived just after it.
+		trace.GrantedDespiteError.Add(1)
 		return true, nil
 	case vErr == nil:
+		trace.InterruptedNotHeld.Add(1)
 		if err == nil {
 			// The statement succeeded but the context was interrupted: only
 			// possible if the driver reported success for a statement that
@@ -157,15 +164,17 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		}
 		return false, join(classify(ctxErr, err, timed)...)
 	case sqlexec.IsSessionLost(vErr) || sqlexec.IsSessionLost(err):
+		trace.SessionLost.Add(1)
 		return false, join(ctxErr, ErrSessionLost, err, vErr)
 	case a.lock.Scope == sqlexec.Xact && sqlexec.SQLState(vErr) == sqlexec.CodeInFailedSQLTx:
-		// The failed statement aborted the transaction, which released its
-		// transaction locks.
+		// A failed try aborted the transaction (or it was aborted before the
+		// call), which released its transaction locks.
 		return false, join(classify(ctxErr, err, timed)...)
 	default:
 		// The outcome cannot be settled. Close the session rather than risk
 		// a lock that outlives the error.
 		if a.discard != nil {
+			trace.Discarded.Add(1)
 			a.discard()
 			return false, join(ctxErr, ErrSessionLost, err, vErr)
 		}

@@ -25,12 +25,14 @@ import (
 //     statement only; no lock_timeout value remains on the session. On expiry
 //     the error wraps context.DeadlineExceeded, and conn stays open with its
 //     other locks.
-//   - Cancellation: the drivers can only interrupt a waiting statement by
-//     closing the session (lib/pq always; pgx with its default context
-//     watcher). The call returns promptly with an error wrapping
-//     context.Canceled and ErrSessionLost: every other lock on conn was
-//     released too, and conn is unusable. To keep a connection through a
-//     cancellation, bound the wait with a deadline instead.
+//   - Cancellation: the drivers interrupt a waiting statement by closing the
+//     session (lib/pq always; pgx with its default context watcher). The call
+//     returns promptly with an error wrapping context.Canceled and
+//     ErrSessionLost: every other lock on conn was released too, and conn is
+//     unusable. To keep a connection through a cancellation, bound the wait
+//     with a deadline instead, or configure pgx with
+//     pgconn.CancelRequestContextWatcherHandler, which cancels on the server
+//     and keeps the session (the outcome is then settled through pg_locks).
 //   - A lock_timeout the session already has returns ErrLockTimeout, and a
 //     deadlock returns ErrDeadlock.
 //

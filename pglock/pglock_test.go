@@ -35,7 +35,7 @@ const (
 	try42       = "SELECT 1 WHERE pg_catalog.pg_try_advisory_lock('42'::bigint)"
 	unlock42    = "SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)"
 	held42      = "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '0'::oid AND objid = '42'::oid AND objsubid = '1'::smallint AND mode = 'ExclusiveLock' AND granted"
-	xlock42     = "SELECT pg_catalog.pg_advisory_xact_lock('42'::bigint)"
+	xlock42     = "SAVEPOINT pglocks_wait; SELECT pg_catalog.pg_advisory_xact_lock('42'::bigint); RELEASE SAVEPOINT pglocks_wait"
 	xtry42      = "SELECT 1 WHERE pg_catalog.pg_try_advisory_xact_lock('42'::bigint)"
 	rollbackSP  = "ROLLBACK TO SAVEPOINT pglocks_wait; RELEASE SAVEPOINT pglocks_wait"
 	timedPrefix = "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '"
@@ -89,7 +89,7 @@ func TestSQLSent(t *testing.T) {
 			"SELECT 1 WHERE pg_catalog.pg_advisory_unlock_shared('42'::bigint)", rows(1)},
 		{"LockTx", func(_ *sql.Conn, tx *sql.Tx) error { return pglock.LockTx(ctx, tx, keys.Int64(42)) }, xlock42, rows(1)},
 		{"LockTx shared", func(_ *sql.Conn, tx *sql.Tx) error { return pglock.LockTx(ctx, tx, keys.Int64(42), pglock.Shared()) },
-			"SELECT pg_catalog.pg_advisory_xact_lock_shared('42'::bigint)", rows(1)},
+			"SAVEPOINT pglocks_wait; SELECT pg_catalog.pg_advisory_xact_lock_shared('42'::bigint); RELEASE SAVEPOINT pglocks_wait", rows(1)},
 		{"TryLockTx", func(_ *sql.Conn, tx *sql.Tx) error { _, err := pglock.TryLockTx(ctx, tx, keys.Int64(42)); return err }, xtry42, rows(1)},
 	}
 	for _, tt := range tests {
@@ -229,10 +229,16 @@ func TestSettle(t *testing.T) {
 			notErr:  []error{pglock.ErrSessionLost},
 		},
 		{
-			name:    "tx without deadline: an aborted transaction holds nothing",
+			name:    "tx without deadline: a deadlock rolls back the savepoint, not the transaction",
 			tx:      true,
-			steps:   []step{{sql: xlock42, err: errDeadlock}, {sql: "SELECT 1 FROM pg_catalog.pg_locks" + held42[len("SELECT 1 FROM pg_catalog.pg_locks"):], err: errAborted}},
+			steps:   []step{{sql: xlock42, err: errDeadlock}, {sql: rollbackSP, res: rows(0)}},
 			wantErr: []error{pglock.ErrDeadlock},
+		},
+		{
+			name:    "try in an aborted transaction: nothing held",
+			tx:      true,
+			steps:   []step{{sql: xtry42, err: errAborted}, {sql: held42, err: errAborted}},
+			wantErr: []error{errAborted},
 		},
 		{
 			name:    "try: busy is false, not an error",
@@ -276,18 +282,18 @@ func TestSettle(t *testing.T) {
 					e.WillReturnResult(s.res)
 				}
 			}
+			opts := []pglock.Option{}
+			if strings.HasPrefix(tt.name, "try") {
+				opts = append(opts, pglock.NoWait())
+			}
 			if tt.tx {
 				tx, err := c.BeginTx(context.Background(), nil)
 				if err != nil {
 					t.Fatal(err)
 				}
-				err = pglock.LockTx(ctx, tx, keys.Int64(42))
+				err = pglock.LockTx(ctx, tx, keys.Int64(42), opts...)
 				check(t, err, tt.wantErr, tt.notErr)
 			} else {
-				opts := []pglock.Option{}
-				if strings.HasPrefix(tt.name, "try") {
-					opts = append(opts, pglock.NoWait())
-				}
 				err = pglock.LockConn(ctx, c, keys.Int64(42), opts...)
 				check(t, err, tt.wantErr, tt.notErr)
 			}

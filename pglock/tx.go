@@ -13,26 +13,29 @@ import (
 // before: there is no unlock. Transaction locks are safe behind PgBouncer in
 // transaction pooling mode.
 //
-// A nil error means the transaction holds the lock. Any error means this call
-// left no lock held. Specifically:
+// The wait runs inside SAVEPOINT pglocks_wait, sent in the same message as
+// the lock, so a failed wait never aborts tx: the savepoint is rolled back
+// (releasing anything the wait was granted) and later statements in tx
+// succeed. A nil error means the transaction holds the lock. Any error means
+// this call left no lock held. Specifically:
 //
-//   - Deadline: the wait runs inside SAVEPOINT pglocks_wait, bounded on the
-//     server by lock_timeout. On expiry the error wraps
-//     context.DeadlineExceeded, the savepoint is rolled back, and tx is still
-//     usable: later statements in it succeed, and its lock_timeout is what it
-//     was before.
-//   - Cancellation: the drivers can only interrupt a waiting statement by
-//     closing the session, which ends tx. The error wraps context.Canceled and
-//     ErrSessionLost.
-//   - Without a deadline, an error from the server (ErrDeadlock, or
-//     ErrLockTimeout from a lock_timeout the session already has) aborts tx
-//     like any failed statement; roll it back.
+//   - Deadline: the wait is bounded on the server by lock_timeout. On expiry
+//     the error wraps context.DeadlineExceeded, tx is still usable, and its
+//     lock_timeout is what it was before.
+//   - Cancellation: the drivers' default way to interrupt a waiting statement
+//     is to close the session, which ends tx; the error then wraps
+//     context.Canceled and ErrSessionLost. (pgx configured with
+//     pgconn.CancelRequestContextWatcherHandler cancels on the server instead,
+//     and tx survives.)
+//   - A deadlock returns ErrDeadlock, and a lock_timeout the session already
+//     has returns ErrLockTimeout; tx remains usable and keeps the locks it
+//     held before the call, so roll it back to let the other party through.
 //
 // With NoWait, LockTx tries once and returns ErrNotAcquired if the lock is
 // busy. Shared takes the shared lock.
 //
 // Cost: one round trip when the lock is free, with or without a deadline (the
-// savepoint travels in the same message); a timed-out wait costs one more.
+// savepoint travels in the same message); a failed wait costs one more.
 func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
 	o := collect(opts)
 	ok, err := lockTx(ctx, tx, key, o, !o.noWait)

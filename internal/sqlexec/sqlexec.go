@@ -110,10 +110,8 @@ func (l Lock) args() string {
 	return "'" + strconv.FormatInt(l.Key.Int64(), 10) + "'::bigint"
 }
 
-// LockSQL waits for the lock on the server, without a timeout:
-//
-//	SELECT pg_catalog.pg_advisory_lock('42'::bigint)
-func (l Lock) LockSQL() string { return "SELECT " + l.fn(false) + "(" + l.args() + ")" }
+// call returns the bare lock call, e.g. pg_catalog.pg_advisory_lock('42'::bigint).
+func (l Lock) call() string { return l.fn(false) + "(" + l.args() + ")" }
 
 // TimeoutMillis converts the time left before a deadline into a lock_timeout
 // value in milliseconds. It rounds up and never returns 0, which would mean
@@ -126,35 +124,44 @@ func TimeoutMillis(d time.Duration) int64 {
 	return int64(ms)
 }
 
-// LockTimeoutSQL waits for the lock for at most ms milliseconds, bounded on
-// the server by lock_timeout, in one statement that restores the previous
-// lock_timeout when it succeeds:
+// WaitSQL waits on the server until the lock is granted. With ms > 0 the wait
+// is bounded by lock_timeout = ms milliseconds, set and restored in the same
+// statement:
 //
-//	SELECT pg_catalog.set_config('lock_timeout', w.saved, true)
+//	SELECT pg_catalog.pg_advisory_lock('42'::bigint)                  -- ms == 0
+//
+//	SELECT pg_catalog.set_config('lock_timeout', w.saved, true)       -- ms > 0
 //	FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved,
 //	             pg_catalog.set_config('lock_timeout', '250ms', true),
 //	             pg_catalog.pg_advisory_lock('42'::bigint)
 //	      OFFSET 0) AS w
 //
 // The subquery's columns are evaluated in order and kept because they are
-// volatile; OFFSET 0 keeps the subquery from being flattened. When it fails,
-// the setting is undone by the end of the statement's implicit transaction
-// (session scope) or by rolling back to the savepoint (transaction scope).
+// volatile; OFFSET 0 keeps the subquery from being flattened. When the wait
+// fails, the setting is undone by the end of the statement's implicit
+// transaction (session scope) or by the savepoint's rollback.
+//
 // For transaction scope the statement is wrapped in
-// SAVEPOINT pglocks_wait ... RELEASE SAVEPOINT pglocks_wait so that a timeout
-// does not abort the caller's transaction; on failure, send [RollbackWaitSQL].
-func (l Lock) LockTimeoutSQL(ms int64) string {
-	q := "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '" +
-		strconv.FormatInt(ms, 10) + "ms', true), " + l.LockSQL()[len("SELECT "):] + " OFFSET 0) AS w"
+// "SAVEPOINT pglocks_wait; ...; RELEASE SAVEPOINT pglocks_wait", sent as one
+// message, so that a failed wait (deadline, deadlock, cancel request) does
+// not abort the caller's transaction; after a failure, send
+// [RollbackWaitSQL].
+func (l Lock) WaitSQL(ms int64) string {
+	q := "SELECT " + l.call()
+	if ms > 0 {
+		q = "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '" +
+			strconv.FormatInt(ms, 10) + "ms', true), " + l.call() + " OFFSET 0) AS w"
+	}
 	if l.Scope == Xact {
 		return "SAVEPOINT " + SavepointName + "; " + q + "; RELEASE SAVEPOINT " + SavepointName
 	}
 	return q
 }
 
-// RollbackWaitSQL undoes a failed [Lock.LockTimeoutSQL] in a transaction: it
-// releases whatever the failed wait took, restores lock_timeout and leaves
-// the caller's transaction usable.
+// RollbackWaitSQL undoes a failed [Lock.WaitSQL] in a transaction: it
+// releases whatever the failed wait was granted (PostgreSQL can grant the lock
+// while raising lock_timeout's error), restores lock_timeout, and leaves the
+// caller's transaction usable.
 const RollbackWaitSQL = "ROLLBACK TO SAVEPOINT " + SavepointName + "; RELEASE SAVEPOINT " + SavepointName
 
 // TryLockSQL tries the lock once; the statement returns one row when the lock

@@ -71,14 +71,14 @@ func TestTimeoutMillis(t *testing.T) {
 
 func TestStatements(t *testing.T) {
 	tests := []struct{ got, want string }{
-		{Lock{Key: keys.Int64(-1)}.LockSQL(), "SELECT pg_catalog.pg_advisory_lock('-1'::bigint)"},
-		{Lock{Key: keys.Pair(-2147483648, 2147483647), Scope: Xact, Shared: true}.LockSQL(),
-			"SELECT pg_catalog.pg_advisory_xact_lock_shared('-2147483648'::integer, '2147483647'::integer)"},
+		{Lock{Key: keys.Int64(-1)}.WaitSQL(0), "SELECT pg_catalog.pg_advisory_lock('-1'::bigint)"},
+		{Lock{Key: keys.Pair(-2147483648, 2147483647), Scope: Xact, Shared: true}.WaitSQL(0),
+			"SAVEPOINT pglocks_wait; SELECT pg_catalog.pg_advisory_xact_lock_shared('-2147483648'::integer, '2147483647'::integer); RELEASE SAVEPOINT pglocks_wait"},
 		{Lock{Key: keys.Int64(7), Scope: Xact}.TryLockSQL(), "SELECT 1 WHERE pg_catalog.pg_try_advisory_xact_lock('7'::bigint)"},
 		{Lock{Key: keys.Int64(7), Shared: true}.UnlockSQL(), "SELECT 1 WHERE pg_catalog.pg_advisory_unlock_shared('7'::bigint)"},
-		{Lock{Key: keys.Int64(7)}.LockTimeoutSQL(250),
+		{Lock{Key: keys.Int64(7)}.WaitSQL(250),
 			"SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '250ms', true), pg_catalog.pg_advisory_lock('7'::bigint) OFFSET 0) AS w"},
-		{Lock{Key: keys.Int64(7), Scope: Xact}.LockTimeoutSQL(1),
+		{Lock{Key: keys.Int64(7), Scope: Xact}.WaitSQL(1),
 			"SAVEPOINT pglocks_wait; SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '1ms', true), pg_catalog.pg_advisory_xact_lock('7'::bigint) OFFSET 0) AS w; RELEASE SAVEPOINT pglocks_wait"},
 		{Lock{Key: keys.Int64(-1), Shared: true}.HeldSQL(),
 			"SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '4294967295'::oid AND objid = '4294967295'::oid AND objsubid = '1'::smallint AND mode = 'ShareLock' AND granted"},

@@ -1,0 +1,45 @@
+// Package trace counts the rare outcomes of pglock's settling logic, so that
+// the integration tests can show that the racing trials really reach them.
+// The counters are process-wide and cost one atomic add on failure paths.
+package trace
+
+import "sync/atomic"
+
+var (
+	// GrantedDespiteError counts waits that returned an error (or were
+	// interrupted) although pg_locks showed the lock granted: returned as
+	// success.
+	GrantedDespiteError atomic.Int64
+	// InterruptedNotHeld counts interrupted or failed waits that pg_locks
+	// showed not granted on a live session.
+	InterruptedNotHeld atomic.Int64
+	// SavepointRolledBack counts failed transaction waits undone with
+	// ROLLBACK TO SAVEPOINT.
+	SavepointRolledBack atomic.Int64
+	// SessionLost counts acquisitions that ended with the session gone.
+	SessionLost atomic.Int64
+	// Discarded counts connections closed because an outcome could not be
+	// settled.
+	Discarded atomic.Int64
+)
+
+// Snapshot is a copy of the counters.
+type Snapshot struct {
+	GrantedDespiteError, InterruptedNotHeld, SavepointRolledBack, SessionLost, Discarded int64
+}
+
+// Read returns the current counters.
+func Read() Snapshot {
+	return Snapshot{
+		GrantedDespiteError.Load(), InterruptedNotHeld.Load(), SavepointRolledBack.Load(),
+		SessionLost.Load(), Discarded.Load(),
+	}
+}
+
+// Sub returns s - o, the counts between two snapshots.
+func (s Snapshot) Sub(o Snapshot) Snapshot {
+	return Snapshot{
+		s.GrantedDespiteError - o.GrantedDespiteError, s.InterruptedNotHeld - o.InterruptedNotHeld,
+		s.SavepointRolledBack - o.SavepointRolledBack, s.SessionLost - o.SessionLost, s.Discarded - o.Discarded,
+	}
+}
