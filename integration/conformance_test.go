@@ -419,3 +419,37 @@ func TestRawSQLInterop(t *testing.T) {
 		}
 	})
 }
+
+// TestOwnLockTimeout: a lock_timeout the caller set on its own session or
+// transaction (not a ctx deadline) gives ErrLockTimeout, holds nothing, and
+// leaves the session usable.
+func TestOwnLockTimeout(t *testing.T) {
+	obs := newObserver(t)
+	forEach(t, func(t *testing.T, driver string, p path) {
+		db := openDB(t, driver)
+		s := p.open(t, db)
+		if s.pid() == 0 {
+			t.Skip("a pooled connection has no session of the caller's to configure")
+		}
+		set := "SET lock_timeout = '100ms'"
+		if s.scope() == "transaction" {
+			set = "SET LOCAL lock_timeout = '100ms'"
+		}
+		if err := s.exec(context.Background(), set); err != nil {
+			t.Fatal(err)
+		}
+		key := uniqueKey()
+		h := holdKey(t, db, key)
+		err := s.lock(context.Background(), key)
+		if !errors.Is(err, pglock.ErrLockTimeout) || errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("lock under the session's own lock_timeout: %v, want ErrLockTimeout", err)
+		}
+		checkHeld(t, obs, s, key, false, false, h.pid)
+		if err := s.exec(context.Background(), "SELECT 1"); err != nil {
+			t.Fatalf("%s unusable after ErrLockTimeout: %v", s.scope(), err)
+		}
+		if got := s.setting(t, "lock_timeout"); got != "100ms" {
+			t.Errorf("lock_timeout = %q, want the caller's 100ms", got)
+		}
+	})
+}

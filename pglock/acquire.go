@@ -95,7 +95,10 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		if left <= 0 {
 			return false, context.DeadlineExceeded
 		}
-		q, timed = a.lock.WaitSQL(sqlexec.TimeoutMillis(left)), true
+		// A deadline too far away for lock_timeout (over 24 days) is left to
+		// the driver; every realistic one is enforced by the server.
+		ms := sqlexec.TimeoutMillis(left)
+		q, timed = a.lock.WaitSQL(ms), ms > 0
 		qctx, stop = waitContext(ctx)
 	default:
 		q = a.lock.WaitSQL(0)

@@ -74,6 +74,7 @@ func (e *Error) Unwrap() error { return e.Err }
 // errors.As, and the message joins them with ": ".
 type causes []error
 
+// Error joins the messages of the causes with ": ".
 func (c causes) Error() string {
 	parts := make([]string, 0, len(c))
 	for _, err := range c {
@@ -82,6 +83,7 @@ func (c causes) Error() string {
 	return strings.Join(parts, ": ")
 }
 
+// Unwrap returns the causes, for errors.Is and errors.As.
 func (c causes) Unwrap() []error { return c }
 
 // join builds a causes value, dropping nils and repeats.

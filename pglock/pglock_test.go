@@ -114,6 +114,19 @@ func TestSQLSent(t *testing.T) {
 	}
 }
 
+func TestFarDeadlineIsNotSentAsLockTimeout(t *testing.T) {
+	_, mock, c := newMock(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*24*time.Hour)
+	defer cancel()
+	mock.ExpectExec(lock42).WillReturnResult(rows(1))
+	if err := pglock.LockConn(ctx, c, keys.Int64(42)); err != nil {
+		t.Fatal(err)
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestDeadlineSQL(t *testing.T) {
 	// The deadline becomes lock_timeout in the same statement.
 	for _, tx := range []bool{false, true} {

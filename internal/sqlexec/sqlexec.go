@@ -113,13 +113,21 @@ func (l Lock) args() string {
 // call returns the bare lock call, e.g. pg_catalog.pg_advisory_lock('42'::bigint).
 func (l Lock) call() string { return l.fn(false) + "(" + l.args() + ")" }
 
+// MaxLockTimeoutMillis is the largest lock_timeout PostgreSQL accepts
+// (INT_MAX milliseconds, about 24.8 days).
+const MaxLockTimeoutMillis = 1<<31 - 1
+
 // TimeoutMillis converts the time left before a deadline into a lock_timeout
 // value in milliseconds. It rounds up and never returns 0, which would mean
-// "no timeout" to PostgreSQL.
+// "no timeout" to PostgreSQL. It returns 0 only when the time left is more
+// than [MaxLockTimeoutMillis]: the server cannot bound such a wait.
 func TimeoutMillis(d time.Duration) int64 {
 	ms := (d + time.Millisecond - 1) / time.Millisecond
-	if ms < 1 {
-		ms = 1
+	switch {
+	case ms < 1:
+		return 1
+	case ms > MaxLockTimeoutMillis:
+		return 0
 	}
 	return int64(ms)
 }

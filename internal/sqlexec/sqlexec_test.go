@@ -61,6 +61,8 @@ func TestTimeoutMillis(t *testing.T) {
 	}{
 		{-time.Second, 1}, {0, 1}, {time.Nanosecond, 1}, {time.Millisecond, 1},
 		{time.Millisecond + 1, 2}, {300 * time.Millisecond, 300}, {time.Hour, 3600000},
+		{MaxLockTimeoutMillis * time.Millisecond, MaxLockTimeoutMillis}, {(MaxLockTimeoutMillis + 1) * time.Millisecond, 0},
+		{100 * 365 * 24 * time.Hour, 0},
 	}
 	for _, tt := range tests {
 		if got := TimeoutMillis(tt.d); got != tt.want {
