@@ -36,6 +36,16 @@ func holdKey(t testing.TB, db *sql.DB, key keys.Key) *rawHolder {
 	return &rawHolder{c: c, pid: pidOf(t, c)}
 }
 
+// contended opens a pool on driver, a holder of a fresh key on it, and a
+// session of path p that wants the same key.
+func contended(t testing.TB, driver string, p path) (*sql.DB, keys.Key, *rawHolder, session) {
+	t.Helper()
+	db := openDB(t, driver)
+	key := uniqueKey()
+	h := holdKey(t, db, key)
+	return db, key, h, p.open(t, db)
+}
+
 func (h *rawHolder) unlockAll(t testing.TB) {
 	t.Helper()
 	if _, err := h.c.ExecContext(context.Background(), "SELECT pg_catalog.pg_advisory_unlock_all()"); err != nil {
@@ -100,10 +110,7 @@ func TestAcquireRelease(t *testing.T) {
 func TestTryLockBusy(t *testing.T) {
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
-		db := openDB(t, driver)
-		key := uniqueKey()
-		h := holdKey(t, db, key)
-		s := p.open(t, db)
+		_, key, h, s := contended(t, driver, p)
 		ok, err := s.tryLock(context.Background(), key)
 		if err != nil || ok {
 			t.Fatalf("tryLock busy = %v, %v; want false, nil", ok, err)
@@ -124,10 +131,8 @@ func TestTryLockBusy(t *testing.T) {
 func TestDeadline(t *testing.T) {
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
-		db := openDB(t, driver)
-		key, other := uniqueKey(), uniqueKey()
-		h := holdKey(t, db, key)
-		s := p.open(t, db)
+		_, key, h, s := contended(t, driver, p)
+		other := uniqueKey()
 		pooled := s.pid() == 0
 		if !pooled {
 			if s.scope() == "session" {
@@ -193,10 +198,7 @@ func TestDeadlineSuccess(t *testing.T) {
 	// A holder that lets go before the deadline hands the lock over.
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
-		db := openDB(t, driver)
-		key := uniqueKey()
-		h := holdKey(t, db, key)
-		s := p.open(t, db)
+		_, key, h, s := contended(t, driver, p)
 		time.AfterFunc(100*time.Millisecond, func() { _, _ = h.c.ExecContext(context.Background(), "SELECT pg_catalog.pg_advisory_unlock_all()") })
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -211,10 +213,7 @@ func TestDeadlineSuccess(t *testing.T) {
 func TestCancel(t *testing.T) {
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
-		db := openDB(t, driver)
-		key := uniqueKey()
-		h := holdKey(t, db, key)
-		s := p.open(t, db)
+		_, key, h, s := contended(t, driver, p)
 		pid := s.pid()
 
 		ctx, cancel := context.WithCancel(context.Background())
@@ -426,8 +425,7 @@ func TestRawSQLInterop(t *testing.T) {
 func TestOwnLockTimeout(t *testing.T) {
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
-		db := openDB(t, driver)
-		s := p.open(t, db)
+		_, key, h, s := contended(t, driver, p)
 		if s.pid() == 0 {
 			t.Skip("a pooled connection has no session of the caller's to configure")
 		}
@@ -438,8 +436,6 @@ func TestOwnLockTimeout(t *testing.T) {
 		if err := s.exec(context.Background(), set); err != nil {
 			t.Fatal(err)
 		}
-		key := uniqueKey()
-		h := holdKey(t, db, key)
 		err := s.lock(context.Background(), key)
 		if !errors.Is(err, pglock.ErrLockTimeout) || errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("lock under the session's own lock_timeout: %v, want ErrLockTimeout", err)

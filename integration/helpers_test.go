@@ -5,7 +5,8 @@ import (
 	"database/sql"
 	"fmt"
 	"net/url"
-	"strings"
+	"os"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -186,4 +187,16 @@ func showSetting(t testing.TB, x interface {
 	return v
 }
 
-func lower(s string) string { return strings.ToLower(s) }
+// envInt reads a positive integer knob from the environment.
+func envInt(t testing.TB, name string, def int) int {
+	t.Helper()
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 {
+		t.Fatalf("%s=%q: want a positive integer", name, s)
+	}
+	return n
+}

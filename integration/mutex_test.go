@@ -3,9 +3,7 @@ package integration
 import (
 	"context"
 	"database/sql"
-	"os"
 	"runtime"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,16 +13,7 @@ import (
 )
 
 // mutexIterations is per goroutine (PGLOCKS_MUTEX_ITERATIONS overrides it).
-func mutexIterations(t *testing.T) int {
-	if s := os.Getenv("PGLOCKS_MUTEX_ITERATIONS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-	return 2000
-}
+func mutexIterations(t *testing.T) int { return envInt(t, "PGLOCKS_MUTEX_ITERATIONS", 2000) }
 
 // TestMutualExclusion: 16 goroutines each increment a shared counter under
 // the lock with a read, a yield and a write. The increment is not atomic: any

@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"strconv"
 	"testing"
 	"time"
 
@@ -18,16 +16,7 @@ import (
 
 // raceTrials is the number of racing trials per driver and path
 // (PGLOCKS_RACE_TRIALS overrides it).
-func raceTrials(t *testing.T) int {
-	if s := os.Getenv("PGLOCKS_RACE_TRIALS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatalf("PGLOCKS_RACE_TRIALS: %v", err)
-		}
-		return n
-	}
-	return 2000
-}
+func raceTrials(t *testing.T) int { return envInt(t, "PGLOCKS_RACE_TRIALS", 2000) }
 
 // lockFunc is an acquisition under test: it takes key through x.
 type lockFunc func(ctx context.Context, c *sql.Conn, tx *sql.Tx, key keys.Key) error
@@ -201,22 +190,22 @@ func TestRaceNoLeakNoFalseSuccess(t *testing.T) {
 			// Each cancellation costs pgx's 100ms CancelRequest settle time.
 			trials /= 2
 		}
-		t.Run(driver+"/conn", func(t *testing.T) {
-			before := trace.Read()
-			st, _ := runRace(t, driver, false, false, trials, func(ctx context.Context, c *sql.Conn, _ *sql.Tx, key keys.Key) error {
+		for _, useTx := range []bool{false, true} {
+			name, lock := "conn", lockFunc(func(ctx context.Context, c *sql.Conn, _ *sql.Tx, key keys.Key) error {
 				return pglock.LockConn(ctx, c, key)
 			})
-			t.Logf("%d trials: %v; settling: %+v", trials, st, trace.Read().Sub(before))
-			checkRaced(t, st)
-		})
-		t.Run(driver+"/tx", func(t *testing.T) {
-			before := trace.Read()
-			st, _ := runRace(t, driver, true, false, trials, func(ctx context.Context, _ *sql.Conn, tx *sql.Tx, key keys.Key) error {
-				return pglock.LockTx(ctx, tx, key)
+			if useTx {
+				name, lock = "tx", func(ctx context.Context, _ *sql.Conn, tx *sql.Tx, key keys.Key) error {
+					return pglock.LockTx(ctx, tx, key)
+				}
+			}
+			t.Run(driver+"/"+name, func(t *testing.T) {
+				before := trace.Read()
+				st, _ := runRace(t, driver, useTx, false, trials, lock)
+				t.Logf("%d trials: %v; settling: %+v", trials, st, trace.Read().Sub(before))
+				checkRaced(t, st)
 			})
-			t.Logf("%d trials: %v; settling: %+v", trials, st, trace.Read().Sub(before))
-			checkRaced(t, st)
-		})
+		}
 	}
 }
 

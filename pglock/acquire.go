@@ -65,6 +65,31 @@ type attempt struct {
 	discard func()
 }
 
+// take validates the request, runs it, and wraps any error in an *Error. It
+// also returns the request, for callers that go on to release it.
+func (a attempt) take(ctx context.Context, nilHandle bool) (bool, sqlexec.Lock, error) {
+	op := "lock"
+	if !a.wait {
+		op = "trylock"
+	}
+	if err := check(nilHandle, a.lock.Key); err != nil {
+		return false, a.lock, opError(op, a.lock, err)
+	}
+	ok, err := a.run(ctx)
+	if err != nil {
+		return false, a.lock, opError(op, a.lock, err)
+	}
+	return ok, a.lock, nil
+}
+
+// mustAcquire turns a busy result of a NoWait lock call into ErrNotAcquired.
+func mustAcquire(ok bool, l sqlexec.Lock, err error) error {
+	if err == nil && !ok {
+		return opError("lock", l, ErrNotAcquired)
+	}
+	return err
+}
+
 // run takes the lock. It returns (true, nil) only when the lock is granted to
 // the session, and (false, nil) only when a try found it busy. Any error
 // means the session does not hold the lock because of this call.

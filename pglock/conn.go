@@ -42,11 +42,7 @@ import (
 // Cost: one round trip when the lock is free, with or without a deadline.
 func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
 	o := collect(opts)
-	ok, err := lockConn(ctx, conn, key, o, !o.noWait)
-	if err == nil && !ok {
-		err = opError("lock", sessionLock(key, o), ErrNotAcquired)
-	}
-	return err
+	return mustAcquire(lockConn(ctx, conn, key, o, !o.noWait))
 }
 
 // TryLockConn tries once to take a session-level advisory lock on conn, without
@@ -58,23 +54,16 @@ func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option)
 // never closed by a cancellation; a ctx that is already done returns its error
 // without sending anything. Cost: one round trip.
 func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) (bool, error) {
-	return lockConn(ctx, conn, key, collect(opts), false)
+	ok, _, err := lockConn(ctx, conn, key, collect(opts), false)
+	return ok, err
 }
 
-func lockConn(ctx context.Context, conn *sql.Conn, key keys.Key, o options, wait bool) (bool, error) {
-	l := sessionLock(key, o)
-	op := "lock"
-	if !wait {
-		op = "trylock"
+func lockConn(ctx context.Context, conn *sql.Conn, key keys.Key, o options, wait bool) (bool, sqlexec.Lock, error) {
+	a := attempt{x: conn, lock: sessionLock(key, o), wait: wait}
+	if conn != nil {
+		a.discard = func() { discardConn(conn) }
 	}
-	if err := check(conn == nil, key); err != nil {
-		return false, opError(op, l, err)
-	}
-	ok, err := attempt{x: conn, lock: l, wait: wait, discard: func() { discardConn(conn) }}.run(ctx)
-	if err != nil {
-		return false, opError(op, l, err)
-	}
-	return ok, nil
+	return a.take(ctx, conn == nil)
 }
 
 // UnlockConn releases one hold of a session-level advisory lock taken on conn.

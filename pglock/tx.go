@@ -38,11 +38,7 @@ import (
 // savepoint travels in the same message); a failed wait costs one more.
 func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
 	o := collect(opts)
-	ok, err := lockTx(ctx, tx, key, o, !o.noWait)
-	if err == nil && !ok {
-		err = opError("lock", xactLock(key, o), ErrNotAcquired)
-	}
-	return err
+	return mustAcquire(lockTx(ctx, tx, key, o, !o.noWait))
 }
 
 // TryLockTx tries once to take a transaction-level advisory lock in tx, without
@@ -51,23 +47,12 @@ func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error
 // tx. Like TryLockConn, once sent the statement is allowed to finish even if
 // ctx is cancelled. Cost: one round trip.
 func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (bool, error) {
-	return lockTx(ctx, tx, key, collect(opts), false)
+	ok, _, err := lockTx(ctx, tx, key, collect(opts), false)
+	return ok, err
 }
 
-func lockTx(ctx context.Context, tx *sql.Tx, key keys.Key, o options, wait bool) (bool, error) {
-	l := xactLock(key, o)
-	op := "lock"
-	if !wait {
-		op = "trylock"
-	}
-	if err := check(tx == nil, key); err != nil {
-		return false, opError(op, l, err)
-	}
-	ok, err := attempt{x: tx, lock: l, wait: wait}.run(ctx)
-	if err != nil {
-		return false, opError(op, l, err)
-	}
-	return ok, nil
+func lockTx(ctx context.Context, tx *sql.Tx, key keys.Key, o options, wait bool) (bool, sqlexec.Lock, error) {
+	return attempt{x: tx, lock: xactLock(key, o), wait: wait}.take(ctx, tx == nil)
 }
 
 func xactLock(key keys.Key, o options) sqlexec.Lock {

@@ -50,20 +50,20 @@ func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context
 	}
 	switch h := x.(type) {
 	case *sql.Tx:
-		ok, err := lockTx(ctx, h, key, o, wait)
+		ok, _, err := lockTx(ctx, h, key, o, wait)
 		if err != nil {
 			return err
 		}
 		return fn(ctx, ok)
 	case *sql.Conn:
-		ok, err := lockConn(ctx, h, key, o, wait)
+		ok, l, err := lockConn(ctx, h, key, o, wait)
 		if err != nil {
 			return err
 		}
 		if !ok {
 			return fn(ctx, false)
 		}
-		return runLocked(ctx, h, sessionLock(key, o), fn, nil)
+		return runLocked(ctx, h, l, fn, nil)
 	case *sql.DB:
 		if h == nil {
 			return opError("lock", sessionLock(key, o), ErrNilHandle)
@@ -75,7 +75,7 @@ func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context
 		if err != nil {
 			return opError("lock", sessionLock(key, o), err)
 		}
-		ok, err := lockConn(ctx, conn, key, o, wait)
+		ok, l, err := lockConn(ctx, conn, key, o, wait)
 		if err != nil || !ok {
 			// Nothing is held: acquisition errors are settled before they are
 			// returned, and an unsettled session has already been discarded.
@@ -85,7 +85,7 @@ func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context
 			}
 			return fn(ctx, false)
 		}
-		return runLocked(ctx, conn, sessionLock(key, o), fn, func(unlockErr error) {
+		return runLocked(ctx, conn, l, fn, func(unlockErr error) {
 			if unlockErr != nil {
 				discardConn(conn) // it may still hold the lock
 				return
