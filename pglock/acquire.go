@@ -143,7 +143,7 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		}
 		err = rerr
 	}
-	if err != nil && neverSent(err) {
+	if err != nil && notRun(err) {
 		return false, err
 	}
 	var ctxErr error

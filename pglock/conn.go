@@ -18,6 +18,11 @@ import (
 // connection to the pool with the lock still held. Unlock first, or use
 // WithLock, which does this for you.
 //
+// Taking a key the session already holds succeeds at once and adds a hold.
+// (One corner follows from that: pg_locks cannot tell a new hold from an old
+// one, so if such a call is interrupted, it reports success whether or not the
+// count grew. Avoid re-entering session locks you cannot account for.)
+//
 // A nil error means the session holds the lock, even if ctx ended at the same
 // moment. Any error means this call left no lock held. Specifically:
 //

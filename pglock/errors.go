@@ -136,3 +136,11 @@ func classify(ctxErr, err error, timed bool) []error {
 func neverSent(err error) bool {
 	return errors.Is(err, sql.ErrConnDone) || errors.Is(err, sql.ErrTxDone)
 }
+
+// notRun reports whether err proves that no lock function ran: the call never
+// reached the server, or the server rejected the first statement because the
+// caller's transaction was already aborted (SQLSTATE 25P02). No settling is
+// needed, and the caller's connection must not be touched.
+func notRun(err error) bool {
+	return neverSent(err) || sqlexec.SQLState(err) == sqlexec.CodeInFailedSQLTx
+}

@@ -248,10 +248,22 @@ func TestSettle(t *testing.T) {
 			wantErr: []error{pglock.ErrDeadlock},
 		},
 		{
-			name:    "try in an aborted transaction: nothing held",
+			name:    "try in an aborted transaction: nothing ran, nothing to settle",
 			tx:      true,
-			steps:   []step{{sql: xtry42, err: errAborted}, {sql: held42, err: errAborted}},
+			steps:   []step{{sql: xtry42, err: errAborted}},
 			wantErr: []error{errAborted},
+		},
+		{
+			name:    "wait in an aborted transaction: nothing ran, nothing to settle",
+			tx:      true,
+			steps:   []step{{sql: xlock42, err: errAborted}},
+			wantErr: []error{errAborted},
+		},
+		{
+			name:    "conn inside an aborted manual transaction is left alone",
+			steps:   []step{{sql: lock42, err: errAborted}},
+			wantErr: []error{errAborted},
+			notErr:  []error{pglock.ErrSessionLost},
 		},
 		{
 			name:    "try: busy is false, not an error",
