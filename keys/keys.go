@@ -39,10 +39,10 @@
 //     with that function and pass the result to keys.Int64.
 //   - riverqueue/river hashes with FNV-1 (not FNV-1a) for its own advisory
 //     locks; its numbers differ from Hash for the same input.
-//   - Ruby's with_advisory_lock and django-pglocks use crc32, which collides
-//     far more often than a 64-bit hash: by the birthday bound, about one
-//     pair in 77,000 names collides under a 32-bit hash, against about one
-//     pair in 5 billion under Hash.
+//   - Ruby's with_advisory_lock and django-pglocks use crc32. By the birthday
+//     bound, two of a set of names share a 32-bit hash with even odds once
+//     the set reaches about 77,000 names; for Hash that takes about 5
+//     billion.
 //
 // # How keys appear in pg_locks
 //

@@ -108,7 +108,7 @@ func ExampleLockConn() {
 	}
 	defer conn.Close() // only after every lock on it is released
 
-	key := keys.Int64(42)
+	key := keys.Int64(7001)
 	lockCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if err := pglock.LockConn(lockCtx, conn, key); err != nil {
@@ -124,8 +124,8 @@ func ExampleLockConn() {
 	}
 	fmt.Println("unlocked", key)
 	// Output:
-	// locked int:42
-	// unlocked int:42
+	// locked int:7001
+	// unlocked int:7001
 }
 
 func ExampleTryLockConn() {
