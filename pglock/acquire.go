@@ -181,6 +181,9 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		// Granted, whatever the driver said: a lock_timeout error racing the
 		// grant, or a cancellation that arrived just after it.
 		trace.GrantedDespiteError.Add(1)
+		if sqlexec.SQLState(err) == sqlexec.CodeLockNotAvailable {
+			trace.LockTimeoutGranted.Add(1)
+		}
 		return true, nil
 	case vErr == nil:
 		trace.InterruptedNotHeld.Add(1)

@@ -10,6 +10,9 @@ var (
 	// interrupted) although pg_locks showed the lock granted: returned as
 	// success.
 	GrantedDespiteError atomic.Int64
+	// LockTimeoutGranted counts the subset of GrantedDespiteError in which
+	// the server raised lock_timeout (55P03) after granting the lock.
+	LockTimeoutGranted atomic.Int64
 	// InterruptedNotHeld counts interrupted or failed waits that pg_locks
 	// showed not granted on a live session.
 	InterruptedNotHeld atomic.Int64
@@ -25,13 +28,13 @@ var (
 
 // Snapshot is a copy of the counters.
 type Snapshot struct {
-	GrantedDespiteError, InterruptedNotHeld, SavepointRolledBack, SessionLost, Discarded int64
+	GrantedDespiteError, LockTimeoutGranted, InterruptedNotHeld, SavepointRolledBack, SessionLost, Discarded int64
 }
 
 // Read returns the current counters.
 func Read() Snapshot {
 	return Snapshot{
-		GrantedDespiteError.Load(), InterruptedNotHeld.Load(), SavepointRolledBack.Load(),
+		GrantedDespiteError.Load(), LockTimeoutGranted.Load(), InterruptedNotHeld.Load(), SavepointRolledBack.Load(),
 		SessionLost.Load(), Discarded.Load(),
 	}
 }
@@ -39,7 +42,8 @@ func Read() Snapshot {
 // Sub returns s - o, the counts between two snapshots.
 func (s Snapshot) Sub(o Snapshot) Snapshot {
 	return Snapshot{
-		s.GrantedDespiteError - o.GrantedDespiteError, s.InterruptedNotHeld - o.InterruptedNotHeld,
+		s.GrantedDespiteError - o.GrantedDespiteError, s.LockTimeoutGranted - o.LockTimeoutGranted,
+		s.InterruptedNotHeld - o.InterruptedNotHeld,
 		s.SavepointRolledBack - o.SavepointRolledBack, s.SessionLost - o.SessionLost, s.Discarded - o.Discarded,
 	}
 }
