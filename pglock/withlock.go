@@ -42,11 +42,20 @@ type Executor = sqlexec.Executor
 // WithLock returns fn's error. If releasing the lock fails, that error is
 // returned too (joined after fn's). A panic in fn is propagated after the
 // lock is released.
+//
+// Over a *sql.DB every call uses its own connection, so a WithLock nested in
+// another one's fn waits on a second session. Two goroutines nesting crossed
+// keys that way deadlock inside your process, where PostgreSQL cannot detect
+// it; nest on one *sql.Conn or *sql.Tx to get ErrDeadlock instead.
 func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context.Context, acquired bool) error, opts ...Option) error {
 	o := collect(opts)
 	wait := !o.noWait
 	if fn == nil {
-		return opError("lock", sessionLock(key, o), errors.New("pglock: WithLock needs a non-nil fn"))
+		l := sessionLock(key, o)
+		if _, ok := x.(*sql.Tx); ok {
+			l = xactLock(key, o)
+		}
+		return opError("lock", l, errNilFunc)
 	}
 	switch h := x.(type) {
 	case *sql.Tx:
@@ -98,6 +107,8 @@ func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context
 		return opError("lock", sessionLock(key, o), ErrUnsupportedExecutor)
 	}
 }
+
+var errNilFunc = errors.New("pglock: WithLock needs a non-nil fn")
 
 // runLocked runs fn while conn holds l, then releases l even if fn panics.
 // done, if set, is told the unlock's result.
