@@ -32,18 +32,19 @@ func shield(ctx context.Context) (context.Context, context.CancelFunc) {
 
 // waitContext returns the context handed to the driver for a lock wait.
 //
-// A deadline on ctx is enforced by the server (lock_timeout), so the driver
-// context outlives it by deadlineGrace: cancelling through the driver would
-// close the session, and every lock on it with it. A cancellation of ctx is
-// passed on at once, since nothing else can interrupt the wait.
-func waitContext(ctx context.Context) (context.Context, context.CancelFunc) {
+// When serverBounded, ctx's deadline is enforced by the server (lock_timeout),
+// so the driver context outlives it by deadlineGrace: cancelling through the
+// driver would close the session, and every lock on it with it. Anything else
+// that ends ctx (a cancellation, or a deadline the server does not know
+// about) is passed on at once, since nothing else can interrupt the wait.
+func waitContext(ctx context.Context, serverBounded bool) (context.Context, context.CancelFunc) {
 	base, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	dctx, cancelDeadline := base, context.CancelFunc(func() {})
-	if dl, ok := ctx.Deadline(); ok {
+	if dl, ok := ctx.Deadline(); ok && serverBounded {
 		dctx, cancelDeadline = context.WithDeadline(base, dl.Add(deadlineGrace))
 	}
 	stop := context.AfterFunc(ctx, func() {
-		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		if !serverBounded || !errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			cancel(context.Cause(ctx))
 		}
 	})
@@ -124,10 +125,10 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		// the driver; every realistic one is enforced by the server.
 		ms := sqlexec.TimeoutMillis(left)
 		q, timed = a.lock.WaitSQL(ms), ms > 0
-		qctx, stop = waitContext(ctx)
+		qctx, stop = waitContext(ctx, timed)
 	default:
 		q = a.lock.WaitSQL(0)
-		qctx, stop = waitContext(ctx)
+		qctx, stop = waitContext(ctx, false)
 	}
 	res, err := a.x.ExecContext(qctx, q)
 	interrupted := qctx.Err() != nil

@@ -470,3 +470,31 @@ func TestWithLockMock(t *testing.T) {
 		}
 	})
 }
+
+// deadlineOnlyCtx ends with DeadlineExceeded but reports no deadline, as some
+// custom contexts do. The server cannot bound such a wait, so the driver must
+// be told at once.
+type deadlineOnlyCtx struct{ context.Context }
+
+func (c deadlineOnlyCtx) Err() error {
+	if c.Context.Err() != nil {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
+func TestDeadlineWithoutDeadlineIsPassedToTheDriver(t *testing.T) {
+	_, mock, c := newMock(t)
+	mock.ExpectExec(lock42).WillDelayFor(10 * time.Second).WillReturnResult(rows(1))
+	mock.ExpectExec(held42).WillReturnResult(rows(0))
+	inner, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	start := time.Now()
+	err := pglock.LockConn(deadlineOnlyCtx{inner}, c, keys.Int64(42))
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("a wait the server cannot bound ran %v past its context", d)
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	}
+}
