@@ -335,7 +335,7 @@ func TestSharedExclusive(t *testing.T) {
 		}
 		got := make(chan error, 1)
 		go func() { got <- w.lock(context.Background(), key) }()
-		time.Sleep(100 * time.Millisecond)
+		obs.waitUntilWaiting(t, w.pid(), key) // the writer is queued behind both readers
 		r1.release(t)
 		select {
 		case err := <-got:

@@ -109,13 +109,13 @@ func (o *observer) holders(t testing.TB, key keys.Key) []int {
 	return pids
 }
 
-// waiting reports whether pid is waiting for key.
+// waiting reports whether pid (any backend, for pid 0) is waiting for key.
 func (o *observer) waiting(t testing.TB, pid int, key keys.Key) bool {
 	t.Helper()
 	c, ob, s := key.LockTag()
 	var n int
 	if err := o.db.QueryRow(`SELECT count(*) FROM pg_catalog.pg_locks
-		WHERE locktype = 'advisory' AND pid = $1 AND classid = $2 AND objid = $3 AND objsubid = $4 AND NOT granted`,
+		WHERE locktype = 'advisory' AND ($1 = 0 OR pid = $1) AND classid = $2 AND objid = $3 AND objsubid = $4 AND NOT granted`,
 		pid, int64(c), int64(ob), s).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
