@@ -10,6 +10,7 @@ package integration
 
 import (
 	"database/sql"
+	sqldriver "database/sql/driver"
 	"fmt"
 	"os"
 	"testing"
@@ -19,7 +20,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgx/v5/stdlib"
-	_ "github.com/lib/pq"
+	"github.com/lib/pq"
 	"github.com/ory/dockertest/v3"
 )
 
@@ -37,17 +38,29 @@ var drivers = []string{"postgres", "pgx", "pgx-cancelrequest"}
 
 // openPool opens a database/sql pool for one of drivers.
 func openPool(driver, dsn string) (*sql.DB, error) {
-	if driver != "pgx-cancelrequest" {
-		return sql.Open(driver, dsn)
+	c, err := connector(driver, dsn)
+	if err != nil {
+		return nil, err
+	}
+	return sql.OpenDB(c), nil
+}
+
+// connector returns the driver.Connector that sql.Open would use for one of
+// drivers.
+func connector(driver, dsn string) (sqldriver.Connector, error) {
+	if driver == "postgres" {
+		return pq.NewConnector(dsn)
 	}
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		return nil, err
 	}
-	cfg.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
-		return &pgconn.CancelRequestContextWatcherHandler{Conn: c, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
+	if driver == "pgx-cancelrequest" {
+		cfg.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
+			return &pgconn.CancelRequestContextWatcherHandler{Conn: c, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
+		}
 	}
-	return stdlib.OpenDB(*cfg), nil
+	return stdlib.GetConnector(*cfg), nil
 }
 
 const noDatabase = `integration tests need PostgreSQL and found none.

@@ -24,19 +24,21 @@ func mutexIterations(t *testing.T) int { return envInt(t, "PGLOCKS_MUTEX_ITERATI
 func TestMutualExclusion(t *testing.T) {
 	const workers = 16
 	iterations := mutexIterations(t)
-	type critical func(ctx context.Context, db *sql.DB, c *sql.Conn, key keys.Key, body func()) error
+	// lk is a Locker shared by all workers, or one per worker (perWorker).
+	type critical func(ctx context.Context, db *sql.DB, c *sql.Conn, lk *pglock.Locker, key keys.Key, body func()) error
 	lockers := []struct {
-		name string
-		fn   critical
+		name      string
+		fn        critical
+		perWorker bool
 	}{
-		{"conn", func(ctx context.Context, _ *sql.DB, c *sql.Conn, key keys.Key, body func()) error {
+		{"conn", func(ctx context.Context, _ *sql.DB, c *sql.Conn, _ *pglock.Locker, key keys.Key, body func()) error {
 			if err := pglock.LockConn(ctx, c, key); err != nil {
 				return err
 			}
 			body()
 			return pglock.UnlockConn(ctx, c, key)
-		}},
-		{"tx", func(ctx context.Context, _ *sql.DB, c *sql.Conn, key keys.Key, body func()) error {
+		}, false},
+		{"tx", func(ctx context.Context, _ *sql.DB, c *sql.Conn, _ *pglock.Locker, key keys.Key, body func()) error {
 			tx, err := c.BeginTx(ctx, nil)
 			if err != nil {
 				return err
@@ -47,10 +49,14 @@ func TestMutualExclusion(t *testing.T) {
 			}
 			body()
 			return tx.Commit()
-		}},
-		{"withlock-db", func(ctx context.Context, db *sql.DB, _ *sql.Conn, key keys.Key, body func()) error {
+		}, false},
+		{"withlock-db", func(ctx context.Context, db *sql.DB, _ *sql.Conn, _ *pglock.Locker, key keys.Key, body func()) error {
 			return pglock.WithLock(ctx, db, key, func(context.Context, bool) error { body(); return nil })
-		}},
+		}, false},
+		// One Locker: the workers exclude each other in the process.
+		{"locker", lockerCritical, false},
+		// A Locker per worker: they exclude each other through the server.
+		{"lockers", lockerCritical, true},
 	}
 	t.Run("control/no-lock-loses-increments", func(t *testing.T) {
 		// Without the lock the same body must lose increments, or the test
@@ -87,13 +93,20 @@ func TestMutualExclusion(t *testing.T) {
 				}
 				var wg sync.WaitGroup
 				errs := make(chan error, workers)
+				shared := pglock.NewLocker(db)
+				defer shared.Close()
 				for w := 0; w < workers; w++ {
 					c := conn(t, db)
+					lk := shared
+					if l.perWorker {
+						lk = pglock.NewLocker(db)
+						defer lk.Close()
+					}
 					wg.Add(1)
 					go func() {
 						defer wg.Done()
 						for i := 0; i < iterations; i++ {
-							if err := l.fn(context.Background(), db, c, key, body); err != nil {
+							if err := l.fn(context.Background(), db, c, lk, key, body); err != nil {
 								errs <- err
 								return
 							}
@@ -111,4 +124,8 @@ func TestMutualExclusion(t *testing.T) {
 			})
 		}
 	}
+}
+
+func lockerCritical(ctx context.Context, _ *sql.DB, _ *sql.Conn, lk *pglock.Locker, key keys.Key, body func()) error {
+	return lk.Do(ctx, key, func(context.Context) error { body(); return nil })
 }

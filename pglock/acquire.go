@@ -214,12 +214,15 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 	}
 }
 
-// held asks pg_locks whether this session holds the lock, on a context the
-// caller's cancellation cannot break.
-func (a attempt) held(ctx context.Context) (bool, error) {
+// held asks pg_locks whether this session holds the lock.
+func (a attempt) held(ctx context.Context) (bool, error) { return heldBy(ctx, a.x, a.lock) }
+
+// heldBy asks pg_locks whether x's session holds l, on a context the caller's
+// cancellation cannot break.
+func heldBy(ctx context.Context, x sqlexec.Executor, l sqlexec.Lock) (bool, error) {
 	sctx, cancel := shield(ctx)
 	defer cancel()
-	res, err := a.x.ExecContext(sctx, a.lock.HeldSQL())
+	res, err := x.ExecContext(sctx, l.HeldSQL())
 	if err != nil {
 		return false, err
 	}

@@ -15,11 +15,13 @@ import (
 // the driver's own error; test them with [errors.Is].
 var (
 	// ErrNotHeld is returned by UnlockConn when this session does not hold
-	// the lock in the requested mode.
+	// the lock in the requested mode, and by [Lock.Unlock] when the lock
+	// ended before the call (together with [ErrLost] or [ErrClosed]).
 	ErrNotHeld = errors.New("pglock: lock not held by this session")
 
-	// ErrNotAcquired is returned by a lock call with NoWait when another
-	// session holds the lock.
+	// ErrNotAcquired is returned by a lock call with NoWait, and by
+	// [Locker.TryLock], when another session (or another caller of the same
+	// Locker) holds the lock.
 	ErrNotAcquired = errors.New("pglock: lock not acquired: held by another session")
 
 	// ErrDeadlock is returned when PostgreSQL's deadlock detector chose this
@@ -43,8 +45,32 @@ var (
 	// ErrInvalidKey is returned for the zero keys.Key.
 	ErrInvalidKey = errors.New("pglock: invalid key: the zero keys.Key names no lock")
 
-	// ErrNilHandle is returned for a nil *sql.DB, *sql.Conn or *sql.Tx.
-	ErrNilHandle = errors.New("pglock: nil *sql.DB, *sql.Conn or *sql.Tx")
+	// ErrNilHandle is returned for a nil *sql.DB, *sql.Conn, *sql.Tx,
+	// *Locker or *Lock.
+	ErrNilHandle = errors.New("pglock: nil *sql.DB, *sql.Conn, *sql.Tx, *Locker or *Lock")
+
+	// ErrLockTableFull is returned when PostgreSQL's shared lock table is
+	// full (SQLSTATE 53200, "out of shared memory"). The table is shared by
+	// the whole cluster and holds about max_locks_per_transaction ×
+	// (max_connections + max_prepared_transactions) locks; every advisory
+	// lock held anywhere takes a slot. Raise max_locks_per_transaction (a
+	// restart is needed), or hold fewer locks at once.
+	ErrLockTableFull = errors.New("pglock: the server's lock table is full (SQLSTATE 53200): raise max_locks_per_transaction or hold fewer locks")
+
+	// ErrLost means a lock held through a [Locker] ended without Unlock: its
+	// session was terminated, the server restarted, the network failed, or
+	// the lock could not be verified for a whole health-check interval (the
+	// connection is then closed, so that the server releases it). Another
+	// process may hold the lock now. [Lock.Err] returns exactly ErrLost, and
+	// the context of [Locker.Do]'s fn is cancelled with it as the cause.
+	ErrLost = errors.New("pglock: lock lost")
+
+	// ErrUnlocked is what [Lock.Err] returns after [Lock.Unlock].
+	ErrUnlocked = errors.New("pglock: lock unlocked")
+
+	// ErrClosed is returned by a [Locker]'s methods after [Locker.Close], and
+	// by [Lock.Err] for a lock that Close released.
+	ErrClosed = errors.New("pglock: locker closed")
 
 	// ErrUnsupportedExecutor is returned by WithLock for an Executor other
 	// than *sql.DB, *sql.Conn and *sql.Tx.
@@ -56,7 +82,7 @@ var (
 // context.DeadlineExceeded, and [errors.As] to reach the driver's error
 // (*pq.Error, *pgconn.PgError).
 type Error struct {
-	Op    string   // "lock", "trylock" or "unlock"
+	Op    string   // "lock", "trylock", "unlock" or "do"
 	Key   keys.Key // the lock
 	Scope string   // "session" or "transaction"
 	Err   error    // the causes, outermost first
@@ -107,6 +133,24 @@ outer:
 	return c
 }
 
+// without returns err minus the cause target.
+func without(err, target error) error {
+	c, ok := err.(causes)
+	if !ok {
+		if err == target {
+			return nil
+		}
+		return err
+	}
+	var kept []error
+	for _, e := range c {
+		if e != target {
+			kept = append(kept, e)
+		}
+	}
+	return join(kept...)
+}
+
 func opError(op string, l sqlexec.Lock, errs ...error) error {
 	return &Error{Op: op, Key: l.Key, Scope: l.Scope.String(), Err: join(errs...)}
 }
@@ -125,6 +169,8 @@ func classify(ctxErr, err error, timed bool) []error {
 		out = append(out, ErrDeadlock)
 	case code == sqlexec.CodeLockNotAvailable && !timed:
 		out = append(out, ErrLockTimeout)
+	case code == sqlexec.CodeOutOfSharedMemory:
+		out = append(out, ErrLockTableFull)
 	case sqlexec.IsSessionLost(err):
 		out = append(out, ErrSessionLost)
 	}

@@ -108,7 +108,7 @@ func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context
 	}
 }
 
-var errNilFunc = errors.New("pglock: WithLock needs a non-nil fn")
+var errNilFunc = errors.New("pglock: nil fn")
 
 // runLocked runs fn while conn holds l, then releases l even if fn panics.
 // done, if set, is told the unlock's result.

@@ -1,0 +1,90 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/pglocks/pglocks/internal/trace"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+// TestLockerRace is the core contract for Locker.Lock: deadlines and
+// cancellations land exactly while another session releases the key,
+// thousands of times per driver, and after every call pg_locks must agree
+// with its result:
+//   - a *Lock: the key is held by one backend of the Locker's pool, and
+//     Unlock confirms it was held until then;
+//   - an error: nobody holds the key (a session the driver closed may show
+//     it for a moment), and no pooled connection stays pinned.
+func TestLockerRace(t *testing.T) {
+	for _, driver := range drivers {
+		trials := raceTrials(t)
+		if driver == "pgx-cancelrequest" {
+			trials /= 2 // each cancellation costs pgx's CancelRequest round
+		}
+		t.Run(driver, func(t *testing.T) {
+			obs := newObserver(t)
+			holder := conn(t, openDB(t, driver))
+			f := newLocker(t, driver)
+			before := trace.Read()
+			var st raceStats
+			for i := 0; i < trials; i++ {
+				key := uniqueKey()
+				if err := pglock.LockConn(context.Background(), holder, key); err != nil {
+					t.Fatal(err)
+				}
+				at := time.Duration(3+rand.IntN(8)) * time.Millisecond
+				jitter := time.Duration(rand.IntN(3000)-1500) * time.Microsecond
+				cancelMode := i%2 == 1
+				var ctx context.Context
+				var cancel context.CancelFunc
+				if cancelMode {
+					ctx, cancel = context.WithCancel(context.Background())
+					time.AfterFunc(at, cancel)
+				} else {
+					ctx, cancel = context.WithTimeout(context.Background(), at)
+				}
+				released := make(chan error, 1)
+				time.AfterFunc(at+jitter, func() {
+					released <- pglock.UnlockConn(context.Background(), holder, key)
+				})
+				lk, err := f.l.Lock(ctx, key)
+				cancel()
+				if rerr := <-released; rerr != nil {
+					t.Fatalf("holder unlock: %v", rerr)
+				}
+				if err == nil {
+					pid := obs.holderPID(t, key)
+					if pid == 0 || obs.appOf(t, pid) != f.app {
+						t.Fatalf("trial %d: false success: Lock returned a lock but pg_locks shows holder %d", i, pid)
+					}
+					if uerr := lk.Unlock(context.Background()); uerr != nil {
+						t.Fatalf("trial %d: false success: the lock was not held until Unlock: %v", i, uerr)
+					}
+					st.ok++
+					continue
+				}
+				obs.waitFree(t, key, "leak: Lock returned "+err.Error())
+				if inUse := f.db.Stats().InUse; inUse != 0 {
+					t.Fatalf("trial %d: %d connections stay pinned after %v", i, inUse, err)
+				}
+				switch {
+				case errors.Is(err, pglock.ErrSessionLost):
+					st.lost++
+				case errors.Is(err, context.DeadlineExceeded):
+					st.deadline++
+				case errors.Is(err, context.Canceled):
+					st.canceled++
+				default:
+					st.other++
+					t.Fatalf("trial %d: unexpected error %v", i, err)
+				}
+			}
+			t.Logf("%d trials: %v; settling: %+v; %d connections opened", trials, st, trace.Read().Sub(before), f.fc.connects.Load())
+			checkRaced(t, st)
+		})
+	}
+}
