@@ -8,6 +8,15 @@ LOCAL_DSN := postgres://postgres@127.0.0.1:5432/test?sslmode=disable
 PGLOCKS_TEST_DSN ?= $(shell (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && echo '$(LOCAL_DSN)')
 export PGLOCKS_TEST_DSN
 
+# The disruptive phase restarts the server under test. It knows how to do
+# that for the local Debian cluster; set PGLOCKS_TEST_RESTART_CMD for others.
+PG_CLUSTER := $(firstword $(shell ls /etc/postgresql 2>/dev/null))
+ifeq ($(PGLOCKS_TEST_DSN),$(LOCAL_DSN))
+ifneq ($(PG_CLUSTER),)
+PGLOCKS_TEST_RESTART_CMD ?= pg_ctlcluster --skip-systemctl-redirect $(PG_CLUSTER) main restart
+endif
+endif
+
 GO ?= go
 
 .PHONY: test vet unit demo fuzz
@@ -17,6 +26,12 @@ test: vet
 	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then echo "PGLOCKS_TEST_DSN=$$PGLOCKS_TEST_DSN"; \
 	  else echo "no PostgreSQL on 127.0.0.1:5432 and PGLOCKS_TEST_DSN unset: integration tests will try dockertest, then fail"; fi
 	$(GO) test -race -count=1 -timeout 20m ./...
+	@# Phase 2, alone: tests that restart the server or fill its lock table.
+	@if [ -n "$(PGLOCKS_TEST_RESTART_CMD)" ]; then \
+	  echo "disruptive phase: PGLOCKS_TEST_RESTART_CMD=$(PGLOCKS_TEST_RESTART_CMD)"; \
+	  PGLOCKS_TEST_DISRUPTIVE=1 PGLOCKS_TEST_RESTART_CMD="$(PGLOCKS_TEST_RESTART_CMD)" \
+	    $(GO) test -race -count=1 -timeout 5m -run '^TestDisruptive' -v ./integration; \
+	else echo "SKIPPED the disruptive phase (server restart, full lock table): set PGLOCKS_TEST_RESTART_CMD to a command that restarts the server at PGLOCKS_TEST_DSN"; fi
 
 vet:
 	$(GO) vet ./...

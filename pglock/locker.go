@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/sqlexec"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -257,6 +258,10 @@ func (l *Locker) acquire(ctx context.Context, op string, key keys.Key, o options
 	conn, err := l.db.Conn(actx)
 	if err != nil {
 		l.gates.leave(gkey, o.shared)
+		if sqlexec.SQLState(err) == sqlexec.CodeOutOfSharedMemory {
+			// A new backend needs lock-table room to start, too.
+			err = join(ErrLockTableFull, err)
+		}
 		return fail(l.interrupted(ctx, err))
 	}
 	ok, err := attempt{x: conn, lock: req, wait: wait, discard: func() { discardConn(conn) }}.run(actx)
