@@ -172,3 +172,78 @@ func ExampleLockTx() {
 	fmt.Println("committed")
 	// Output: committed
 }
+
+// A managed lock from a pool: Lock pins a connection for as long as the lock
+// is held and watches it; Done closes if the lock is lost.
+func ExampleLocker_Lock() {
+	db := openExampleDB()
+	defer db.Close()
+	locker := pglock.NewLocker(db)
+	defer locker.Close()
+	ctx := context.Background()
+
+	lockCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	lk, err := locker.Lock(lockCtx, keys.String("example:locker:billing"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	select {
+	case <-lk.Done():
+		fmt.Println("lost the lock:", lk.Err())
+	default:
+		fmt.Println("holding", lk.Key().Name())
+	}
+	if err := lk.Unlock(ctx); err != nil {
+		log.Fatal(err) // wraps ErrLost if the lock was lost before Unlock
+	}
+	fmt.Println(lk.Err())
+	// Output:
+	// holding example:locker:billing
+	// pglock: lock unlocked
+}
+
+// TryLock never waits: one replica runs the job, the others skip it.
+func ExampleLocker_TryLock() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx := context.Background()
+	replicaA, replicaB := pglock.NewLocker(db), pglock.NewLocker(db)
+	defer replicaA.Close()
+	defer replicaB.Close()
+
+	key := keys.String("example:locker:cron")
+	lk, err := replicaA.TryLock(ctx, key)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer lk.Unlock(ctx)
+
+	_, err = replicaB.TryLock(ctx, key)
+	fmt.Println(errors.Is(err, pglock.ErrNotAcquired))
+	// Output: true
+}
+
+// Do runs fn under the lock. fn's ctx is cancelled with cause ErrLost if the
+// lock is lost while fn runs; long work should watch it.
+func ExampleLocker_Do() {
+	db := openExampleDB()
+	defer db.Close()
+	locker := pglock.NewLocker(db, pglock.WithHealthCheck(2*time.Second))
+	defer locker.Close()
+
+	err := locker.Do(context.Background(), keys.Pair(7, 2002), func(ctx context.Context) error {
+		for batch := 0; batch < 3; batch++ {
+			if ctx.Err() != nil {
+				return context.Cause(ctx) // pglock.ErrLost: stop, someone else may hold it now
+			}
+			// ... process one batch ...
+		}
+		fmt.Println("processed 3 batches under the lock")
+		return nil
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	// Output: processed 3 batches under the lock
+}
