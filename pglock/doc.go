@@ -1,7 +1,7 @@
 // Package pglock takes PostgreSQL advisory locks through database/sql, with
 // any driver (lib/pq and pgx/v5/stdlib are tested).
 //
-// There are three ways to hold a lock, by what the caller owns:
+// There are four ways to hold a lock, by what the caller owns:
 //
 //   - A *sql.Conn: session locks with [LockConn], [TryLockConn] and
 //     [UnlockConn]. They last until unlocked or until the session ends.
@@ -11,6 +11,10 @@
 //   - Any of *sql.DB, *sql.Conn or *sql.Tx: [WithLock] runs a function under
 //     the lock and releases it afterwards, like django-pglocks'
 //     advisory_lock(lock_id, shared, wait, using).
+//   - A *sql.DB, for locks held longer than a call: a [Locker] hands out
+//     [Lock] values, each on a connection it pins from the pool and verifies
+//     every few seconds. [Lock.Done] is closed when the lock is lost, and
+//     [Locker.Do] cancels its function's context with cause [ErrLost].
 //
 // Locks are named by [keys.Key]: an int64, a pair of int32s, or a string
 // hashed with a frozen FNV-1a-64 (see package keys).
