@@ -2,13 +2,9 @@ package integration
 
 import (
 	"context"
-	"errors"
-	"math/rand/v2"
 	"testing"
-	"time"
 
 	"github.com/pglocks/pglocks/internal/trace"
-	"github.com/pglocks/pglocks/pglock"
 )
 
 // TestLockerRace is the core contract for Locker.Lock: deadlines and
@@ -33,24 +29,7 @@ func TestLockerRace(t *testing.T) {
 			var st raceStats
 			for i := 0; i < trials; i++ {
 				key := uniqueKey()
-				if err := pglock.LockConn(context.Background(), holder, key); err != nil {
-					t.Fatal(err)
-				}
-				at := time.Duration(3+rand.IntN(8)) * time.Millisecond
-				jitter := time.Duration(rand.IntN(3000)-1500) * time.Microsecond
-				cancelMode := i%2 == 1
-				var ctx context.Context
-				var cancel context.CancelFunc
-				if cancelMode {
-					ctx, cancel = context.WithCancel(context.Background())
-					time.AfterFunc(at, cancel)
-				} else {
-					ctx, cancel = context.WithTimeout(context.Background(), at)
-				}
-				released := make(chan error, 1)
-				time.AfterFunc(at+jitter, func() {
-					released <- pglock.UnlockConn(context.Background(), holder, key)
-				})
+				ctx, cancel, released := startTrial(t, holder, key, i%2 == 1)
 				lk, err := f.l.Lock(ctx, key)
 				cancel()
 				if rerr := <-released; rerr != nil {
@@ -64,22 +43,15 @@ func TestLockerRace(t *testing.T) {
 					if uerr := lk.Unlock(context.Background()); uerr != nil {
 						t.Fatalf("trial %d: false success: the lock was not held until Unlock: %v", i, uerr)
 					}
-					st.ok++
+					st.count(nil)
 					continue
 				}
 				obs.waitFree(t, key, "leak: Lock returned "+err.Error())
 				if inUse := f.db.Stats().InUse; inUse != 0 {
 					t.Fatalf("trial %d: %d connections stay pinned after %v", i, inUse, err)
 				}
-				switch {
-				case errors.Is(err, pglock.ErrSessionLost):
-					st.lost++
-				case errors.Is(err, context.DeadlineExceeded):
-					st.deadline++
-				case errors.Is(err, context.Canceled):
-					st.canceled++
-				default:
-					st.other++
+				st.count(err)
+				if st.other > 0 {
 					t.Fatalf("trial %d: unexpected error %v", i, err)
 				}
 			}

@@ -159,8 +159,11 @@ func TestLockerAcquireRelease(t *testing.T) {
 			t.Fatalf("after failed acquisitions the pool should hold one idle connection: %+v", st)
 		}
 
-		if err := lk.Unlock(ctx); err != nil {
-			t.Fatal(err)
+		// Unlock is not interrupted by the caller's cancellation.
+		cancelled, cancelNow := context.WithCancel(ctx)
+		cancelNow()
+		if err := lk.Unlock(cancelled); err != nil {
+			t.Fatalf("Unlock with a cancelled ctx: %v", err)
 		}
 		if lk.Err() != pglock.ErrUnlocked || !isClosed(lk.Done()) {
 			t.Fatalf("after Unlock: Err %v, Done closed %v", lk.Err(), isClosed(lk.Done()))

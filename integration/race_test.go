@@ -58,10 +58,11 @@ func (s raceStats) String() string {
 		s.ok, s.deadline, s.canceled, s.lost, s.other)
 }
 
-// raceOnce runs one trial: a holder releases key at about the moment the
-// caller's deadline expires or its context is cancelled. It returns the
-// contract verdict.
-func raceOnce(t testing.TB, o *observer, holder *sql.Conn, caller *sql.Conn, tx *sql.Tx, pid int, key keys.Key, lock lockFunc, cancelMode bool, st *raceStats) (string, error) {
+// startTrial begins one racing trial on key, which holder holds: it returns
+// the caller's context, whose deadline expires (or which is cancelled, in
+// cancelMode) a few milliseconds from now, and a channel that reports the
+// holder's unlock of key, scheduled within 1.5ms of that moment.
+func startTrial(t testing.TB, holder *sql.Conn, key keys.Key, cancelMode bool) (context.Context, context.CancelFunc, <-chan error) {
 	if err := pglock.LockConn(context.Background(), holder, key); err != nil {
 		t.Fatal(err)
 	}
@@ -75,28 +76,41 @@ func raceOnce(t testing.TB, o *observer, holder *sql.Conn, caller *sql.Conn, tx 
 	} else {
 		ctx, cancel = context.WithTimeout(context.Background(), at)
 	}
-	defer cancel()
 	released := make(chan error, 1)
 	time.AfterFunc(at+jitter, func() {
 		released <- pglock.UnlockConn(context.Background(), holder, key)
 	})
+	return ctx, cancel, released
+}
+
+// count files a trial's result.
+func (s *raceStats) count(err error) {
+	switch {
+	case err == nil:
+		s.ok++
+	case errors.Is(err, pglock.ErrSessionLost):
+		s.lost++
+	case errors.Is(err, context.DeadlineExceeded):
+		s.deadline++
+	case errors.Is(err, context.Canceled):
+		s.canceled++
+	default:
+		s.other++
+	}
+}
+
+// raceOnce runs one trial: a holder releases key at about the moment the
+// caller's deadline expires or its context is cancelled. It returns the
+// contract verdict.
+func raceOnce(t testing.TB, o *observer, holder *sql.Conn, caller *sql.Conn, tx *sql.Tx, pid int, key keys.Key, lock lockFunc, cancelMode bool, st *raceStats) (string, error) {
+	ctx, cancel, released := startTrial(t, holder, key, cancelMode)
+	defer cancel()
 	err := lock(ctx, caller, tx, key)
 	v := verdict(t, o, caller, pid, key, err)
 	if rerr := <-released; rerr != nil {
 		t.Fatalf("holder unlock: %v", rerr)
 	}
-	switch {
-	case err == nil:
-		st.ok++
-	case errors.Is(err, pglock.ErrSessionLost):
-		st.lost++
-	case errors.Is(err, context.DeadlineExceeded):
-		st.deadline++
-	case errors.Is(err, context.Canceled):
-		st.canceled++
-	default:
-		st.other++
-	}
+	st.count(err)
 	return v, err
 }
 
