@@ -14,98 +14,43 @@ import (
 // and so that a goroutine queued behind another one of the same process waits
 // in memory, without a connection.
 //
-// The rules are PostgreSQL's: an exclusive hold excludes everything; shared
-// holds coexist; a queued exclusive request makes later shared requests
-// queue behind it (so writers are not starved), and a try fails wherever a
-// wait would queue.
+// The rules are PostgreSQL's: an exclusive hold excludes everything and
+// shared holds coexist; requests queue in arrival order, and a new request
+// that conflicts with a queued one queues behind it (so a waiting exclusive
+// request is not starved by a stream of shared ones). A try fails wherever a
+// wait would queue. A release hands the gate to the head of the queue (and to
+// the shared requests right behind it), waking no one else.
 type gates struct {
 	mu sync.Mutex
 	m  map[keys.Key]*gate
 }
 
 type gate struct {
-	exclusive   bool // an exclusive hold is in
-	shared      int  // shared holds in
-	queuedExcl  int  // exclusive requests waiting
-	users       int  // holds and waiters; the gate is dropped at zero
-	changed     chan struct{}
-	changedOpen bool
+	exclusive bool // an exclusive hold is in
+	shared    int  // shared holds in
+	queue     []*waiter
 }
 
-// admits reports whether a request can enter now.
-func (g *gate) admits(shared bool) bool {
-	if shared {
-		return !g.exclusive && g.queuedExcl == 0
-	}
-	return !g.exclusive && g.shared == 0
+type waiter struct {
+	shared  bool
+	granted bool
+	ready   chan struct{} // closed when granted
 }
 
-// broadcast wakes every waiter to re-check.
-func (g *gate) broadcast() {
-	if g.changedOpen {
-		close(g.changed)
-		g.changedOpen = false
+// conflicts reports whether a request in mode shared conflicts with the
+// holds, or, when queued is set, with a queued request.
+func (g *gate) conflicts(shared, queued bool) bool {
+	if g.exclusive || (!shared && g.shared > 0) {
+		return true
 	}
-}
-
-func (g *gate) wait() <-chan struct{} {
-	if !g.changedOpen {
-		g.changed = make(chan struct{})
-		g.changedOpen = true
-	}
-	return g.changed
-}
-
-// enter passes key's gate in the requested mode. With wait false it returns
-// (false, nil) at once when the gate is busy. Otherwise it waits until the
-// gate admits the request or ctx ends, returning ctx's cause.
-func (gs *gates) enter(ctx context.Context, key keys.Key, shared, wait bool) (bool, error) {
-	gs.mu.Lock()
-	defer gs.mu.Unlock()
-	if gs.m == nil {
-		gs.m = make(map[keys.Key]*gate)
-	}
-	g := gs.m[key]
-	if g == nil {
-		g = &gate{}
-		gs.m[key] = g
-	}
-	if g.admits(shared) {
-		g.take(shared)
-		g.users++
-		return true, nil
-	}
-	if !wait {
-		gs.drop(key, g)
-		return false, nil
-	}
-	g.users++
-	if !shared {
-		g.queuedExcl++
-	}
-	for {
-		ch := g.wait()
-		gs.mu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-		}
-		gs.mu.Lock()
-		if g.admits(shared) || ctx.Err() != nil {
-			break
+	if queued {
+		for _, w := range g.queue {
+			if !shared || !w.shared {
+				return true
+			}
 		}
 	}
-	if !shared {
-		g.queuedExcl--
-	}
-	if !g.admits(shared) { // ctx ended first
-		g.users--
-		g.broadcast() // a shared waiter may have queued behind this request
-		gs.drop(key, g)
-		return false, context.Cause(ctx)
-	}
-	g.take(shared)
-	return true, nil
+	return false
 }
 
 func (g *gate) take(shared bool) {
@@ -116,26 +61,88 @@ func (g *gate) take(shared bool) {
 	}
 }
 
+// grant admits queued requests from the head while they fit.
+func (g *gate) grant() {
+	for len(g.queue) > 0 && !g.conflicts(g.queue[0].shared, false) {
+		w := g.queue[0]
+		g.queue = g.queue[1:]
+		g.take(w.shared)
+		w.granted = true
+		close(w.ready)
+	}
+}
+
+func (g *gate) idle() bool { return !g.exclusive && g.shared == 0 && len(g.queue) == 0 }
+
+// enter passes key's gate in the requested mode. With wait false it returns
+// (false, nil) at once when it would have to queue. Otherwise it waits in
+// line until admitted or until ctx ends, returning ctx's cause.
+func (gs *gates) enter(ctx context.Context, key keys.Key, shared, wait bool) (bool, error) {
+	gs.mu.Lock()
+	if gs.m == nil {
+		gs.m = make(map[keys.Key]*gate)
+	}
+	g := gs.m[key]
+	if g == nil {
+		g = &gate{}
+		gs.m[key] = g
+	}
+	if !g.conflicts(shared, true) {
+		g.take(shared)
+		gs.mu.Unlock()
+		return true, nil
+	}
+	if !wait {
+		gs.mu.Unlock()
+		return false, nil
+	}
+	w := &waiter{shared: shared, ready: make(chan struct{})}
+	g.queue = append(g.queue, w)
+	gs.mu.Unlock()
+
+	select {
+	case <-w.ready:
+		return true, nil
+	case <-ctx.Done():
+	}
+	gs.mu.Lock()
+	defer gs.mu.Unlock()
+	if w.granted { // granted as ctx ended: pass it on
+		gs.release(key, g, shared)
+		return false, context.Cause(ctx)
+	}
+	for i, q := range g.queue {
+		if q == w {
+			g.queue = append(g.queue[:i], g.queue[i+1:]...)
+			break
+		}
+	}
+	gs.settle(key, g) // requests queued behind this one may fit now
+	return false, context.Cause(ctx)
+}
+
 // leave releases a hold taken by enter.
 func (gs *gates) leave(key keys.Key, shared bool) {
 	gs.mu.Lock()
 	defer gs.mu.Unlock()
-	g := gs.m[key]
-	if g == nil {
-		return
+	if g := gs.m[key]; g != nil {
+		gs.release(key, g, shared)
 	}
+}
+
+func (gs *gates) release(key keys.Key, g *gate, shared bool) {
 	if shared {
 		g.shared--
 	} else {
 		g.exclusive = false
 	}
-	g.users--
-	g.broadcast()
-	gs.drop(key, g)
+	gs.settle(key, g)
 }
 
-func (gs *gates) drop(key keys.Key, g *gate) {
-	if g.users == 0 {
+// settle admits what fits after a change, and forgets an idle gate.
+func (gs *gates) settle(key keys.Key, g *gate) {
+	g.grant()
+	if g.idle() {
 		delete(gs.m, key)
 	}
 }
