@@ -176,7 +176,7 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		return false, join(classify(ctxErr, err, timed)...)
 	}
 
-	held, vErr := a.held(ctx)
+	held, vErr := heldBy(ctx, a.x, a.lock)
 	switch {
 	case vErr == nil && held:
 		// Granted, whatever the driver said: a lock_timeout error racing the
@@ -213,9 +213,6 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		return false, join(ctxErr, err, vErr)
 	}
 }
-
-// held asks pg_locks whether this session holds the lock.
-func (a attempt) held(ctx context.Context) (bool, error) { return heldBy(ctx, a.x, a.lock) }
 
 // heldBy asks pg_locks whether x's session holds l, on a context the caller's
 // cancellation cannot break.

@@ -82,7 +82,7 @@ var (
 // context.DeadlineExceeded, and [errors.As] to reach the driver's error
 // (*pq.Error, *pgconn.PgError).
 type Error struct {
-	Op    string   // "lock", "trylock", "unlock" or "do"
+	Op    string   // "lock", "trylock", "unlock", "do" or "close"
 	Key   keys.Key // the lock
 	Scope string   // "session" or "transaction"
 	Err   error    // the causes, outermost first
