@@ -22,11 +22,12 @@ type faultConnector struct {
 }
 
 // openFaulty opens a pool for driver through a faultConnector, with a unique
-// application_name, which it returns too.
-func openFaulty(t testing.TB, drv string) (*sql.DB, *faultConnector, string) {
+// application_name, which it returns too, and the given connection
+// parameters (name, value, ...).
+func openFaulty(t testing.TB, drv string, params ...string) (*sql.DB, *faultConnector, string) {
 	t.Helper()
 	app := fmt.Sprintf("pglocks-test-%d", appSeq.Add(1))
-	base, err := connector(drv, withApp(dsn, app))
+	base, err := connector(drv, withParams(withApp(dsn, app), params...))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,13 +29,22 @@ func openDB(t testing.TB, driver string) *sql.DB {
 	return db
 }
 
-func withApp(dsn, app string) string {
+func withApp(dsn, app string) string { return withParams(dsn, "application_name", app) }
+
+// withParams sets connection parameters (name, value, ...) in dsn; both
+// drivers pass unknown ones to the server as settings.
+func withParams(dsn string, kv ...string) string {
 	u, err := url.Parse(dsn)
 	if err != nil || u.Scheme == "" {
-		return dsn + " application_name=" + app
+		for i := 0; i+1 < len(kv); i += 2 {
+			dsn += " " + kv[i] + "=" + kv[i+1]
+		}
+		return dsn
 	}
 	q := u.Query()
-	q.Set("application_name", app)
+	for i := 0; i+1 < len(kv); i += 2 {
+		q.Set(kv[i], kv[i+1])
+	}
 	u.RawQuery = q.Encode()
 	return u.String()
 }

@@ -845,3 +845,37 @@ func TestLockerClose(t *testing.T) {
 		}
 	})
 }
+
+// idle_session_timeout ends sessions that sit idle, and a held lock's session
+// is idle between checks: the health checks keep it alive, and without them
+// the loss is reported by Unlock.
+func TestLockerIdleSessionTimeout(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, driver string) {
+		ctx := context.Background()
+		obs := newObserver(t)
+		for _, tc := range []struct {
+			name     string
+			interval time.Duration
+			lost     bool
+		}{{"checked", 200 * time.Millisecond, false}, {"unchecked", 0, true}} {
+			t.Run(tc.name, func(t *testing.T) {
+				db, _, _ := openFaulty(t, driver, "idle_session_timeout", "500")
+				l := pglock.NewLocker(db, pglock.WithHealthCheck(tc.interval))
+				defer l.Close()
+				lk, err := l.Lock(ctx, uniqueKey())
+				if err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(1500 * time.Millisecond)
+				held := obs.holderPID(t, lk.Key()) != 0
+				err = lk.Unlock(ctx)
+				switch {
+				case !tc.lost && (!held || err != nil || lk.Err() != pglock.ErrUnlocked):
+					t.Fatalf("health checks did not keep the session: held %v, Unlock %v", held, err)
+				case tc.lost && (held || !errors.Is(err, pglock.ErrLost)):
+					t.Fatalf("idle_session_timeout without checks: held %v, Unlock %v, want the loss reported", held, err)
+				}
+			})
+		}
+	})
+}

@@ -211,6 +211,9 @@ const (
 	CodeAdminShutdown     = "57P01" // admin_shutdown (pg_terminate_backend)
 	CodeCrashShutdown     = "57P02" // crash_shutdown
 	CodeCannotConnectNow  = "57P03" // cannot_connect_now
+	CodeDatabaseDropped   = "57P04" // database_dropped
+	CodeIdleSession       = "57P05" // idle_session_timeout (PostgreSQL 14+)
+	CodeIdleInTxSession   = "25P03" // idle_in_transaction_session_timeout
 )
 
 // SQLState returns the SQLSTATE carried by err or anything it wraps, through
@@ -227,13 +230,15 @@ func SQLState(err error) string {
 // IsSessionLost reports whether err means the database session is gone, and
 // every session lock it held with it: driver.ErrBadConn (lib/pq reports FATAL
 // errors such as pg_terminate_backend this way), sql.ErrConnDone, SQLSTATE
-// class 08 (connection exception), 57P01-57P03, or a broken socket.
+// class 08 (connection exception), 57P01-57P05 (terminated by an operator,
+// a crash, a shutdown, a dropped database, idle_session_timeout), 25P03
+// (idle_in_transaction_session_timeout), or a broken socket.
 func IsSessionLost(err error) bool {
 	if err == nil {
 		return false
 	}
 	switch code := SQLState(err); {
-	case strings.HasPrefix(code, "08"), code == CodeAdminShutdown, code == CodeCrashShutdown, code == CodeCannotConnectNow:
+	case strings.HasPrefix(code, "08"), strings.HasPrefix(code, "57P"), code == CodeIdleInTxSession:
 		return true
 	case code != "":
 		return false
