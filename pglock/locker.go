@@ -154,8 +154,7 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 	if fn == nil {
 		return opError("do", sessionLock(key, collect(opts)), errNilFunc)
 	}
-	o := collect(opts)
-	lk, err := l.acquire(ctx, "lock", key, o, !o.noWait)
+	lk, err := l.Lock(ctx, key, opts...)
 	if err != nil {
 		return err
 	}
