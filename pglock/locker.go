@@ -272,7 +272,7 @@ func (l *Locker) acquire(ctx context.Context, op string, key keys.Key, o options
 			_ = conn.Close() // settled: this session holds no lock
 		}
 		l.gates.leave(gkey, o.shared)
-		if actx.Err() != nil {
+		if ended(actx) != nil {
 			// The driver closed the session to interrupt the wait. It was
 			// this call's own and held nothing else: not news to the caller.
 			err = without(err, ErrSessionLost)
@@ -326,13 +326,27 @@ func (l *Locker) begin() bool {
 // comes first; when ctx ended it, ctx's error is always among the causes
 // (a dial cut short by a deadline reports only an i/o timeout, say).
 func (l *Locker) interrupted(ctx context.Context, err error) error {
+	if cerr := ended(ctx); cerr != nil {
+		return join(cerr, err)
+	}
 	switch {
-	case ctx.Err() != nil:
-		return join(ctx.Err(), err)
 	case l.closing.Err() != nil:
 		return join(ErrClosed, err)
 	}
 	return err
+}
+
+// ended is ctx.Err(), and also context.DeadlineExceeded once ctx's deadline
+// has passed but before ctx's own timer has marked it done: a dialer that
+// enforces the deadline itself can return its i/o timeout in that window.
+func ended(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }
 
 // forget drops an ended lock and opens its gate.
