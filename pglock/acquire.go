@@ -30,6 +30,19 @@ func shield(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
 }
 
+// ended is ctx.Err(), and also context.DeadlineExceeded once ctx's deadline
+// has passed but before ctx's own timer has marked it done: a dialer that
+// enforces the deadline itself can return its i/o timeout in that window.
+func ended(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
 // waitContext returns the context handed to the driver for a lock wait.
 //
 // When serverBounded, ctx's deadline is enforced by the server (lock_timeout),

@@ -336,19 +336,6 @@ func (l *Locker) interrupted(ctx context.Context, err error) error {
 	return err
 }
 
-// ended is ctx.Err(), and also context.DeadlineExceeded once ctx's deadline
-// has passed but before ctx's own timer has marked it done: a dialer that
-// enforces the deadline itself can return its i/o timeout in that window.
-func ended(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
-		return context.DeadlineExceeded
-	}
-	return nil
-}
-
 // forget drops an ended lock and opens its gate.
 func (l *Locker) forget(lk *Lock) {
 	l.mu.Lock()

@@ -82,7 +82,7 @@ func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context
 		}
 		conn, err := h.Conn(ctx)
 		if err != nil {
-			return opError("lock", sessionLock(key, o), err)
+			return opError("lock", sessionLock(key, o), ended(ctx), err)
 		}
 		ok, l, err := lockConn(ctx, conn, key, o, wait)
 		if err != nil || !ok {
