@@ -25,7 +25,7 @@ GO ?= go
 test: vet
 	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then echo "PGLOCKS_TEST_DSN=$$PGLOCKS_TEST_DSN"; \
 	  else echo "no PostgreSQL on 127.0.0.1:5432 and PGLOCKS_TEST_DSN unset: integration tests will try dockertest, then fail"; fi
-	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -parallel 8 -timeout 20m ./...
 	@# Phase 2, alone: tests that restart the server or fill its lock table.
 	@if [ -n "$(PGLOCKS_TEST_RESTART_CMD)" ]; then \
 	  echo "disruptive phase: PGLOCKS_TEST_RESTART_CMD=$(PGLOCKS_TEST_RESTART_CMD)"; \

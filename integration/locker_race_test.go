@@ -16,16 +16,18 @@ import (
 //   - an error: nobody holds the key (a session the driver closed may show
 //     it for a moment), and no pooled connection stays pinned.
 func TestLockerRace(t *testing.T) {
+	before := trace.Read()
+	t.Cleanup(func() { t.Logf("settling, all drivers: %+v", trace.Read().Sub(before)) })
 	for _, driver := range drivers {
 		trials := raceTrials(t)
 		if driver == "pgx-cancelrequest" {
 			trials /= 2 // each cancellation costs pgx's CancelRequest round
 		}
 		t.Run(driver, func(t *testing.T) {
+			t.Parallel() // see TestRaceNoLeakNoFalseSuccess
 			obs := newObserver(t)
 			holder := conn(t, openDB(t, driver))
 			f := newLocker(t, driver)
-			before := trace.Read()
 			var st raceStats
 			for i := 0; i < trials; i++ {
 				// The trials race the lock, not the dial: a trial's window
@@ -59,7 +61,7 @@ func TestLockerRace(t *testing.T) {
 					t.Fatalf("trial %d: unexpected error %v", i, err)
 				}
 			}
-			t.Logf("%d trials: %v; settling: %+v; %d connections opened", trials, st, trace.Read().Sub(before), f.fc.connects.Load())
+			t.Logf("%d trials: %v; %d connections opened", trials, st, f.fc.connects.Load())
 			if st.ok == 0 {
 				t.Logf("pool: %+v", f.db.Stats())
 			}
