@@ -57,6 +57,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -251,4 +252,57 @@ func parseCanonical(s string, bits int) (int64, error) {
 		return 0, errors.Unwrap(err) // strconv.ErrRange or ErrSyntax, without the noisy prefix
 	}
 	return v, nil
+}
+
+// Compare orders keys the way pglocks takes several locks at once: the zero
+// Key first, then bigint keys ascending, then pair keys ascending by k1 and
+// then k2 (both signed). It returns -1, 0 or +1. Names are ignored: keys that
+// are [Key.Same] compare equal.
+//
+// This order is part of the module's contract. Any two callers that take
+// overlapping sets of keys in this order cannot deadlock each other, whatever
+// language they are written in.
+func Compare(a, b Key) int {
+	if a.kind != b.kind {
+		if a.kind < b.kind {
+			return -1
+		}
+		return 1
+	}
+	if a.kind == kindPair {
+		a1, a2 := a.Pair()
+		b1, b2 := b.Pair()
+		if c := cmpInt(int64(a1), int64(b1)); c != 0 {
+			return c
+		}
+		return cmpInt(int64(a2), int64(b2))
+	}
+	return cmpInt(a.v, b.v)
+}
+
+func cmpInt(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// Canonical returns ks without duplicates, in [Compare] order: the order in
+// which pglocks takes a set of keys. Of keys that name the same lock it keeps
+// the first one given, so a name passed in is kept for display. It returns a
+// new slice and leaves ks unchanged.
+func Canonical(ks []Key) []Key {
+	out := make([]Key, 0, len(ks))
+	seen := make(map[Key]bool, len(ks))
+	for _, k := range ks {
+		if u := k.Unnamed(); !seen[u] {
+			seen[u] = true
+			out = append(out, k)
+		}
+	}
+	slices.SortStableFunc(out, Compare)
+	return out
 }

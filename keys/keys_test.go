@@ -170,3 +170,45 @@ func FuzzLockTag(f *testing.F) {
 		}
 	})
 }
+
+func TestCompare(t *testing.T) {
+	ordered := []Key{
+		{},
+		Int64(math.MinInt64), Int64(-1), Int64(0), Int64(1 << 32), Int64(math.MaxInt64),
+		Pair(math.MinInt32, 0), Pair(-1, math.MinInt32), Pair(-1, -1), Pair(-1, 0), Pair(0, math.MaxInt32), Pair(math.MaxInt32, math.MinInt32),
+	}
+	for i, a := range ordered {
+		for j, b := range ordered {
+			want := cmpInt(int64(i), int64(j))
+			if got := Compare(a, b); got != want {
+				t.Errorf("Compare(%v, %v) = %d, want %d", a, b, got, want)
+			}
+		}
+	}
+	if Compare(String("x"), Int64(Hash("x"))) != 0 {
+		t.Error("Compare must ignore names")
+	}
+}
+
+func TestCanonical(t *testing.T) {
+	in := []Key{Pair(1, 2), Int64(5), String("b"), Int64(-3), Pair(1, 2), Int64(Hash("b")), Pair(-1, 9), Int64(5)}
+	got := Canonical(in)
+	want := []Key{String("b"), Int64(-3), Int64(5), Pair(-1, 9), Pair(1, 2)}
+	if Hash("b") > -3 {
+		t.Fatalf("test assumes Hash(\"b\") < -3, got %d", Hash("b"))
+	}
+	if len(got) != len(want) {
+		t.Fatalf("Canonical = %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("Canonical = %v, want %v", got, want)
+		}
+	}
+	if got[0].Name() != "b" {
+		t.Error("Canonical must keep the first (named) key of duplicates")
+	}
+	if in[0] != Pair(1, 2) {
+		t.Error("Canonical modified its input")
+	}
+}
