@@ -182,12 +182,14 @@ func (l Lock) TryLockSQL() string { return "SELECT 1 WHERE " + l.fn(true) + "(" 
 // session held the lock and none when it did not:
 //
 //	SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)
-func (l Lock) UnlockSQL() string {
-	fn := "pg_catalog.pg_advisory_unlock"
+func (l Lock) UnlockSQL() string { return "SELECT 1 WHERE " + l.unlockFn() + "(" + l.args() + ")" }
+
+// unlockFn is the session unlock function for the request's mode.
+func (l Lock) unlockFn() string {
 	if l.Shared {
-		fn += "_shared"
+		return "pg_catalog.pg_advisory_unlock_shared"
 	}
-	return "SELECT 1 WHERE " + fn + "(" + l.args() + ")"
+	return "pg_catalog.pg_advisory_unlock"
 }
 
 // HeldSQL returns one row when the current backend holds the lock in the
