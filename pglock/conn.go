@@ -47,7 +47,11 @@ import (
 // Cost: one round trip when the lock is free, with or without a deadline.
 func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
 	o := collect(opts)
-	return mustAcquire(lockConn(ctx, conn, key, o, !o.noWait))
+	ok, l, err := lockConn(ctx, conn, key, o, !o.noWait)
+	if err = mustAcquire(ok, l, err); err != nil && conn != nil {
+		return explain(ctx, o, conn, sqlexec.Set{Keys: []keys.Key{key}, Shared: o.shared}, err)
+	}
+	return err
 }
 
 // TryLockConn tries once to take a session-level advisory lock on conn, without

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"strconv"
 	"strings"
 
 	"github.com/pglocks/pglocks/internal/sqlexec"
@@ -82,15 +83,45 @@ var (
 // context.DeadlineExceeded, and [errors.As] to reach the driver's error
 // (*pq.Error, *pgconn.PgError).
 type Error struct {
-	Op    string   // "lock", "trylock", "unlock", "do" or "close"
-	Key   keys.Key // the lock
+	Op    string   // "lock", "trylock", "unlock", "do", "close", "holders" or "list"
+	Key   keys.Key // the lock; for several, the first in canonical order
 	Scope string   // "session" or "transaction"
 	Err   error    // the causes, outermost first
+
+	// Keys lists every key of a call on several keys (LockAll, TryLockAll,
+	// LockAllTx), in canonical order; nil for a call on one key.
+	Keys []keys.Key
+
+	// Holders are the sessions that held the lock when a busy or timed-out
+	// call failed, looked up only with the [ReportHolders] option (one more
+	// round trip, on the failure path only). A snapshot: they may have
+	// released it since.
+	Holders []Holder
 }
 
-// Error returns "pglock: <op> <key> (<scope>): <causes>".
+// Error returns "pglock: <op> <key> (<scope>): <causes>", where <key> reads
+// "<first key> and N more" for several keys, and the causes are followed by
+// "; held by pid P (app)" for each known holder.
 func (e *Error) Error() string {
-	return "pglock: " + e.Op + " " + e.Key.String() + " (" + e.Scope + "): " + e.Err.Error()
+	key := e.Key.String()
+	if len(e.Keys) > 1 {
+		key += " and " + strconv.Itoa(len(e.Keys)-1) + " more"
+	}
+	msg := "pglock: " + e.Op + " " + key + " (" + e.Scope + "): " + e.Err.Error()
+	for i, h := range e.Holders {
+		if i == 3 {
+			msg += "; and " + strconv.Itoa(len(e.Holders)-i) + " more holders"
+			break
+		}
+		msg += "; held by pid " + strconv.Itoa(h.PID)
+		if h.ApplicationName != "" {
+			msg += " (" + strconv.Quote(h.ApplicationName) + ")"
+		}
+		if len(e.Keys) > 1 {
+			msg += " on " + h.Key.String()
+		}
+	}
+	return msg
 }
 
 // Unwrap returns the causes.

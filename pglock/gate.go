@@ -146,3 +146,45 @@ func (gs *gates) settle(key keys.Key, g *gate) {
 		delete(gs.m, key)
 	}
 }
+
+// enterAll passes the gates of ks, which are in canonical order, in that
+// order: callers that take overlapping sets this way cannot deadlock each
+// other in the process. With wait false it takes all of them at once or none.
+// On failure it leaves the gates it passed.
+func (gs *gates) enterAll(ctx context.Context, ks []keys.Key, shared, wait bool) (bool, error) {
+	if !wait {
+		gs.mu.Lock()
+		defer gs.mu.Unlock()
+		for _, k := range ks {
+			if g := gs.m[k]; g != nil && g.conflicts(shared, true) {
+				return false, nil
+			}
+		}
+		if gs.m == nil {
+			gs.m = make(map[keys.Key]*gate)
+		}
+		for _, k := range ks {
+			g := gs.m[k]
+			if g == nil {
+				g = &gate{}
+				gs.m[k] = g
+			}
+			g.take(shared)
+		}
+		return true, nil
+	}
+	for i, k := range ks {
+		if in, err := gs.enter(ctx, k, shared, true); !in {
+			gs.leaveAll(ks[:i], shared)
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+// leaveAll releases the holds taken by enterAll.
+func (gs *gates) leaveAll(ks []keys.Key, shared bool) {
+	for _, k := range ks {
+		gs.leave(k, shared)
+	}
+}

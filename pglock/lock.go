@@ -2,47 +2,61 @@ package pglock
 
 import (
 	"context"
-	"database/sql"
 	"errors"
-	"fmt"
+	"slices"
+	"strconv"
 	"sync"
-	"time"
 
 	"github.com/pglocks/pglocks/internal/sqlexec"
 	"github.com/pglocks/pglocks/keys"
 )
 
-// Lock is a session-level advisory lock held through a [Locker]. It holds
-// the lock until [Lock.Unlock], until [Locker.Close], or until it is lost.
-// Its methods are safe for concurrent use.
+// Lock is a session-level advisory lock, or a set of them taken together by
+// [Locker.LockAll], held through a [Locker]. It holds until [Lock.Unlock],
+// until [Locker.Close], or until it is lost. Its methods are safe for
+// concurrent use.
 type Lock struct {
-	l    *Locker
-	key  keys.Key
-	req  sqlexec.Lock
-	gkey keys.Key // the in-process gate it holds
-	done chan struct{}
-
-	// stopWatch ends the health-check goroutine, which closes watchDone.
-	stopWatch chan struct{}
-	watchDone chan struct{}
-	stopOnce  sync.Once
-
-	connMu  sync.Mutex // one statement at a time on conn; held while ending
-	conn    *sql.Conn  // the pinned connection; unused once ended
-	failing time.Time  // when the current run of unverifiable checks began
-	retries int
+	l     *Locker
+	set   sqlexec.Set
+	gkeys []keys.Key // the in-process gates it holds: set.Keys, unnamed
+	s     *session   // the connection it is held on; set once, when granted
+	done  chan struct{}
 
 	stateMu sync.Mutex
 	err     error // nil while held, then ErrUnlocked, ErrClosed or ErrLost
 	cause   error // why it was lost
 }
 
-// Key returns the lock's key, as given to Lock or TryLock.
+func newLock(l *Locker, set sqlexec.Set, gkeys []keys.Key) *Lock {
+	return &Lock{l: l, set: set, gkeys: gkeys, done: make(chan struct{})}
+}
+
+// Key returns the lock's key, as given to Lock or TryLock. For a lock taken
+// by LockAll it returns the first key in canonical order.
 func (lk *Lock) Key() keys.Key {
-	if lk == nil {
+	if lk == nil || len(lk.set.Keys) == 0 {
 		return keys.Key{}
 	}
-	return lk.key
+	return lk.set.Keys[0]
+}
+
+// Keys returns every key the lock holds, deduplicated and in canonical order
+// (see [keys.Canonical]): one for a lock taken by Lock or TryLock. The slice
+// is a copy.
+func (lk *Lock) Keys() []keys.Key {
+	if lk == nil {
+		return nil
+	}
+	return slices.Clone(lk.set.Keys)
+}
+
+// describe names the lock in logs.
+func (lk *Lock) describe() string {
+	d := lk.Key().String()
+	if n := len(lk.set.Keys); n > 1 {
+		d += " and " + strconv.Itoa(n-1) + " more"
+	}
+	return d
 }
 
 // Done returns a channel that is closed when the lock ends: when it is
@@ -82,22 +96,28 @@ func (lk *Lock) Err() error {
 	return lk.err
 }
 
-// Unlock releases the lock and gives its connection back to the pool.
+// Unlock releases the lock (every key of a LockAll) and, once its
+// connection holds no other lock, gives the connection back to the pool.
 //
 // It is not interrupted by ctx: a cancelled or expired ctx still releases the
 // lock, bounded by its own timeout of a few seconds. The release is checked:
 //
 //   - nil: the lock was held until this call and is now released. Calling
 //     Unlock again also returns nil.
-//   - an error wrapping [ErrNotHeld] and [ErrLost]: the lock was lost before
-//     Unlock (found now or earlier by a health check), so the critical
-//     section may not have been exclusive to the end. The error says why.
+//   - an error wrapping [ErrNotHeld] and [ErrLost]: the lock (or one key of a
+//     set) was lost before Unlock (found now or earlier by a health check),
+//     so the critical section may not have been exclusive to the end. The
+//     error says why. The keys still held are released.
 //   - an error wrapping [ErrNotHeld] and [ErrClosed]: the Locker's Close
 //     released the lock first.
 //   - any other error: the release could not be confirmed, so the
-//     connection was closed instead, which releases the lock on the server.
+//     connection was closed instead, which releases the lock on the server
+//     (and loses the other locks that shared the connection, each reported
+//     through its own Done).
 //
 // Unlock on a nil *Lock returns an error wrapping [ErrNilHandle].
+//
+// Cost: one round trip, whatever the number of keys.
 func (lk *Lock) Unlock(ctx context.Context) error {
 	if lk == nil || lk.l == nil {
 		return &Error{Op: "unlock", Scope: "session", Err: ErrNilHandle}
@@ -105,12 +125,16 @@ func (lk *Lock) Unlock(ctx context.Context) error {
 	return lk.release(ctx, ErrUnlocked)
 }
 
-var errUnconfirmed = errors.New("pglock: the unlock could not be confirmed; the connection was closed, which releases the lock")
+var (
+	errUnconfirmed = errors.New("pglock: the unlock could not be confirmed; the connection was closed, which releases the lock")
+	errNeighbour   = errors.New("pglock: an unlock on the same connection could not be confirmed, so the connection was closed")
+)
 
 // release ends a held lock with reason (ErrUnlocked or ErrClosed).
 func (lk *Lock) release(ctx context.Context, reason error) error {
-	lk.connMu.Lock()
-	defer lk.connMu.Unlock()
+	l, s := lk.l, lk.s
+	s.turn.Lock()
+	defer s.turn.Unlock()
 	switch st := lk.Err(); {
 	case st == nil:
 	case st == reason, reason == ErrClosed:
@@ -119,103 +143,47 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 		lk.stateMu.Lock()
 		cause := lk.cause
 		lk.stateMu.Unlock()
-		return opError("unlock", lk.req, ErrNotHeld, st, cause)
+		return setError("unlock", lk.set, ErrNotHeld, st, cause)
 	}
-	err := unlock(ctx, lk.conn, lk.req)
+	err := unlockSet(ctx, s.conn, lk.set)
 	switch {
 	case err == nil:
-		_ = lk.conn.Close() // the session holds nothing now
+		l.detach(s, lk)
 		lk.end(reason, nil)
+		l.retireIfEmpty(s)
 		return nil
-	case errors.Is(err, ErrNotHeld), errors.Is(err, ErrSessionLost):
-		discardConn(lk.conn)
+	case errors.Is(err, ErrSessionLost):
+		l.kill(s, err) // ends lk too
+		return setError("unlock", lk.set, ErrNotHeld, ErrLost, err)
+	case errors.Is(err, ErrNotHeld):
+		// The session is alive but no longer holds (all of) the lock; what
+		// it still held of a set is released now.
+		l.detach(s, lk)
 		lk.end(ErrLost, err)
-		lk.l.log.Warn("pglock: lock was lost before it was unlocked", "key", lk.key.String(), "cause", err)
-		return opError("unlock", lk.req, ErrNotHeld, ErrLost, err)
+		l.retireIfEmpty(s)
+		l.log.Warn("pglock: lock was lost before it was unlocked", "key", lk.describe(), "cause", err)
+		return setError("unlock", lk.set, ErrNotHeld, ErrLost, err)
 	default:
-		discardConn(lk.conn)
+		l.detach(s, lk)
 		lk.end(reason, nil)
-		lk.l.log.Warn("pglock: unlock not confirmed; connection closed", "key", lk.key.String(), "error", err)
-		return opError("unlock", lk.req, errUnconfirmed, err)
+		l.kill(s, join(errNeighbour, err))
+		l.log.Warn("pglock: unlock not confirmed; connection closed", "key", lk.describe(), "error", err)
+		return setError("unlock", lk.set, errUnconfirmed, err)
 	}
 }
 
-// end records why the lock ended, closes Done, stops the health checks and
-// lets the Locker forget the lock. The caller holds connMu and has already
-// released or discarded the connection.
-func (lk *Lock) end(reason, cause error) {
+// end records why the lock ended, closes Done and opens its gates. It
+// reports false if the lock had already ended. The caller has detached it
+// from its session.
+func (lk *Lock) end(reason, cause error) bool {
 	lk.stateMu.Lock()
+	if lk.err != nil {
+		lk.stateMu.Unlock()
+		return false
+	}
 	lk.err, lk.cause = reason, cause
 	close(lk.done)
 	lk.stateMu.Unlock()
-	lk.stopOnce.Do(func() { close(lk.stopWatch) })
-	lk.l.forget(lk)
-}
-
-// watch runs the health checks until the lock ends.
-func (lk *Lock) watch(interval time.Duration) {
-	defer close(lk.watchDone)
-	if interval <= 0 {
-		<-lk.stopWatch
-		return
-	}
-	t := time.NewTimer(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-lk.stopWatch:
-			return
-		case <-t.C:
-		}
-		next, ok := lk.check(interval)
-		if !ok {
-			return
-		}
-		t.Reset(next)
-	}
-}
-
-// minUnverified is the shortest time a lock may go unverified, through
-// failed checks that prove nothing, before it is declared lost.
-const minUnverified = time.Second
-
-// check verifies the lock once. It returns when to check next, and false
-// once the lock has ended.
-func (lk *Lock) check(interval time.Duration) (time.Duration, bool) {
-	lk.connMu.Lock()
-	defer lk.connMu.Unlock()
-	if lk.Err() != nil {
-		return 0, false
-	}
-	held, err := heldBy(context.Background(), lk.conn, lk.req)
-	var cause error
-	switch {
-	case err == nil && held:
-		if !lk.failing.IsZero() {
-			lk.l.log.Info("pglock: lock verified again", "key", lk.key.String(), "after", time.Since(lk.failing))
-			lk.failing, lk.retries = time.Time{}, 0
-		}
-		return interval, true
-	case err == nil:
-		cause = errors.New("pg_locks no longer shows the lock on its session")
-	case sqlexec.IsSessionLost(err):
-		cause = join(ErrSessionLost, err)
-	default:
-		// The check failed without proving anything. Retry soon, and give up
-		// only if the lock stays unverifiable.
-		if lk.failing.IsZero() {
-			lk.failing = time.Now()
-		}
-		if unverified := time.Since(lk.failing); unverified < max(interval, minUnverified) {
-			lk.retries++
-			next := min(25*time.Millisecond<<min(lk.retries, 10), interval)
-			lk.l.log.Info("pglock: lock health check failed; retrying", "key", lk.key.String(), "error", err, "retry_in", next)
-			return next, true
-		}
-		cause = fmt.Errorf("the lock could not be verified for %v: %w", time.Since(lk.failing).Round(time.Millisecond), err)
-	}
-	discardConn(lk.conn) // makes sure the server releases whatever it still holds
-	lk.end(ErrLost, cause)
-	lk.l.log.Warn("pglock: lock lost", "key", lk.key.String(), "cause", cause)
-	return 0, false
+	lk.l.gates.leaveAll(lk.gkeys, lk.set.Shared)
+	return true
 }

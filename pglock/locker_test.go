@@ -8,9 +8,20 @@ import (
 
 	"github.com/DATA-DOG/go-sqlmock"
 
+	"github.com/pglocks/pglocks/internal/sqlexec"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
+
+// ownLocks is the health check's answer for a session holding ks exclusively.
+func ownLocks(ks ...keys.Key) *sqlmock.Rows {
+	r := sqlmock.NewRows([]string{"classid", "objid", "objsubid", "shared"})
+	for _, k := range ks {
+		c, o, s := k.LockTag()
+		r.AddRow(int64(c), int64(o), s, false)
+	}
+	return r
+}
 
 func newMockLocker(t *testing.T, opts ...pglock.LockerOption) (*pglock.Locker, sqlmock.Sqlmock) {
 	t.Helper()
@@ -101,10 +112,10 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(20*time.Millisecond))
 	canceled := &pgErr{"57014", "canceling statement due to user request"}
 	mock.ExpectExec(lock42).WillReturnResult(rows(1))
-	mock.ExpectExec(held42).WillReturnError(canceled)
-	mock.ExpectExec(held42).WillReturnError(canceled)
-	mock.ExpectExec(held42).WillReturnResult(rows(1))
-	mock.ExpectExec(held42).WillReturnError(errTerminated)
+	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnError(canceled)
+	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnError(canceled)
+	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnRows(ownLocks(keys.Int64(42)))
+	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnError(errTerminated)
 	lk, err := l.Lock(ctx, keys.Int64(42))
 	if err != nil {
 		t.Fatal(err)
@@ -122,5 +133,70 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 	}
 	if err := lk.Unlock(ctx); !errors.Is(err, pglock.ErrLost) || !errors.Is(err, errTerminated) {
 		t.Fatalf("Unlock after the loss: %v, want ErrLost and the cause", err)
+	}
+}
+
+// Uncontended locks share one connection: the first lock waits on a new
+// connection, the next ones are tried on it, a set is one statement, and a
+// health check is one statement for all of them; a proof that one key is
+// gone ends only the lock that held it.
+func TestLockerMultiplexingSQL(t *testing.T) {
+	ctx := context.Background()
+	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
+	set := sqlexec.Set{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}}
+	mock.ExpectExec(lock42).WillReturnResult(rows(1))
+	mock.ExpectExec(sqlexec.Lock{Key: keys.Int64(43)}.TryLockSQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(sqlexec.Lock{Key: keys.Int64(44)}.TryLockSQL()).WillReturnResult(rows(0))
+	mock.ExpectExec(set.TryLockSQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+	mock.ExpectExec(sqlexec.Lock{Key: keys.Int64(43)}.UnlockSQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(set.UnlockSQL()).WillReturnResult(rows(2))
+
+	a, err := l.Lock(ctx, keys.Int64(42))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := l.Lock(ctx, keys.Int64(43))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.TryLock(ctx, keys.Int64(44)); !errors.Is(err, pglock.ErrNotAcquired) {
+		t.Fatalf("busy TryLock: %v", err)
+	}
+	c, err := l.LockAll(ctx, []keys.Key{keys.Int64(46), keys.Int64(45), keys.Int64(46)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Keys(); len(got) != 2 || got[0] != keys.Int64(45) || got[1] != keys.Int64(46) {
+		t.Fatalf("Keys() = %v, want [int:45 int:46]", got)
+	}
+	for _, lk := range []*pglock.Lock{a, b, c} {
+		if err := lk.Unlock(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLockerLockAllBadInput(t *testing.T) {
+	ctx := context.Background()
+	l, _ := newMockLocker(t, pglock.WithHealthCheck(0))
+	for name, ks := range map[string][]keys.Key{
+		"nil":      nil,
+		"empty":    {},
+		"zero key": {keys.Int64(1), {}},
+	} {
+		if _, err := l.LockAll(ctx, ks); !errors.Is(err, pglock.ErrInvalidKey) {
+			t.Errorf("LockAll(%s) = %v, want ErrInvalidKey", name, err)
+		}
+	}
+	var nl *pglock.Locker
+	if _, err := nl.LockAll(ctx, []keys.Key{keys.Int64(1)}); !errors.Is(err, pglock.ErrNilHandle) {
+		t.Errorf("nil Locker: %v", err)
+	}
+	if err := pglock.LockAllTx(ctx, nil, []keys.Key{keys.Int64(1)}); !errors.Is(err, pglock.ErrNilHandle) {
+		t.Errorf("LockAllTx(nil tx): %v", err)
 	}
 }

@@ -38,7 +38,11 @@ import (
 // savepoint travels in the same message); a failed wait costs one more.
 func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
 	o := collect(opts)
-	return mustAcquire(lockTx(ctx, tx, key, o, !o.noWait))
+	ok, l, err := lockTx(ctx, tx, key, o, !o.noWait)
+	if err = mustAcquire(ok, l, err); err != nil && tx != nil {
+		return explain(ctx, o, tx, sqlexec.Set{Keys: []keys.Key{key}, Shared: o.shared, Scope: sqlexec.Xact}, err)
+	}
+	return err
 }
 
 // TryLockTx tries once to take a transaction-level advisory lock in tx, without
