@@ -327,8 +327,13 @@ func TestLockerLossDetection(t *testing.T) {
 			// Land the terminations anywhere between two checks.
 			time.Sleep(time.Duration(rand.Int64N(int64(interval))))
 			start := time.Now()
+			// Locks share connections: terminate each backend once.
+			terminated := map[int]bool{}
 			for _, pid := range pids {
-				obs.terminate(t, pid)
+				if !terminated[pid] {
+					terminated[pid] = true
+					obs.terminate(t, pid)
+				}
 			}
 			for i, lk := range locks {
 				select {

@@ -155,6 +155,7 @@ func TestRoundTrips(t *testing.T) {
 				return int(proxy.turns.Load() - before)
 			}
 			key := uniqueKey()
+			hundred := keyRange(100)
 			// each op returns the round trips of the measured part only
 			cases := []struct {
 				name string
@@ -221,6 +222,39 @@ func TestRoundTrips(t *testing.T) {
 					}
 					return timeOp(lk.Unlock)
 				}},
+				{"Locker.Lock on a shared connection", 1, func() int {
+					first, err := locker.Lock(context.Background(), uniqueKey())
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer first.Unlock(context.Background())
+					var lk *pglock.Lock
+					d := timeOp(func(ctx context.Context) (err error) { lk, err = locker.Lock(ctx, key); return err })
+					_ = lk.Unlock(context.Background())
+					return d
+				}},
+				{"Locker.LockAll of 100 keys, with deadline", 1, func() int {
+					var lk *pglock.Lock
+					d := timeOp(func(ctx context.Context) (err error) { lk, err = locker.LockAll(ctx, hundred); return err })
+					_ = lk.Unlock(context.Background())
+					return d
+				}},
+				{"Locker.TryLockAll of 100 keys", 1, func() int {
+					var lk *pglock.Lock
+					d := timeOp(func(ctx context.Context) (err error) { lk, err = locker.TryLockAll(ctx, hundred); return err })
+					_ = lk.Unlock(context.Background())
+					return d
+				}},
+				{"Lock.Unlock of 100 keys", 1, func() int {
+					lk, err := locker.LockAll(context.Background(), hundred)
+					if err != nil {
+						t.Fatal(err)
+					}
+					return timeOp(lk.Unlock)
+				}},
+				{"LockAllTx of 100 keys, with deadline", 1, txOp(t, c, timeOp, func(ctx context.Context, tx *sql.Tx) error {
+					return pglock.LockAllTx(ctx, tx, hundred)
+				})},
 				{"Locker.Do lock+unlock", 2, func() int {
 					return timeOp(func(ctx context.Context) error {
 						return locker.Do(ctx, key, func(context.Context) error { return nil })
