@@ -134,4 +134,3 @@ func BenchmarkLockAll(b *testing.B) {
 		})
 	}
 }
-

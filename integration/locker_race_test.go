@@ -24,7 +24,7 @@ func TestLockerRace(t *testing.T) {
 			trials /= 2 // each cancellation costs pgx's CancelRequest round
 		}
 		t.Run(driver, func(t *testing.T) {
-			t.Parallel() // see TestRaceNoLeakNoFalseSuccess
+			parallelRace(t, driver)
 			obs := newObserver(t)
 			holder := conn(t, openDB(t, driver))
 			f := newLocker(t, driver)

@@ -51,11 +51,16 @@ func verdict(t testing.TB, o *observer, caller *sql.Conn, pid int, key keys.Key,
 // raceStats counts outcomes, to show the trials really raced.
 type raceStats struct {
 	ok, deadline, canceled, lost, other int
+	firstOther                          error // the first error counted as other
 }
 
 func (s raceStats) String() string {
-	return fmt.Sprintf("granted=%d deadline-error=%d cancel-error=%d session-lost=%d other=%d",
+	out := fmt.Sprintf("granted=%d deadline-error=%d cancel-error=%d session-lost=%d other=%d",
 		s.ok, s.deadline, s.canceled, s.lost, s.other)
+	if s.firstOther != nil {
+		out += fmt.Sprintf(" (first other: %v)", s.firstOther)
+	}
+	return out
 }
 
 // startTrial begins one racing trial on key, which holder holds: it returns
@@ -96,6 +101,9 @@ func (s *raceStats) count(err error) {
 		s.canceled++
 	default:
 		s.other++
+		if s.firstOther == nil {
+			s.firstOther = err
+		}
 	}
 }
 
@@ -221,15 +229,28 @@ func TestRaceNoLeakNoFalseSuccess(t *testing.T) {
 				}
 			}
 			t.Run(driver+"/"+name, func(t *testing.T) {
-				// The paths wait on timers and the server more than they
-				// compute, so they run side by side (make test passes
-				// -parallel); each has its own pool, sessions and keys.
-				t.Parallel()
+				parallelRace(t, driver)
 				st, _ := runRace(t, driver, useTx, false, trials, lock)
 				t.Logf("%d trials: %v", trials, st)
 				checkRaced(t, st)
 			})
 		}
+	}
+}
+
+// parallelRace runs a driver's racing trials side by side with the other
+// drivers' (make test passes -parallel): they wait on timers and the server
+// more than they compute, and each has its own pool, sessions and keys.
+//
+// pgx's CancelRequest configuration runs alone, first. A cancel request
+// reaches its backend asynchronously and, on a loaded machine, can land on
+// a later statement of the same session (pgx waits 100ms for it, which is
+// not always enough). pglock retries its own settling statements when that
+// happens, but the trial runner's statements (its usability checks, its
+// unlocks) would fail for a reason that is not the contract's.
+func parallelRace(t *testing.T, driver string) {
+	if driver != "pgx-cancelrequest" {
+		t.Parallel()
 	}
 }
 
@@ -295,10 +316,9 @@ func TestRaceNaiveMeasured(t *testing.T) {
 	if testing.Short() {
 		t.Skip("measurement only")
 	}
-	n := raceTrials(t) / 5
+	n := raceTrials(t) / 10
 	for _, driver := range drivers {
 		t.Run(driver, func(t *testing.T) {
-			t.Parallel()
 			st, violations := runRace(t, driver, false, true, n, func(ctx context.Context, c *sql.Conn, _ *sql.Tx, key keys.Key) error {
 				_, err := c.ExecContext(ctx, "SELECT pg_advisory_lock($1::bigint)", key.Int64())
 				return err

@@ -531,7 +531,7 @@ func TestLockAllRace(t *testing.T) {
 			trials /= 2
 		}
 		t.Run(driver, func(t *testing.T) {
-			t.Parallel() // see TestRaceNoLeakNoFalseSuccess
+			parallelRace(t, driver)
 			obs := newObserver(t)
 			holder := conn(t, openDB(t, driver))
 			for _, p := range lockAllPaths(t, driver, obs) {

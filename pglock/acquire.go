@@ -173,9 +173,7 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		// releases anything the failed wait was granted (PostgreSQL can grant
 		// the lock while raising 55P03) and restores lock_timeout, leaving the
 		// caller's transaction usable.
-		sctx, cancel := shield(ctx)
-		_, rbErr := a.x.ExecContext(sctx, sqlexec.RollbackWaitSQL)
-		cancel()
+		rbErr := rollbackWait(ctx, a.x)
 		if rbErr != nil && sqlexec.IsSessionLost(rbErr) {
 			trace.SessionLost.Add(1)
 			return false, join(ctxErr, ErrSessionLost, err)
@@ -230,12 +228,76 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 // heldBy asks pg_locks whether x's session holds l, on a context the caller's
 // cancellation cannot break.
 func heldBy(ctx context.Context, x sqlexec.Executor, l sqlexec.Lock) (bool, error) {
-	sctx, cancel := shield(ctx)
-	defer cancel()
-	res, err := x.ExecContext(sctx, l.HeldSQL())
-	if err != nil {
-		return false, err
-	}
-	n, err := res.RowsAffected()
+	n, err := probe(ctx, x, l.Scope, l.HeldSQL())
 	return n > 0, err
+}
+
+// lateCancelRetries bounds the retries of a settling statement that a late
+// cancel request interrupted.
+const lateCancelRetries = 3
+
+// probe runs a settling query and returns its row count, shielded from ctx.
+//
+// A cancel request (pgx's CancelRequestContextWatcherHandler, or anyone's
+// pg_cancel_backend) reaches the backend asynchronously and can interrupt
+// the statement after the one it was meant for: probe retries a statement
+// that fails with 57014. In a transaction the query runs inside SAVEPOINT
+// pglocks_wait, so that such an error cannot abort the caller's transaction.
+func probe(ctx context.Context, x sqlexec.Executor, scope sqlexec.Scope, q string) (int64, error) {
+	var err error
+	for try := 0; try < lateCancelRetries; try++ {
+		var n int64
+		sctx, cancel := shield(ctx)
+		if scope == sqlexec.Xact {
+			n, err = execCount(sctx, x, "SAVEPOINT "+sqlexec.SavepointName+"; "+q)
+			switch {
+			case err == nil:
+				_, err = x.ExecContext(sctx, "RELEASE SAVEPOINT "+sqlexec.SavepointName)
+			case sqlexec.SQLState(err) == sqlexec.CodeInFailedSQLTx, sqlexec.IsSessionLost(err):
+				// No savepoint was made: nothing to roll back.
+			default:
+				if rbErr := rollbackWait(ctx, x); rbErr != nil {
+					cancel()
+					return 0, rbErr
+				}
+			}
+		} else {
+			n, err = execCount(sctx, x, q)
+		}
+		cancel()
+		if err == nil {
+			return n, nil
+		}
+		if sqlexec.SQLState(err) != sqlexec.CodeQueryCanceled {
+			return 0, err
+		}
+		trace.LateCancel.Add(1)
+	}
+	return 0, err
+}
+
+// execCount runs q and returns its row count.
+func execCount(ctx context.Context, x sqlexec.Executor, q string) (int64, error) {
+	res, err := x.ExecContext(ctx, q)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// rollbackWait rolls back to SAVEPOINT pglocks_wait and releases it, shielded
+// from ctx, retrying when a late cancel request interrupts it (see probe):
+// the caller's transaction is usable again only once it succeeds.
+func rollbackWait(ctx context.Context, x sqlexec.Executor) error {
+	var err error
+	for try := 0; try < lateCancelRetries; try++ {
+		sctx, cancel := shield(ctx)
+		_, err = x.ExecContext(sctx, sqlexec.RollbackWaitSQL)
+		cancel()
+		if err == nil || sqlexec.SQLState(err) != sqlexec.CodeQueryCanceled {
+			return err
+		}
+		trace.LateCancel.Add(1)
+	}
+	return err
 }

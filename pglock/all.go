@@ -154,9 +154,7 @@ func (a setAttempt) run(ctx context.Context) (bool, error) {
 	if a.set.Scope == sqlexec.Xact && err != nil {
 		// Everything the statement took since SAVEPOINT pglocks_wait goes
 		// with the rollback to it.
-		sctx, cancel := shield(ctx)
-		_, rbErr := a.x.ExecContext(sctx, sqlexec.RollbackWaitSQL)
-		cancel()
+		rbErr := rollbackWait(ctx, a.x)
 		switch {
 		case rbErr != nil && sqlexec.IsSessionLost(rbErr):
 			trace.SessionLost.Add(1)
@@ -210,13 +208,7 @@ func (a setAttempt) run(ctx context.Context) (bool, error) {
 // countHeld returns how many of the set's keys x's session holds in the
 // set's mode, on a context the caller's cancellation cannot break.
 func countHeld(ctx context.Context, x sqlexec.Executor, set sqlexec.Set) (int, error) {
-	sctx, cancel := shield(ctx)
-	defer cancel()
-	res, err := x.ExecContext(sctx, set.HeldSQL())
-	if err != nil {
-		return 0, err
-	}
-	n, err := res.RowsAffected()
+	n, err := probe(ctx, x, set.Scope, set.HeldSQL())
 	return int(n), err
 }
 

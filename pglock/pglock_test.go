@@ -28,6 +28,7 @@ var (
 	errAborted     = &pgErr{"25P02", "current transaction is aborted"}
 	errTerminated  = &pgErr{"57P01", "terminating connection due to administrator command"}
 	errSyntax      = &pgErr{"42601", "syntax error"}
+	errCanceled    = &pgErr{"57014", "canceling statement due to user request"}
 )
 
 const (
@@ -226,6 +227,22 @@ func TestSettle(t *testing.T) {
 			name:    "error, then the session dies before the check",
 			steps:   []step{{sql: lock42, err: errSyntax}, {sql: held42, err: driver.ErrBadConn}},
 			wantErr: []error{pglock.ErrSessionLost, errSyntax},
+		},
+		{
+			// A cancel request meant for an earlier statement can land on
+			// the settling one (pgx's CancelRequest handler; on a loaded
+			// machine): it is retried, not taken as "cannot be settled".
+			name: "a late cancel on the check is retried",
+			steps: []step{{sql: lock42, err: errCanceled}, {sql: held42, err: errCanceled},
+				{sql: held42, res: rows(1)}},
+			wantErr: nil,
+		},
+		{
+			name:    "tx: a late cancel on the savepoint rollback is retried",
+			tx:      true,
+			steps:   []step{{sql: xlock42, err: errCanceled}, {sql: rollbackSP, err: errCanceled}, {sql: rollbackSP, res: rows(0)}},
+			wantErr: []error{errCanceled},
+			notErr:  []error{pglock.ErrSessionLost},
 		},
 		{
 			name:      "outcome cannot be settled: the connection is closed",

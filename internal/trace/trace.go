@@ -24,18 +24,21 @@ var (
 	// Discarded counts connections closed because an outcome could not be
 	// settled.
 	Discarded atomic.Int64
+	// LateCancel counts settling statements retried because a cancel
+	// request meant for an earlier statement interrupted them (57014).
+	LateCancel atomic.Int64
 )
 
 // Snapshot is a copy of the counters.
 type Snapshot struct {
-	GrantedDespiteError, LockTimeoutGranted, InterruptedNotHeld, SavepointRolledBack, SessionLost, Discarded int64
+	GrantedDespiteError, LockTimeoutGranted, InterruptedNotHeld, SavepointRolledBack, SessionLost, Discarded, LateCancel int64
 }
 
 // Read returns the current counters.
 func Read() Snapshot {
 	return Snapshot{
 		GrantedDespiteError.Load(), LockTimeoutGranted.Load(), InterruptedNotHeld.Load(), SavepointRolledBack.Load(),
-		SessionLost.Load(), Discarded.Load(),
+		SessionLost.Load(), Discarded.Load(), LateCancel.Load(),
 	}
 }
 
@@ -45,5 +48,6 @@ func (s Snapshot) Sub(o Snapshot) Snapshot {
 		s.GrantedDespiteError - o.GrantedDespiteError, s.LockTimeoutGranted - o.LockTimeoutGranted,
 		s.InterruptedNotHeld - o.InterruptedNotHeld,
 		s.SavepointRolledBack - o.SavepointRolledBack, s.SessionLost - o.SessionLost, s.Discarded - o.Discarded,
+		s.LateCancel - o.LateCancel,
 	}
 }
