@@ -239,6 +239,13 @@ func (s *scopedSession) start(ctx context.Context, key keys.Key, opts []pglock.O
 		s.active = append(s.active, sc)
 		return true, nil
 	case err = <-sc.done:
+		// fn may have run and returned (acquired == false) before select
+		// chose: both channels are then ready.
+		select {
+		case acquired = <-entered:
+			return acquired, err
+		default:
+		}
 		if err == nil {
 			err = errors.New("WithLock returned nil without running fn")
 		}

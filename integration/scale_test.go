@@ -315,6 +315,8 @@ type lockAllPath struct {
 	lock func(ctx context.Context, ks []keys.Key, opts ...pglock.Option) (func() error, error)
 	// holds reports whether the path's session(s) hold key.
 	holds func(t testing.TB, key keys.Key) bool
+	// warm readies the path for a racing trial (see TestLockerRace).
+	warm func()
 }
 
 // lockAllPaths returns the Locker and the transaction path for driver. The
@@ -341,7 +343,7 @@ func lockAllPaths(t testing.TB, driver string, obs *observer) []lockAllPath {
 				return nil, err
 			}
 			return func() error { return lk.Unlock(context.Background()) }, nil
-		}, func(t testing.TB, key keys.Key) bool { return obs.heldByApp(t, key, f.app) }},
+		}, func(t testing.TB, key keys.Key) bool { return obs.heldByApp(t, key, f.app) }, func() { f.warm(t) }},
 		{"tx", func(ctx context.Context, ks []keys.Key, opts ...pglock.Option) (func() error, error) {
 			tx, err := c.BeginTx(context.Background(), nil)
 			if err != nil {
@@ -361,7 +363,7 @@ func lockAllPaths(t testing.TB, driver string, obs *observer) []lockAllPath {
 				return nil, err
 			}
 			return tx.Commit, nil
-		}, func(t testing.TB, key keys.Key) bool { return obs.granted(t, pid, key, false) }},
+		}, func(t testing.TB, key keys.Key) bool { return obs.granted(t, pid, key, false) }, func() {}},
 	}
 }
 
@@ -537,6 +539,7 @@ func TestLockAllRace(t *testing.T) {
 			for _, p := range lockAllPaths(t, driver, obs) {
 				var st raceStats
 				for i := 0; i < trials; i++ {
+					p.warm()
 					ks := keyRange(size)
 					busy := keys.Canonical(ks)[size/2]
 					ctx, cancel, released := startTrial(t, holder, busy, i%2 == 1)

@@ -168,6 +168,26 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		}
 	}
 
+	if a.wait && a.lock.Scope == sqlexec.Xact && err != nil && !ranInSavepoint(err) {
+		// The statement may never have been sent (database/sql returns
+		// ctx's error when ctx ends just before the call), or may have run
+		// to the end. Either way the transaction is not aborted, and rolling
+		// back to a savepoint that was never made would abort it: ask
+		// pg_locks instead. A transaction aborted by the statement answers
+		// 25P02, and goes on to the rollback below.
+		held, vErr := heldBy(ctx, a.x, a.lock)
+		switch {
+		case vErr == nil && held:
+			trace.GrantedDespiteError.Add(1)
+			return true, nil
+		case vErr == nil:
+			trace.InterruptedNotHeld.Add(1)
+			return false, join(classify(ctxErr, err, timed)...)
+		case sqlexec.IsSessionLost(vErr):
+			trace.SessionLost.Add(1)
+			return false, join(ctxErr, ErrSessionLost, err, vErr)
+		}
+	}
 	if a.wait && a.lock.Scope == sqlexec.Xact && err != nil {
 		// The wait ran inside SAVEPOINT pglocks_wait. Rolling back to it
 		// releases anything the failed wait was granted (PostgreSQL can grant
@@ -223,6 +243,14 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		}
 		return false, join(ctxErr, err, vErr)
 	}
+}
+
+// ranInSavepoint reports whether err proves that a transaction-scope
+// statement reached the server and failed there, inside the savepoint it
+// made: the server's own error (a SQLSTATE), or the session's loss. Anything
+// else, a context error above all, proves neither.
+func ranInSavepoint(err error) bool {
+	return sqlexec.SQLState(err) != "" || sqlexec.IsSessionLost(err)
 }
 
 // heldBy asks pg_locks whether x's session holds l, on a context the caller's

@@ -151,6 +151,23 @@ func (a setAttempt) run(ctx context.Context) (bool, error) {
 			ctxErr = context.DeadlineExceeded
 		}
 	}
+	if a.set.Scope == sqlexec.Xact && err != nil && !ranInSavepoint(err) {
+		// Not sent, or run to the end: see attempt.run. The transaction may
+		// have held some of the keys before the call, so only all of them
+		// proves a grant; fewer means the statement did not run.
+		n, vErr := countHeld(ctx, a.x, a.set)
+		switch {
+		case vErr == nil && n == len(a.set.Keys):
+			trace.GrantedDespiteError.Add(1)
+			return true, nil
+		case vErr == nil:
+			trace.InterruptedNotHeld.Add(1)
+			return false, join(classify(ctxErr, err, timed)...)
+		case sqlexec.IsSessionLost(vErr):
+			trace.SessionLost.Add(1)
+			return false, join(ctxErr, ErrSessionLost, err, vErr)
+		}
+	}
 	if a.set.Scope == sqlexec.Xact && err != nil {
 		// Everything the statement took since SAVEPOINT pglocks_wait goes
 		// with the rollback to it.

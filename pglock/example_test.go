@@ -247,3 +247,69 @@ func ExampleLocker_Do() {
 	}
 	// Output: processed 3 batches under the lock
 }
+
+// Take a tenant's three locks together: all or none, in one round trip, in
+// the canonical order that keeps two callers from deadlocking.
+func ExampleLocker_LockAll() {
+	db := openExampleDB()
+	defer db.Close()
+	locker := pglock.NewLocker(db)
+	defer locker.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	lk, err := locker.LockAll(ctx, []keys.Key{keys.Pair(7, 3), keys.Int64(7), keys.Pair(7, 1), keys.Int64(7)})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("holding", lk.Keys())
+	if err := lk.Unlock(ctx); err != nil {
+		log.Fatal(err)
+	}
+	// Output: holding [int:7 pair:7,1 pair:7,3]
+}
+
+// Transaction locks on several keys, released at COMMIT.
+func ExampleLockAllTx() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer tx.Rollback()
+	accounts := []keys.Key{keys.String("example:account:b"), keys.String("example:account:a")}
+	if err := pglock.LockAllTx(ctx, tx, accounts); err != nil {
+		log.Fatal(err) // with a deadline, tx is still usable
+	}
+	fmt.Println("both accounts locked until COMMIT")
+	if err := tx.Commit(); err != nil {
+		log.Fatal(err)
+	}
+	// Output: both accounts locked until COMMIT
+}
+
+// ReportHolders names who holds a busy lock in the error.
+func ExampleReportHolders() {
+	db := openExampleDB()
+	defer db.Close()
+	ctx := context.Background()
+
+	other, _ := db.Conn(ctx)
+	defer other.Close()
+	key := keys.String("example:report-holders")
+	_ = pglock.LockConn(ctx, other, key)
+	defer pglock.UnlockConn(ctx, other, key)
+
+	locker := pglock.NewLocker(db)
+	defer locker.Close()
+	_, err := locker.TryLock(ctx, key, pglock.ReportHolders())
+	var e *pglock.Error
+	if errors.As(err, &e) && len(e.Holders) > 0 {
+		fmt.Println("busy; held by another session:", e.Holders[0].PID != 0, e.Holders[0].Mode)
+	}
+	// Output: busy; held by another session: true exclusive
+}

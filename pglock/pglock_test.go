@@ -238,6 +238,24 @@ func TestSettle(t *testing.T) {
 			wantErr: nil,
 		},
 		{
+			// database/sql returns ctx's error without sending anything when
+			// ctx ends just before the call: no ROLLBACK TO a savepoint that
+			// was never made (it would abort the transaction).
+			name: "tx: a context error without a statement is checked, not rolled back",
+			tx:   true,
+			steps: []step{{sql: xlock42, err: context.Canceled},
+				{sql: "SAVEPOINT pglocks_wait; " + held42, res: rows(0)}, {sql: "RELEASE SAVEPOINT pglocks_wait", res: rows(0)}},
+			wantErr: []error{context.Canceled},
+			notErr:  []error{pglock.ErrSessionLost},
+		},
+		{
+			name: "tx: a context error after the statement ran to the end: held",
+			tx:   true,
+			steps: []step{{sql: xlock42, err: context.Canceled},
+				{sql: "SAVEPOINT pglocks_wait; " + held42, res: rows(1)}, {sql: "RELEASE SAVEPOINT pglocks_wait", res: rows(0)}},
+			wantErr: nil,
+		},
+		{
 			name:    "tx: a late cancel on the savepoint rollback is retried",
 			tx:      true,
 			steps:   []step{{sql: xlock42, err: errCanceled}, {sql: rollbackSP, err: errCanceled}, {sql: rollbackSP, res: rows(0)}},
