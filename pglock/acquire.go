@@ -7,6 +7,7 @@ import (
 
 	"github.com/pglocks/pglocks/internal/sqlexec"
 	"github.com/pglocks/pglocks/internal/trace"
+	"github.com/pglocks/pglocks/keys"
 )
 
 const (
@@ -68,10 +69,11 @@ func waitContext(ctx context.Context, serverBounded bool) (context.Context, cont
 	}
 }
 
-// attempt is one acquisition on a caller's handle.
+// attempt is one acquisition on a caller's handle: one key, or a set of
+// keys taken all or none.
 type attempt struct {
 	x    sqlexec.Executor
-	lock sqlexec.Lock
+	set  sqlexec.Set
 	wait bool // false: try once
 	// discard closes the underlying connection; it is called when the outcome
 	// of a session-lock statement cannot be settled, so that no lock outlives
@@ -79,21 +81,37 @@ type attempt struct {
 	discard func()
 }
 
-// take validates the request, runs it, and wraps any error in an *Error. It
-// also returns the request, for callers that go on to release it.
+// one returns the single-key request of a set of one.
+func one(set sqlexec.Set) sqlexec.Lock {
+	return sqlexec.Lock{Key: set.Keys[0], Shared: set.Shared, Scope: set.Scope}
+}
+
+// setOf returns the set of one request.
+func setOf(l sqlexec.Lock) sqlexec.Set {
+	return sqlexec.Set{Keys: []keys.Key{l.Key}, Shared: l.Shared, Scope: l.Scope}
+}
+
+// single is the attempt on one key through x.
+func single(x sqlexec.Executor, l sqlexec.Lock, wait bool) attempt {
+	return attempt{x: x, set: setOf(l), wait: wait}
+}
+
+// take validates a single-key request, runs it, and wraps any error in an
+// *Error. It also returns the request, for callers that go on to release it.
 func (a attempt) take(ctx context.Context, nilHandle bool) (bool, sqlexec.Lock, error) {
 	op := "lock"
 	if !a.wait {
 		op = "trylock"
 	}
-	if err := check(nilHandle, a.lock.Key); err != nil {
-		return false, a.lock, opError(op, a.lock, err)
+	l := one(a.set)
+	if err := check(nilHandle, l.Key); err != nil {
+		return false, l, opError(op, l, err)
 	}
 	ok, err := a.run(ctx)
 	if err != nil {
-		return false, a.lock, opError(op, a.lock, err)
+		return false, l, opError(op, l, err)
 	}
-	return ok, a.lock, nil
+	return ok, l, nil
 }
 
 // mustAcquire turns a busy result of a NoWait lock call into ErrNotAcquired.
@@ -104,15 +122,20 @@ func mustAcquire(ok bool, l sqlexec.Lock, err error) error {
 	return err
 }
 
-// run takes the lock. It returns (true, nil) only when the lock is granted to
-// the session, and (false, nil) only when a try found it busy. Any error
-// means the session does not hold the lock because of this call.
+// run takes the lock (every lock of the set). It returns (true, nil) only
+// when all are granted to the session, and (false, nil) only when a try found
+// one busy. Any error, and a false result, mean that the session holds none
+// of the keys because of this call.
 //
-// The uncontended path is one statement, one round trip. Anything uncertain
-// (ctx ended while the statement ran, or the statement failed while the
-// session may still be alive) is settled by asking pg_locks on the same
-// session, because drivers and the server can each report failure after
-// granting the lock, or success after the session died.
+// The uncontended path is one statement, one round trip, whatever the number
+// of keys. Anything uncertain (ctx ended while the statement ran, or the
+// statement failed while the session may still be alive) is settled by asking
+// pg_locks on the same session, because drivers and the server can each
+// report failure after granting the lock, or success after the session died.
+//
+// For a set, the session must hold none of its keys before a session-scope
+// call (a Locker never takes a key twice on one connection): a wait that
+// failed part way is undone by unlocking the set once.
 func (a attempt) run(ctx context.Context) (bool, error) {
 	if err := ctx.Err(); err != nil {
 		// Never start with a dead context: database/sql would refuse, and
@@ -127,7 +150,7 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 	)
 	switch dl, hasDeadline := ctx.Deadline(); {
 	case !a.wait:
-		q = a.lock.TryLockSQL()
+		q = a.set.TryLockSQL()
 		qctx, stop = shield(ctx)
 	case hasDeadline:
 		left := time.Until(dl)
@@ -137,10 +160,10 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		// A deadline too far away for lock_timeout (over 24 days) is left to
 		// the driver; every realistic one is enforced by the server.
 		ms := sqlexec.TimeoutMillis(left)
-		q, timed = a.lock.WaitSQL(ms), ms > 0
+		q, timed = a.set.WaitSQL(ms), ms > 0
 		qctx, stop = waitContext(ctx, timed)
 	default:
-		q = a.lock.WaitSQL(0)
+		q = a.set.WaitSQL(0)
 		qctx, stop = waitContext(ctx, false)
 	}
 	res, err := a.x.ExecContext(qctx, q)
@@ -153,6 +176,9 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		}
 		n, rerr := res.RowsAffected()
 		if rerr == nil {
+			// No row: busy. A session-scope set released what it took in
+			// the same statement; a transaction-scope set reports busy as
+			// an error instead.
 			return n == 1, nil
 		}
 		err = rerr
@@ -162,44 +188,49 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 	}
 	var ctxErr error
 	if interrupted {
-		ctxErr = ctx.Err()
-		if ctxErr == nil { // only the grace period after the deadline ran out
+		if ctxErr = ctx.Err(); ctxErr == nil { // only the grace period after the deadline ran out
 			ctxErr = context.DeadlineExceeded
 		}
 	}
+	all := len(a.set.Keys)
 
-	if a.wait && a.lock.Scope == sqlexec.Xact && err != nil && !ranInSavepoint(err) {
-		// The statement may never have been sent (database/sql returns
-		// ctx's error when ctx ends just before the call), or may have run
-		// to the end. Either way the transaction is not aborted, and rolling
-		// back to a savepoint that was never made would abort it: ask
-		// pg_locks instead. A transaction aborted by the statement answers
-		// 25P02, and goes on to the rollback below.
-		held, vErr := heldBy(ctx, a.x, a.lock)
-		switch {
-		case vErr == nil && held:
-			trace.GrantedDespiteError.Add(1)
-			return true, nil
-		case vErr == nil:
-			trace.InterruptedNotHeld.Add(1)
-			return false, join(classify(ctxErr, err, timed)...)
-		case sqlexec.IsSessionLost(vErr):
-			trace.SessionLost.Add(1)
-			return false, join(ctxErr, ErrSessionLost, err, vErr)
+	if a.set.InSavepoint(a.wait) && err != nil {
+		if !ranInSavepoint(err) {
+			// The statement may never have been sent (database/sql returns
+			// ctx's error when ctx ends just before the call), or may have
+			// run to the end. Either way the transaction is not aborted, and
+			// rolling back to a savepoint that was never made would abort
+			// it: ask pg_locks instead. (The transaction may have held some
+			// of the keys before the call, so only all of them proves a
+			// grant.) A transaction the statement aborted answers 25P02, and
+			// goes on to the rollback.
+			n, vErr := countHeld(ctx, a.x, a.set)
+			switch {
+			case vErr == nil && n == all:
+				trace.GrantedDespiteError.Add(1)
+				return true, nil
+			case vErr == nil:
+				trace.InterruptedNotHeld.Add(1)
+				return false, join(classify(ctxErr, err, timed)...)
+			case sqlexec.IsSessionLost(vErr):
+				trace.SessionLost.Add(1)
+				return false, join(ctxErr, ErrSessionLost, err, vErr)
+			}
 		}
-	}
-	if a.wait && a.lock.Scope == sqlexec.Xact && err != nil {
-		// The wait ran inside SAVEPOINT pglocks_wait. Rolling back to it
-		// releases anything the failed wait was granted (PostgreSQL can grant
-		// the lock while raising 55P03) and restores lock_timeout, leaving the
-		// caller's transaction usable.
+		// Everything the statement took since SAVEPOINT pglocks_wait goes
+		// with the rollback to it (PostgreSQL can grant a lock while raising
+		// 55P03), lock_timeout is restored, and the caller's transaction is
+		// usable again.
 		rbErr := rollbackWait(ctx, a.x)
-		if rbErr != nil && sqlexec.IsSessionLost(rbErr) {
+		switch {
+		case rbErr != nil && sqlexec.IsSessionLost(rbErr):
 			trace.SessionLost.Add(1)
 			return false, join(ctxErr, ErrSessionLost, err)
-		}
-		if rbErr == nil {
+		case rbErr == nil:
 			trace.SavepointRolledBack.Add(1)
+		}
+		if !a.wait && ctxErr == nil && sqlexec.SQLState(err) == sqlexec.CodeSetBusy {
+			return false, nil
 		}
 		// Either the savepoint was rolled back, or the transaction was
 		// already aborted (and its transaction locks released) before the
@@ -207,9 +238,9 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 		return false, join(classify(ctxErr, err, timed)...)
 	}
 
-	held, vErr := heldBy(ctx, a.x, a.lock)
+	n, vErr := countHeld(ctx, a.x, a.set)
 	switch {
-	case vErr == nil && held:
+	case vErr == nil && n == all:
 		// Granted, whatever the driver said: a lock_timeout error racing the
 		// grant, or a cancellation that arrived just after it.
 		trace.GrantedDespiteError.Add(1)
@@ -217,7 +248,9 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 			trace.LockTimeoutGranted.Add(1)
 		}
 		return true, nil
-	case vErr == nil:
+	case vErr == nil && (n == 0 || a.set.Scope == sqlexec.Xact):
+		// (A transaction-scope statement that reached here completed, or
+		// never ran: fewer than all means it took nothing.)
 		trace.InterruptedNotHeld.Add(1)
 		if err == nil {
 			// The statement succeeded but the context was interrupted: only
@@ -226,23 +259,32 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 			err = ctxErr
 		}
 		return false, join(classify(ctxErr, err, timed)...)
+	case vErr == nil:
+		// A session wait failed part way through a set: release what it
+		// took.
+		if uerr := unlockSet(ctx, a.x, a.set); uerr == nil || errors.Is(uerr, ErrNotHeld) {
+			trace.InterruptedNotHeld.Add(1)
+			return false, join(classify(ctxErr, err, timed)...)
+		} else {
+			vErr = uerr
+		}
+	}
+	switch {
 	case sqlexec.IsSessionLost(vErr) || sqlexec.IsSessionLost(err):
 		trace.SessionLost.Add(1)
 		return false, join(ctxErr, ErrSessionLost, err, vErr)
-	case a.lock.Scope == sqlexec.Xact && sqlexec.SQLState(vErr) == sqlexec.CodeInFailedSQLTx:
+	case a.set.Scope == sqlexec.Xact && sqlexec.SQLState(vErr) == sqlexec.CodeInFailedSQLTx:
 		// A failed try aborted the transaction (or it was aborted before the
 		// call), which released its transaction locks.
 		return false, join(classify(ctxErr, err, timed)...)
-	default:
+	case a.discard != nil:
 		// The outcome cannot be settled. Close the session rather than risk
 		// a lock that outlives the error.
-		if a.discard != nil {
-			trace.Discarded.Add(1)
-			a.discard()
-			return false, join(ctxErr, ErrSessionLost, err, vErr)
-		}
-		return false, join(ctxErr, err, vErr)
+		trace.Discarded.Add(1)
+		a.discard()
+		return false, join(ctxErr, ErrSessionLost, err, vErr)
 	}
+	return false, join(ctxErr, err, vErr)
 }
 
 // ranInSavepoint reports whether err proves that a transaction-scope
@@ -251,13 +293,6 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 // else, a context error above all, proves neither.
 func ranInSavepoint(err error) bool {
 	return sqlexec.SQLState(err) != "" || sqlexec.IsSessionLost(err)
-}
-
-// heldBy asks pg_locks whether x's session holds l, on a context the caller's
-// cancellation cannot break.
-func heldBy(ctx context.Context, x sqlexec.Executor, l sqlexec.Lock) (bool, error) {
-	n, err := probe(ctx, x, l.Scope, l.HeldSQL())
-	return n > 0, err
 }
 
 // lateCancelRetries bounds the retries of a settling statement that a late

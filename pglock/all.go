@@ -4,10 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"errors"
-	"time"
 
 	"github.com/pglocks/pglocks/internal/sqlexec"
-	"github.com/pglocks/pglocks/internal/trace"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -37,7 +35,7 @@ func LockAllTx(ctx context.Context, tx *sql.Tx, ks []keys.Key, opts ...Option) e
 	if tx == nil {
 		return setError("lock", set, ErrNilHandle)
 	}
-	ok, err := setAttempt{x: tx, set: set, wait: !o.noWait}.run(ctx)
+	ok, err := attempt{x: tx, set: set, wait: !o.noWait}.run(ctx)
 	switch {
 	case err != nil:
 		return explain(ctx, o, tx, set, setError("lock", set, err))
@@ -74,154 +72,6 @@ func setError(op string, set sqlexec.Set, errs ...error) error {
 	return e
 }
 
-// one returns the single-key request of a set of one.
-func one(set sqlexec.Set) sqlexec.Lock {
-	return sqlexec.Lock{Key: set.Keys[0], Shared: set.Shared, Scope: set.Scope}
-}
-
-// setAttempt is [attempt] for a set of keys, all or none.
-type setAttempt struct {
-	x    sqlexec.Executor
-	set  sqlexec.Set
-	wait bool
-	// discard closes the underlying connection when the outcome of a
-	// session-scope statement cannot be settled; nil for transactions.
-	discard func()
-}
-
-// run takes every lock of the set. It returns (true, nil) only when all are
-// granted, and (false, nil) only when a try found one busy. Any error, and a
-// false result, mean that the session holds none of the set's keys because
-// of this call.
-//
-// The session must hold none of the set's keys before the call (a Locker
-// never takes a key twice on one connection): a failure is undone by
-// unlocking the set once.
-func (a setAttempt) run(ctx context.Context) (bool, error) {
-	if len(a.set.Keys) == 1 {
-		return attempt{x: a.x, lock: one(a.set), wait: a.wait, discard: a.discard}.run(ctx)
-	}
-	if err := ctx.Err(); err != nil {
-		return false, err
-	}
-	var (
-		q     string
-		timed bool
-		qctx  context.Context
-		stop  context.CancelFunc
-	)
-	switch dl, hasDeadline := ctx.Deadline(); {
-	case !a.wait:
-		q = a.set.TryLockSQL()
-		qctx, stop = shield(ctx)
-	case hasDeadline:
-		left := time.Until(dl)
-		if left <= 0 {
-			return false, context.DeadlineExceeded
-		}
-		ms := sqlexec.TimeoutMillis(left)
-		q, timed = a.set.WaitSQL(ms), ms > 0
-		qctx, stop = waitContext(ctx, timed)
-	default:
-		q = a.set.WaitSQL(0)
-		qctx, stop = waitContext(ctx, false)
-	}
-	res, err := a.x.ExecContext(qctx, q)
-	interrupted := qctx.Err() != nil
-	stop()
-
-	if err == nil && !interrupted {
-		if a.wait {
-			return true, nil
-		}
-		n, rerr := res.RowsAffected()
-		if rerr == nil {
-			// Session scope: no row means busy, and the statement released
-			// what it took. Transaction scope reports busy as an error.
-			return n == 1, nil
-		}
-		err = rerr
-	}
-	if err != nil && notRun(err) {
-		return false, err
-	}
-	var ctxErr error
-	if interrupted {
-		if ctxErr = ctx.Err(); ctxErr == nil {
-			ctxErr = context.DeadlineExceeded
-		}
-	}
-	if a.set.Scope == sqlexec.Xact && err != nil && !ranInSavepoint(err) {
-		// Not sent, or run to the end: see attempt.run. The transaction may
-		// have held some of the keys before the call, so only all of them
-		// proves a grant; fewer means the statement did not run.
-		n, vErr := countHeld(ctx, a.x, a.set)
-		switch {
-		case vErr == nil && n == len(a.set.Keys):
-			trace.GrantedDespiteError.Add(1)
-			return true, nil
-		case vErr == nil:
-			trace.InterruptedNotHeld.Add(1)
-			return false, join(classify(ctxErr, err, timed)...)
-		case sqlexec.IsSessionLost(vErr):
-			trace.SessionLost.Add(1)
-			return false, join(ctxErr, ErrSessionLost, err, vErr)
-		}
-	}
-	if a.set.Scope == sqlexec.Xact && err != nil {
-		// Everything the statement took since SAVEPOINT pglocks_wait goes
-		// with the rollback to it.
-		rbErr := rollbackWait(ctx, a.x)
-		switch {
-		case rbErr != nil && sqlexec.IsSessionLost(rbErr):
-			trace.SessionLost.Add(1)
-			return false, join(ctxErr, ErrSessionLost, err)
-		case rbErr == nil:
-			trace.SavepointRolledBack.Add(1)
-		}
-		if !a.wait && ctxErr == nil && sqlexec.SQLState(err) == sqlexec.CodeSetBusy {
-			return false, nil
-		}
-		return false, join(classify(ctxErr, err, timed)...)
-	}
-
-	n, vErr := countHeld(ctx, a.x, a.set)
-	switch {
-	case vErr == nil && n == len(a.set.Keys):
-		trace.GrantedDespiteError.Add(1)
-		return true, nil
-	case vErr == nil && (n == 0 || a.set.Scope == sqlexec.Xact):
-		// Transaction scope with no error from the statement: it completed,
-		// so fewer than all held means the driver's success was false.
-		trace.InterruptedNotHeld.Add(1)
-		if err == nil {
-			err = ctxErr
-		}
-		return false, join(classify(ctxErr, err, timed)...)
-	case vErr == nil:
-		// The wait failed part way: release what it took.
-		if uerr := unlockSet(ctx, a.x, a.set); uerr == nil || errors.Is(uerr, ErrNotHeld) {
-			trace.InterruptedNotHeld.Add(1)
-			return false, join(classify(ctxErr, err, timed)...)
-		} else {
-			vErr = uerr
-		}
-	}
-	if sqlexec.IsSessionLost(vErr) || sqlexec.IsSessionLost(err) {
-		trace.SessionLost.Add(1)
-		return false, join(ctxErr, ErrSessionLost, err, vErr)
-	}
-	if a.set.Scope == sqlexec.Xact && sqlexec.SQLState(vErr) == sqlexec.CodeInFailedSQLTx {
-		return false, join(classify(ctxErr, err, timed)...)
-	}
-	if a.discard != nil {
-		trace.Discarded.Add(1)
-		a.discard()
-		return false, join(ctxErr, ErrSessionLost, err, vErr)
-	}
-	return false, join(ctxErr, err, vErr)
-}
-
 // countHeld returns how many of the set's keys x's session holds in the
 // set's mode, on a context the caller's cancellation cannot break.
 func countHeld(ctx context.Context, x sqlexec.Executor, set sqlexec.Set) (int, error) {
@@ -233,9 +83,6 @@ func countHeld(ctx context.Context, x sqlexec.Executor, set sqlexec.Set) (int, e
 // ctx. It returns ErrNotHeld when the session held only some of them (it
 // released those), and ErrSessionLost when the session is gone.
 func unlockSet(ctx context.Context, x sqlexec.Executor, set sqlexec.Set) error {
-	if len(set.Keys) == 1 {
-		return unlock(ctx, x, one(set))
-	}
 	sctx, cancel := shield(ctx)
 	defer cancel()
 	res, err := x.ExecContext(sctx, set.UnlockSQL())

@@ -49,7 +49,7 @@ func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option)
 	o := collect(opts)
 	ok, l, err := lockConn(ctx, conn, key, o, !o.noWait)
 	if err = mustAcquire(ok, l, err); err != nil && conn != nil {
-		return explain(ctx, o, conn, sqlexec.Set{Keys: []keys.Key{key}, Shared: o.shared}, err)
+		return explain(ctx, o, conn, setOf(l), err)
 	}
 	return err
 }
@@ -68,7 +68,7 @@ func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Opti
 }
 
 func lockConn(ctx context.Context, conn *sql.Conn, key keys.Key, o options, wait bool) (bool, sqlexec.Lock, error) {
-	a := attempt{x: conn, lock: sessionLock(key, o), wait: wait}
+	a := single(conn, sessionLock(key, o), wait)
 	if conn != nil {
 		a.discard = func() { discardConn(conn) }
 	}
@@ -98,19 +98,7 @@ func UnlockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Optio
 }
 
 func unlock(ctx context.Context, x sqlexec.Executor, l sqlexec.Lock) error {
-	sctx, cancel := shield(ctx)
-	defer cancel()
-	res, err := x.ExecContext(sctx, l.UnlockSQL())
-	if err == nil {
-		var n int64
-		if n, err = res.RowsAffected(); err == nil && n == 0 {
-			return ErrNotHeld
-		}
-	}
-	if err != nil && !neverSent(err) && sqlexec.IsSessionLost(err) {
-		return join(ErrSessionLost, err)
-	}
-	return err
+	return unlockSet(ctx, x, setOf(l))
 }
 
 func sessionLock(key keys.Key, o options) sqlexec.Lock {

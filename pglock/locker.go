@@ -469,7 +469,7 @@ func (l *Locker) tryShared(ctx context.Context, s *session, set sqlexec.Set, gke
 		l.unreserve(s)
 		return nil, join(ErrSessionLost, errSharedGone)
 	}
-	ok, err := setAttempt{x: s.conn, set: set, discard: func() { discardConn(s.conn) }}.run(ctx)
+	ok, err := attempt{x: s.conn, set: set, discard: func() { discardConn(s.conn) }}.run(ctx)
 	if err != nil && errors.Is(err, ErrSessionLost) {
 		l.kill(s, err)
 	}
@@ -513,7 +513,7 @@ func (l *Locker) dedicated(ctx context.Context, set sqlexec.Set, gkeys []keys.Ke
 		}
 		return nil, err
 	}
-	ok, err := setAttempt{x: conn, set: set, wait: wait, discard: func() { discardConn(conn) }}.run(ctx)
+	ok, err := attempt{x: conn, set: set, wait: wait, discard: func() { discardConn(conn) }}.run(ctx)
 	switch {
 	case err != nil:
 		opened(nil)

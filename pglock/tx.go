@@ -40,7 +40,7 @@ func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error
 	o := collect(opts)
 	ok, l, err := lockTx(ctx, tx, key, o, !o.noWait)
 	if err = mustAcquire(ok, l, err); err != nil && tx != nil {
-		return explain(ctx, o, tx, sqlexec.Set{Keys: []keys.Key{key}, Shared: o.shared, Scope: sqlexec.Xact}, err)
+		return explain(ctx, o, tx, setOf(l), err)
 	}
 	return err
 }
@@ -56,7 +56,7 @@ func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (b
 }
 
 func lockTx(ctx context.Context, tx *sql.Tx, key keys.Key, o options, wait bool) (bool, sqlexec.Lock, error) {
-	return attempt{x: tx, lock: xactLock(key, o), wait: wait}.take(ctx, tx == nil)
+	return single(tx, xactLock(key, o), wait).take(ctx, tx == nil)
 }
 
 func xactLock(key keys.Key, o options) sqlexec.Lock {

@@ -11,7 +11,8 @@ import (
 // none. Keys must be in the caller's canonical order, without duplicates or
 // zero keys; every statement takes them in that order.
 //
-// Each statement lists one call per key in an ARRAY constructor, whose
+// A set of one key uses [Lock]'s statements, which have the same results.
+// For several keys, each statement lists one call per key in an ARRAY constructor, whose
 // elements PostgreSQL evaluates left to right, so the locks are taken in the
 // given order within one statement: one round trip whatever the number of
 // keys. (An array, not a column list: a target list is limited to 1664
@@ -23,6 +24,22 @@ type Set struct {
 }
 
 func (s Set) lock(k keys.Key) Lock { return Lock{Key: k, Shared: s.Shared, Scope: s.Scope} }
+
+// single returns the request of a set of one key, and whether it is one.
+func (s Set) single() (Lock, bool) {
+	if len(s.Keys) != 1 {
+		return Lock{}, false
+	}
+	return s.lock(s.Keys[0]), true
+}
+
+// InSavepoint reports whether the set's wait (wait) or try statement runs
+// inside SAVEPOINT pglocks_wait, so that a failure must be undone with
+// [RollbackWaitSQL]: every transaction-scope wait, and a transaction-scope
+// try of several keys.
+func (s Set) InSavepoint(wait bool) bool {
+	return s.Scope == Xact && (wait || len(s.Keys) > 1)
+}
 
 // calls renders one call per key, separated by ", ", each through wrap.
 func (s Set) calls(wrap func(i int, l Lock) string) string {
@@ -56,6 +73,9 @@ func timeLeft(ms int64) string {
 // transaction scope the statement runs inside SAVEPOINT pglocks_wait, sent in
 // the same message, and [RollbackWaitSQL] releases them.
 func (s Set) WaitSQL(ms int64) string {
+	if l, ok := s.single(); ok {
+		return l.WaitSQL(ms)
+	}
 	var q string
 	if ms <= 0 {
 		q = "SELECT pg_catalog.array_length(ARRAY[" + s.calls(func(_ int, l Lock) string { return l.call() + " IS NULL" }) + "], 1)"
@@ -92,8 +112,12 @@ const CodeSetBusy = "22012"
 // Transaction scope: transaction locks cannot be released, so the statement
 // runs inside SAVEPOINT pglocks_wait and fails with [CodeSetBusy] when any
 // lock is busy; [RollbackWaitSQL] then releases those it took. It returns one
-// row when it took them all.
+// row when it took them all. (A set of one key needs neither: its try takes
+// nothing when it fails, and returns no row.)
 func (s Set) TryLockSQL() string {
+	if l, ok := s.single(); ok {
+		return l.TryLockSQL() // one row when taken, none when busy, at both scopes
+	}
 	tries := "ARRAY[" + s.calls(func(_ int, l Lock) string { return l.fn(true) + "(" + l.args() + ")" }) + "]"
 	if s.Scope == Xact {
 		return "SAVEPOINT " + SavepointName + "; SELECT 1 / (true = ALL(" + tries + "))::integer; RELEASE SAVEPOINT " + SavepointName
@@ -110,6 +134,9 @@ func (s Set) TryLockSQL() string {
 //
 //	SELECT 1 FROM pg_catalog.unnest(ARRAY[pg_catalog.pg_advisory_unlock('1'::bigint), ...]) AS u(ok) WHERE u.ok
 func (s Set) UnlockSQL() string {
+	if l, ok := s.single(); ok {
+		return l.UnlockSQL()
+	}
 	return "SELECT 1 FROM pg_catalog.unnest(ARRAY[" + s.calls(func(_ int, l Lock) string { return l.unlockFn() + "(" + l.args() + ")" }) +
 		"]) AS u(ok) WHERE u.ok"
 }
@@ -117,6 +144,9 @@ func (s Set) UnlockSQL() string {
 // HeldSQL returns one row per lock of the set that the current backend holds
 // in the set's mode (granted, at either scope).
 func (s Set) HeldSQL() string {
+	if l, ok := s.single(); ok {
+		return l.HeldSQL()
+	}
 	mode := s.lock(keys.Key{}).Mode()
 	return "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND granted AND mode = '" +
 		mode + "' AND (classid, objid, objsubid) IN (" + s.calls(func(_ int, l Lock) string { return TagTuple(l.Key) }) + ")"

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -98,5 +99,61 @@ func TestStatements(t *testing.T) {
 	}
 	if Session.String() != "session" || Xact.String() != "transaction" {
 		t.Error("Scope.String")
+	}
+}
+
+func TestSetSQL(t *testing.T) {
+	one := Set{Keys: []keys.Key{keys.Int64(42)}}
+	if one.WaitSQL(0) != (Lock{Key: keys.Int64(42)}).WaitSQL(0) || one.TryLockSQL() != (Lock{Key: keys.Int64(42)}).TryLockSQL() ||
+		one.UnlockSQL() != (Lock{Key: keys.Int64(42)}).UnlockSQL() || one.HeldSQL() != (Lock{Key: keys.Int64(42)}).HeldSQL() {
+		t.Error("a set of one key must use the single-key statements")
+	}
+	ks := []keys.Key{keys.Int64(-5), keys.Int64(1 << 40), keys.Pair(-1, 3)}
+	s := Set{Keys: ks}
+	x := Set{Keys: ks, Scope: Xact}
+	calls := []string{"pg_catalog.pg_advisory_lock('-5'::bigint)", "pg_catalog.pg_advisory_lock('1099511627776'::bigint)",
+		"pg_catalog.pg_advisory_lock('-1'::integer, '3'::integer)"}
+	for name, q := range map[string]string{"wait": s.WaitSQL(0), "timed wait": s.WaitSQL(250)} {
+		at := -1
+		for _, c := range calls {
+			i := strings.Index(q, c)
+			if i <= at {
+				t.Fatalf("%s: %s missing or out of order in %s", name, c, q)
+			}
+			at = i
+		}
+	}
+	if n := strings.Count(s.WaitSQL(250), "pg_catalog.set_config('lock_timeout', (GREATEST(1, '250'::bigint"); n != len(ks) {
+		t.Errorf("timed wait resets lock_timeout %d times, want once per key (%d)", n, len(ks))
+	}
+	if q := x.WaitSQL(250); !strings.HasPrefix(q, "SAVEPOINT pglocks_wait; ") || !strings.HasSuffix(q, "; RELEASE SAVEPOINT pglocks_wait") {
+		t.Errorf("transaction wait outside the savepoint: %s", q)
+	}
+	if q := s.TryLockSQL(); strings.Count(q, "pg_catalog.pg_try_advisory_lock(") != 3 || strings.Count(q, "pg_catalog.pg_advisory_unlock(") != 3 ||
+		!strings.Contains(q, "CASE WHEN NOT r.ok AND r.t[3] THEN pg_catalog.pg_advisory_unlock('-1'::integer, '3'::integer) END") {
+		t.Errorf("session try must undo what it took when one is busy: %s", q)
+	}
+	if q := x.TryLockSQL(); !strings.HasPrefix(q, "SAVEPOINT pglocks_wait; SELECT 1 / (true = ALL(ARRAY[pg_catalog.pg_try_advisory_xact_lock(") {
+		t.Errorf("transaction try: %s", q)
+	}
+	if q := (Set{Keys: ks, Shared: true}).UnlockSQL(); strings.Count(q, "pg_catalog.pg_advisory_unlock_shared(") != 3 {
+		t.Errorf("shared unlock: %s", q)
+	}
+	if q := s.HeldSQL(); !strings.Contains(q, "('4294967295'::oid, '4294967291'::oid, '1'::smallint), ('256'::oid, '0'::oid, '1'::smallint), ('4294967295'::oid, '3'::oid, '2'::smallint)") {
+		t.Errorf("held: %s", q)
+	}
+	for _, q := range []string{s.WaitSQL(0), s.WaitSQL(9), s.TryLockSQL(), x.TryLockSQL(), s.UnlockSQL(), s.HeldSQL(), OwnLocksSQL} {
+		if strings.Contains(q, "$") {
+			t.Errorf("bind parameter in %s", q)
+		}
+	}
+	for _, tc := range []struct {
+		set  Set
+		wait bool
+		want bool
+	}{{s, true, false}, {x, true, true}, {x, false, true}, {Set{Keys: ks[:1], Scope: Xact}, false, false}, {Set{Keys: ks[:1], Scope: Xact}, true, true}} {
+		if got := tc.set.InSavepoint(tc.wait); got != tc.want {
+			t.Errorf("InSavepoint(%v) of %d keys, scope %v = %v", tc.wait, len(tc.set.Keys), tc.set.Scope, got)
+		}
 	}
 }
