@@ -146,18 +146,20 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 // granted, and returns the held [Lock]. Release it with [Lock.Unlock].
 //
 // A nil error means the lock is held, even if ctx ended at the same moment.
-// Any error means nothing is held because of this call, and the connection
-// used has been given back to the pool (or closed, when in doubt). As with
-// [LockConn]:
+// Any error means nothing is held because of this call; a connection taken
+// for the wait has been given back to the pool (or closed, when in doubt),
+// and a shared connection holds what it held before. As with [LockConn]:
 //
 //   - A deadline is enforced by the server (lock_timeout for that one
 //     statement): the error wraps context.DeadlineExceeded and the connection
 //     goes back to the pool, so timed-out calls cost no new connections.
 //   - A cancellation interrupts the wait through the driver, which closes
-//     that connection (it held nothing else); the error wraps
-//     context.Canceled.
+//     that connection (it held nothing else: waits never run on a shared
+//     connection); the error wraps context.Canceled.
 //   - A deadlock returns [ErrDeadlock], a full lock table [ErrLockTableFull],
-//     and a connection lost while acquiring [ErrSessionLost].
+//     and a connection lost while acquiring [ErrSessionLost]. A shared
+//     connection found lost is reported through the Done of every lock it
+//     held, and the call goes on with another one.
 //   - After [Locker.Close], and for a wait that Close interrupts, the error
 //     wraps [ErrClosed].
 //
