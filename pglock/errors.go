@@ -107,7 +107,7 @@ func (e *Error) Error() string {
 	if len(e.Keys) > 1 {
 		key += " and " + strconv.Itoa(len(e.Keys)-1) + " more"
 	}
-	msg := "pglock: " + e.Op + " " + key + " (" + e.Scope + "): " + e.Err.Error()
+	msg := "pglock: " + e.Op + " " + key + " (" + e.Scope + "): " + strings.TrimPrefix(e.Err.Error(), "pglock: ")
 	for i, h := range e.Holders {
 		if i == 3 {
 			msg += "; and " + strconv.Itoa(len(e.Holders)-i) + " more holders"
