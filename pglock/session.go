@@ -29,9 +29,8 @@ type session struct {
 	pending int                   // acquisitions that picked it and are not done with it
 	gone    bool                  // retired or killed: never picked again
 
-	stop      chan struct{} // closed when the session ends, to stop watch
-	stopOnce  sync.Once
-	watchDone chan struct{}
+	stop     chan struct{} // closed when the session ends, to stop watch
+	stopOnce sync.Once
 
 	// Health-check state, guarded by turn.
 	failing time.Time // when the current run of unverifiable checks began
@@ -40,12 +39,11 @@ type session struct {
 
 func newSession(l *Locker, conn *sql.Conn) *session {
 	return &session{
-		l:         l,
-		conn:      conn,
-		locks:     make(map[*Lock]struct{}),
-		keys:      make(map[keys.Key]struct{}),
-		stop:      make(chan struct{}),
-		watchDone: make(chan struct{}),
+		l:     l,
+		conn:  conn,
+		locks: make(map[*Lock]struct{}),
+		keys:  make(map[keys.Key]struct{}),
+		stop:  make(chan struct{}),
 	}
 }
 
@@ -136,7 +134,6 @@ func (l *Locker) kill(s *session, cause error) {
 // watch runs the health checks until the session ends.
 func (s *session) watch(interval time.Duration) {
 	defer s.l.watchers.Done()
-	defer close(s.watchDone)
 	if interval <= 0 {
 		<-s.stop
 		return
@@ -261,7 +258,7 @@ func ownLocks(conn *sql.Conn) (map[heldKey]bool, error) {
 		if err := rows.Scan(&classid, &objid, &objsubid, &shared); err != nil {
 			return nil, err
 		}
-		k, err := keys.FromLockTag(uint32(classid), uint32(objid), objsubid)
+		k, err := decodeTag(classid, objid, objsubid)
 		if err != nil {
 			continue // not a key pglocks takes
 		}
