@@ -1,0 +1,266 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"text/tabwriter"
+	"time"
+
+	"github.com/pglocks/pglocks/keys"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+const hashAbout = `
+Print the PostgreSQL lock each KEY names, without connecting: the bigint (or
+pair) that pg_advisory_lock takes, and the classid, objid and objsubid columns
+under which pg_locks shows it. A name is hashed with FNV-1a-64, exactly as
+keys.String does in Go, so "pglock hash NAME" tells what to look for in
+pg_locks, or what to pass to pg_advisory_lock from SQL to share the lock.
+`
+
+const holdersAbout = `
+Show the sessions that hold KEY, then those waiting for it in the order they
+began waiting: pid, status, mode, application_name, client address and since
+when (the session's start for a holder, the wait's start for a waiter; the
+wait's start needs PostgreSQL 14 or later). A "pglock run" holder shows as
+application "pglock run KEY". Prints nothing but a note when nobody holds or
+waits for KEY; the exit code is 0 either way.
+`
+
+const listAbout = `
+List every advisory lock in the current database: one line per session and
+mode holding or waiting for each lock, holders first. Keys are decoded from
+pg_locks as int:<int64> or pair:<a>,<b>; a name cannot be recovered from its
+hash, but "pglock hash NAME" prints the int64 to look for.
+`
+
+func hashMain(ctx context.Context, e env, g *globals, c command, args []string) int {
+	fs := newFlagSet("hash", g)
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, hashAbout+"\n"+keyHelp) }); !ok {
+		return code
+	}
+	if fs.NArg() == 0 {
+		return e.usageErr("hash", "missing KEY")
+	}
+	var ks []keys.Key
+	for _, a := range fs.Args() {
+		k, err := parseKey(a)
+		if err != nil {
+			return e.usageErr("hash", "%v", err)
+		}
+		ks = append(ks, k)
+	}
+	if g.json {
+		out := make([]keyJSON, 0, len(ks))
+		for _, k := range ks {
+			out = append(out, newKeyJSON(k))
+		}
+		return e.writeJSON(out)
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEY\tLOCK\tCLASSID\tOBJID\tOBJSUBID\tSQL")
+	for _, k := range ks {
+		classid, objid, sub := k.LockTag()
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\n", k, lockOf(k), classid, objid, sub, sqlCall(k))
+	}
+	tw.Flush()
+	return exitOK
+}
+
+// sqlCall is the SQL call that takes the same lock as k.
+func sqlCall(k keys.Key) string {
+	if k.IsPair() {
+		a, b := k.Pair()
+		return fmt.Sprintf("pg_advisory_lock(%d, %d)", a, b)
+	}
+	return fmt.Sprintf("pg_advisory_lock(%d)", k.Int64())
+}
+
+func holdersMain(ctx context.Context, e env, g *globals, c command, args []string) int {
+	fs := newFlagSet("holders", g)
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, holdersAbout+"\n"+keyHelp+"\n"+connHelp) }); !ok {
+		return code
+	}
+	if fs.NArg() != 1 {
+		return e.usageErr("holders", "want exactly one KEY, got %d arguments", fs.NArg())
+	}
+	key, err := parseKey(fs.Arg(0))
+	if err != nil {
+		return e.usageErr("holders", "%v", err)
+	}
+	db, code := openOrExit(ctx, e, g, "holders", "pglock holders", false)
+	if db == nil {
+		return code
+	}
+	defer db.Close()
+	hs, err := pglock.Holders(ctx, db, key)
+	if err != nil {
+		fmt.Fprintf(e.stderr, "pglock holders: %v\n", err)
+		return exitUnavailable
+	}
+	if g.json {
+		return e.writeJSON(holdersJSON(hs))
+	}
+	if len(hs) == 0 {
+		fmt.Fprintf(e.stdout, "nobody holds or waits for %s\n", describe(key))
+		return exitOK
+	}
+	fmt.Fprintf(e.stdout, "%s:\n", describe(key))
+	e.holderTable(hs, false)
+	return exitOK
+}
+
+func listMain(ctx context.Context, e env, g *globals, c command, args []string) int {
+	fs := newFlagSet("list", g)
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, listAbout+"\n"+connHelp) }); !ok {
+		return code
+	}
+	if fs.NArg() != 0 {
+		return e.usageErr("list", "takes no arguments, got %q", fs.Args())
+	}
+	db, code := openOrExit(ctx, e, g, "list", "pglock list", false)
+	if db == nil {
+		return code
+	}
+	defer db.Close()
+	hs, err := pglock.List(ctx, db)
+	if err != nil {
+		fmt.Fprintf(e.stderr, "pglock list: %v\n", err)
+		return exitUnavailable
+	}
+	if g.json {
+		return e.writeJSON(holdersJSON(hs))
+	}
+	if len(hs) == 0 {
+		fmt.Fprintln(e.stdout, "no advisory locks in this database")
+		return exitOK
+	}
+	e.holderTable(hs, true)
+	return exitOK
+}
+
+// holderTable prints holders as a table, with a KEY column when withKey.
+func (e env) holderTable(hs []pglock.Holder, withKey bool) {
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	if withKey {
+		fmt.Fprint(tw, "KEY\t")
+	}
+	fmt.Fprintln(tw, "PID\tSTATUS\tMODE\tAPPLICATION\tCLIENT\tSINCE")
+	now := time.Now()
+	for _, h := range hs {
+		if withKey {
+			fmt.Fprintf(tw, "%s\t", h.Key)
+		}
+		status, since := "holds", "session started "+ago(now, h.BackendStart)
+		if !h.Granted {
+			status, since = "waits", "waiting "+ago(now, h.WaitStart)
+			if h.WaitStart.IsZero() {
+				since = "waiting"
+			}
+		}
+		if h.BackendStart.IsZero() && h.Granted {
+			since = "-"
+		}
+		pid := strconv.Itoa(h.PID)
+		if h.PID == 0 {
+			pid = "prepared"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", pid, status, h.Mode, dash(h.ApplicationName), dash(clientOf(h)), since)
+	}
+	tw.Flush()
+}
+
+func clientOf(h pglock.Holder) string {
+	if h.ClientAddr == "" && h.PID != 0 && h.State != "" {
+		return "local"
+	}
+	return h.ClientAddr
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// ago says how long before now t was, as "12.3s ago (15:04:05)".
+func ago(now, t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return fmt.Sprintf("%s ago (%s)", roundAge(now.Sub(t)), t.Local().Format("2006-01-02 15:04:05"))
+}
+
+// keyJSON is a key in --json output.
+type keyJSON struct {
+	Key      string    `json:"key"`
+	Name     *string   `json:"name,omitempty"`
+	Int64    *int64    `json:"int64,omitempty"`
+	Pair     *[2]int32 `json:"pair,omitempty"`
+	ClassID  uint32    `json:"classid"`
+	ObjID    uint32    `json:"objid"`
+	ObjSubID int       `json:"objsubid"`
+}
+
+func newKeyJSON(k keys.Key) keyJSON {
+	classid, objid, sub := k.LockTag()
+	j := keyJSON{Key: k.String(), ClassID: classid, ObjID: objid, ObjSubID: sub}
+	if k.IsPair() {
+		a, b := k.Pair()
+		j.Pair = &[2]int32{a, b}
+	} else {
+		v := k.Int64()
+		j.Int64 = &v
+	}
+	if isNamed(k) {
+		n := k.Name()
+		j.Name = &n
+	}
+	return j
+}
+
+// holderJSON is a holder in --json output.
+type holderJSON struct {
+	keyJSON
+	PID             int        `json:"pid"`
+	Granted         bool       `json:"granted"`
+	Mode            string     `json:"mode"`
+	ApplicationName string     `json:"application_name"`
+	ClientAddr      string     `json:"client_addr"`
+	State           string     `json:"state"`
+	Scope           string     `json:"scope"`
+	BackendStart    *time.Time `json:"backend_start"`
+	WaitStart       *time.Time `json:"wait_start"`
+}
+
+func holdersJSON(hs []pglock.Holder) []holderJSON {
+	out := make([]holderJSON, 0, len(hs))
+	opt := func(t time.Time) *time.Time {
+		if t.IsZero() {
+			return nil
+		}
+		return &t
+	}
+	for _, h := range hs {
+		out = append(out, holderJSON{
+			keyJSON: newKeyJSON(h.Key), PID: h.PID, Granted: h.Granted, Mode: h.Mode,
+			ApplicationName: h.ApplicationName, ClientAddr: h.ClientAddr, State: h.State, Scope: h.Scope,
+			BackendStart: opt(h.BackendStart), WaitStart: opt(h.WaitStart),
+		})
+	}
+	return out
+}
+
+func (e env) writeJSON(v any) int {
+	enc := json.NewEncoder(e.stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(v); err != nil {
+		fmt.Fprintf(e.stderr, "pglock: writing JSON: %v\n", err)
+		return 1
+	}
+	return exitOK
+}

@@ -1,0 +1,206 @@
+// Command pglock is a cluster-wide flock(1): it runs a command while holding a
+// PostgreSQL advisory lock, so that of the same cron job started on every
+// replica exactly one does the work at a time. It also hashes lock names and
+// shows who holds or waits for advisory locks.
+//
+//	pglock run [--shared] [--nowait|-n] [--timeout 30s] [--conflict-exit-code 1]
+//	           [--on-lost term|kill|ignore] [--grace 10s] KEY -- command [args...]
+//	pglock hash KEY...     # the lock a KEY names: its int64 and pg_locks columns
+//	pglock holders KEY     # who holds or waits for KEY
+//	pglock list            # every advisory lock in the current database
+//
+// KEY is a name, hashed with keys.String (FNV-1a-64, the same lock as
+// keys.String in Go), "int:<int64>" for a bigint key, or "pair:<a>,<b>" for a
+// pair of int32 keys. A name that itself starts with "int:", "pair:" or
+// "name:" is written "name:<name>".
+//
+// The connection comes from --dsn, otherwise from DATABASE_URL, otherwise from
+// the standard PG* environment variables (PGHOST, PGPORT, PGUSER, PGDATABASE,
+// PGPASSWORD, PGSSLMODE, PGSERVICE, ...) and ~/.pgpass, the way psql does.
+// The driver is pgx/v5.
+//
+// Run `pglock --help` and `pglock COMMAND --help` for every flag, and the
+// package's README for the exit codes.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+)
+
+// Exit codes of pglock itself. A command run by `pglock run` passes its own
+// exit code through; these are the codes pglock uses when it has none.
+const (
+	exitOK = 0
+	// exitUsage: bad flags, a malformed KEY or DSN, a missing command.
+	exitUsage = 2
+	// exitUnavailable (sysexits EX_UNAVAILABLE): the database could not be
+	// reached, or a query failed, before the command ran.
+	exitUnavailable = 69
+	// defaultLostExitCode (sysexits EX_TEMPFAIL) is the default of
+	// --lost-exit-code: the lock was lost, or could not be confirmed held,
+	// while the command ran.
+	defaultLostExitCode = 75
+	// defaultConflictExitCode is the default of --conflict-exit-code, as
+	// flock(1)'s.
+	defaultConflictExitCode = 1
+	// exitCannotExec and exitNotFound follow the shell: the command exists
+	// but cannot be executed, or does not exist.
+	exitCannotExec = 126
+	exitNotFound   = 127
+	// A command killed by signal N, and pglock itself interrupted by signal
+	// N while it waits, exit 128+N, as in the shell.
+	exitSignalBase = 128
+)
+
+// env is what a pglock invocation reads from and writes to: the process's in
+// main, something else in tests.
+type env struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+	getenv         func(string) string
+}
+
+func main() {
+	e := env{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
+	os.Exit(e.main(context.Background(), os.Args[1:]))
+}
+
+// command is one subcommand.
+type command struct {
+	name, args, summary string
+	run                 func(ctx context.Context, e env, g *globals, c command, args []string) int
+}
+
+var commands = []command{
+	{"run", "[flags] KEY [--] command [args...]", "run a command while holding KEY", runMain},
+	{"hash", "[flags] KEY...", "print the lock each KEY names: its int64 and its pg_locks columns", hashMain},
+	{"holders", "[flags] KEY", "show who holds or waits for KEY", holdersMain},
+	{"list", "[flags]", "list every advisory lock in the current database", listMain},
+}
+
+const keyHelp = `KEY is one of:
+  NAME            any other text, hashed to a bigint key with FNV-1a-64
+                  (keys.String in Go; "pglock hash NAME" prints it)
+  int:<int64>     a bigint key, as pg_advisory_lock(bigint) takes it
+  pair:<a>,<b>    two int32 keys, as pg_advisory_lock(int, int) takes them
+  name:<NAME>     a name that starts with "int:", "pair:" or "name:"
+`
+
+const connHelp = `Connection: --dsn, otherwise $DATABASE_URL, otherwise the PG* environment
+variables (PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD, PGSSLMODE,
+PGSERVICE, ...) and ~/.pgpass, the way psql reads them. A DSN is a URL
+(postgres://user@host:5432/db?sslmode=disable) or key=value pairs.
+`
+
+const exitHelp = `Exit codes of "pglock run": the command's own exit code when it ran; 128+N
+when it was killed by signal N; the --conflict-exit-code (default 1) when the
+lock was busy (--nowait) or --timeout expired; the --lost-exit-code (default
+75) when the lock was lost while the command ran; 2 for usage errors; 69 when
+the database could not be reached; 126/127 when the command cannot be run or
+is not found; 128+N when pglock itself got signal N while it waited.
+`
+
+func (e env) usage(w io.Writer) {
+	fmt.Fprintf(w, "pglock: a cluster-wide flock(1) on PostgreSQL advisory locks\n\n")
+	fmt.Fprintf(w, "Usage:\n  pglock [--dsn DSN] [--json] COMMAND [flags] [args]\n\nCommands:\n")
+	for _, c := range commands {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(w, "  %-8s %s\n", "help", "show help for a command")
+	fmt.Fprintf(w, "\nExamples:\n")
+	fmt.Fprintf(w, "  pglock run nightly-report -- ./report.sh        # one replica at a time\n")
+	fmt.Fprintf(w, "  pglock run -n nightly-report -- ./report.sh     # skip if another replica runs it\n")
+	fmt.Fprintf(w, "  pglock holders nightly-report\n\n")
+	fmt.Fprint(w, keyHelp, "\n", connHelp, "\n", exitHelp)
+	fmt.Fprintf(w, "\nRun \"pglock COMMAND --help\" for a command's flags.\n")
+}
+
+// globals are the flags every command takes, before or after its name.
+type globals struct {
+	dsn            string
+	json           bool
+	verbose        bool
+	connectTimeout durationValue
+}
+
+func (g *globals) register(fs *flag.FlagSet) {
+	fs.StringVar(&g.dsn, "dsn", g.dsn, "PostgreSQL connection string (default: $DATABASE_URL, then the PG* variables)")
+	fs.BoolVar(&g.json, "json", g.json, "print machine-readable JSON instead of tables")
+	fs.BoolVar(&g.verbose, "verbose", g.verbose, "log the lock library's events (lost locks, failed checks) to stderr")
+	fs.Var(&g.connectTimeout, "connect-timeout", "give up connecting after this long (default 10s)")
+}
+
+func (e env) main(ctx context.Context, args []string) int {
+	g := &globals{}
+	fs := flag.NewFlagSet("pglock", flag.ContinueOnError)
+	g.register(fs)
+	if code, ok := e.parse(fs, args, func(w io.Writer) { e.usage(w) }); !ok {
+		return code
+	}
+	rest := fs.Args()
+	if len(rest) == 0 {
+		e.usage(e.stderr)
+		return exitUsage
+	}
+	name, rest := rest[0], rest[1:]
+	if name == "help" {
+		if len(rest) == 0 {
+			e.usage(e.stdout)
+			return exitOK
+		}
+		name, rest = rest[0], []string{"--help"}
+	}
+	for _, c := range commands {
+		if c.name == name {
+			return c.run(ctx, e, g, c, rest)
+		}
+	}
+	fmt.Fprintf(e.stderr, "pglock: unknown command %q\nRun \"pglock --help\" for the commands.\n", name)
+	return exitUsage
+}
+
+// newFlagSet returns the flag set of one command, with the global flags.
+func newFlagSet(name string, g *globals) *flag.FlagSet {
+	fs := flag.NewFlagSet("pglock "+name, flag.ContinueOnError)
+	g.register(fs)
+	return fs
+}
+
+// parse parses args with fs. On --help it prints usage to stdout and returns
+// (0, false); on a bad flag it prints the error and a hint to stderr and
+// returns (2, false).
+func (e env) parse(fs *flag.FlagSet, args []string, usage func(io.Writer)) (int, bool) {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, flag.ErrHelp):
+		usage(e.stdout)
+		return exitOK, false
+	default:
+		fmt.Fprintf(e.stderr, "%s: %v\nRun \"%s --help\" for usage.\n", fs.Name(), err, fs.Name())
+		return exitUsage, false
+	}
+}
+
+// commandUsage prints a command's usage line, description and flags.
+func commandUsage(w io.Writer, fs *flag.FlagSet, c command, about string) {
+	fmt.Fprintf(w, "Usage: %s %s\n\n%s\n", fs.Name(), c.args, strings.TrimSpace(about))
+	fmt.Fprintf(w, "\nFlags:\n")
+	fs.SetOutput(w)
+	fs.PrintDefaults()
+	fs.SetOutput(io.Discard)
+}
+
+// usageErr prints a usage error for command name and returns exitUsage.
+func (e env) usageErr(name, format string, args ...any) int {
+	fmt.Fprintf(e.stderr, "pglock %s: %s\nRun \"pglock %s --help\" for usage.\n", name, fmt.Sprintf(format, args...), name)
+	return exitUsage
+}

@@ -1,0 +1,339 @@
+//go:build unix
+
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pglocks/pglocks/keys"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+const runAbout = `
+Run a command while holding the advisory lock KEY, like flock(1) across every
+host that reaches the same PostgreSQL database.
+
+pglock waits for the lock (on the server, without polling), runs the command
+with stdin, stdout and stderr passed through, and exits with the command's exit
+code. The lock is released after the command exits. SIGINT, SIGTERM, SIGHUP,
+SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to the command's process group;
+while pglock still waits, SIGINT, SIGTERM and SIGHUP stop the wait instead
+(exit 128+N, command not run).
+
+With --nowait, or when --timeout expires, pglock exits with the conflict code
+without running the command, and prints who holds the lock to stderr.
+
+The lock is held on its own PostgreSQL session and checked every
+--health-check interval. If it is lost while the command runs (the backend was
+terminated, the server restarted, the network failed), pglock says so on
+stderr and applies --on-lost: "term" sends SIGTERM to the command's process
+group, then SIGKILL after --grace; "kill" sends SIGKILL at once; "ignore" lets
+it finish. pglock then exits with --lost-exit-code whatever the command
+returned, because another host may have run it at the same time. A loss found
+only when the lock is released at the end is reported the same way.
+
+The session's application_name is "pglock run KEY", so "pglock holders KEY"
+and pg_stat_activity show who holds the lock.
+
+The command runs in its own process group, so the signals pglock forwards or
+sends on a loss reach the processes it starts too. When pglock runs in the
+foreground of a terminal, that group is made the terminal's foreground group
+for the command's lifetime, so interactive commands work and Ctrl-C reaches
+the command once.
+`
+
+// forwarded are the signals pglock passes on to the command.
+var forwarded = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2}
+
+// stopsWait reports whether sig, received while pglock waits for the lock,
+// abandons the wait.
+func stopsWait(sig os.Signal) bool {
+	return sig == syscall.SIGINT || sig == syscall.SIGTERM || sig == syscall.SIGHUP
+}
+
+type runFlags struct {
+	shared, nowait bool
+	timeout        durationValue
+	conflictCode   exitCodeValue
+	lostCode       exitCodeValue
+	onLost         onLostValue
+	grace          durationValue
+	healthCheck    durationValue
+}
+
+func runMain(ctx context.Context, e env, g *globals, c command, args []string) int {
+	fs := newFlagSet("run", g)
+	f := runFlags{conflictCode: defaultConflictExitCode, lostCode: defaultLostExitCode, onLost: onLostTerm}
+	f.grace = durationValue{d: 10 * time.Second}
+	f.healthCheck = durationValue{d: 2 * time.Second}
+	fs.BoolVar(&f.shared, "shared", false, "take the lock in shared mode: shared holders run together, an exclusive holder alone")
+	fs.BoolVar(&f.shared, "s", false, "short for --shared")
+	fs.BoolVar(&f.nowait, "nowait", false, "do not wait: if the lock is busy, exit with the conflict code at once")
+	fs.BoolVar(&f.nowait, "n", false, "short for --nowait")
+	fs.Var(&f.timeout, "timeout", "give up waiting after this long (30s, 1m, or seconds) and exit with the conflict code (default: wait for ever)")
+	fs.Var(&f.timeout, "w", "short for --timeout")
+	fs.Var(&f.conflictCode, "conflict-exit-code", "exit code when the lock is busy or --timeout expires")
+	fs.Var(&f.conflictCode, "E", "short for --conflict-exit-code")
+	fs.Var(&f.lostCode, "lost-exit-code", "exit code when the lock is lost while the command runs")
+	fs.Var(&f.onLost, "on-lost", "what to do with the command when the lock is lost: term, kill or ignore")
+	fs.Var(&f.grace, "grace", "with --on-lost term, how long to wait after SIGTERM before SIGKILL")
+	fs.Var(&f.healthCheck, "health-check", "how often to verify the lock while the command runs")
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, runAbout+"\n"+keyHelp+"\n"+connHelp+"\n"+exitHelp) }); !ok {
+		return code
+	}
+	rest := fs.Args()
+	if len(rest) == 0 {
+		return e.usageErr("run", "missing KEY and command")
+	}
+	keyArg, rest := rest[0], rest[1:]
+	if keyArg == "--" {
+		return e.usageErr("run", "missing KEY before --")
+	}
+	key, err := parseKey(keyArg)
+	if err != nil {
+		return e.usageErr("run", "%v", err)
+	}
+	if len(rest) > 0 && rest[0] == "--" {
+		rest = rest[1:]
+	} else if len(rest) > 0 && strings.HasPrefix(rest[0], "-") {
+		return e.usageErr("run", "flag %s after KEY: flags go before KEY, the command after --", rest[0])
+	}
+	if len(rest) == 0 {
+		return e.usageErr("run", "missing command: pglock run [flags] %s -- command [args...]", keyArg)
+	}
+	if f.nowait && f.timeout.set {
+		return e.usageErr("run", "--nowait and --timeout cannot be combined")
+	}
+	if f.healthCheck.d < 10*time.Millisecond {
+		return e.usageErr("run", "--health-check must be at least 10ms")
+	}
+	return e.runLocked(ctx, g, &f, keyArg, key, rest)
+}
+
+func (e env) runLocked(ctx context.Context, g *globals, f *runFlags, keyArg string, key keys.Key, argv []string) int {
+	// Signals are caught from the start: while waiting they stop the wait,
+	// later they are forwarded. Nothing kills pglock behind the lock's back.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, forwarded...)
+	defer signal.Stop(sigs)
+
+	db, code := openOrExit(ctx, e, g, "run", "pglock run "+keyArg, true)
+	if db == nil {
+		return code
+	}
+	defer db.Close()
+	l := pglock.NewLocker(db, pglock.WithHealthCheck(f.healthCheck.d), pglock.WithMultiplexing(0), pglock.WithLogger(logger(e.stderr, g.verbose)))
+	defer l.Close()
+
+	lk, code, ok := e.acquire(ctx, l, f, key, sigs)
+	if !ok {
+		return code
+	}
+	return e.runChild(f, key, lk, argv, sigs)
+}
+
+// acquire waits for the lock, abandoning the wait on a stop signal.
+func (e env) acquire(ctx context.Context, l *pglock.Locker, f *runFlags, key keys.Key, sigs <-chan os.Signal) (*pglock.Lock, int, bool) {
+	opts := []pglock.Option{pglock.ReportHolders()}
+	if f.shared {
+		opts = append(opts, pglock.Shared())
+	}
+	if f.nowait {
+		opts = append(opts, pglock.NoWait())
+	}
+	lctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if f.timeout.set {
+		lctx, cancel = context.WithTimeout(lctx, f.timeout.d)
+		defer cancel()
+	}
+	type result struct {
+		lk  *pglock.Lock
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		lk, err := l.Lock(lctx, key, opts...)
+		done <- result{lk, err}
+	}()
+	var stop os.Signal
+	for {
+		select {
+		case sig := <-sigs:
+			if stop == nil && stopsWait(sig) {
+				stop = sig
+				cancel()
+			}
+			continue
+		case r := <-done:
+			if stop != nil {
+				if r.err == nil {
+					_ = r.lk.Unlock(context.Background())
+				}
+				fmt.Fprintf(e.stderr, "pglock run: %v while waiting for %s; the command was not run\n", stop, describe(key))
+				return nil, exitSignalBase + signum(stop), false
+			}
+			if r.err == nil {
+				return r.lk, 0, true
+			}
+			return nil, e.acquireFailed(f, key, r.err), false
+		}
+	}
+}
+
+// acquireFailed reports a failed acquisition and returns the exit code.
+func (e env) acquireFailed(f *runFlags, key keys.Key, err error) int {
+	busy := errors.Is(err, pglock.ErrNotAcquired)
+	expired := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, pglock.ErrLockTimeout)
+	if !busy && !expired {
+		fmt.Fprintf(e.stderr, "pglock run: cannot take %s: %v\n", describe(key), err)
+		if errors.Is(err, pglock.ErrInvalidKey) {
+			return exitUsage
+		}
+		return exitUnavailable
+	}
+	why := "is busy (--nowait)"
+	if expired {
+		why = fmt.Sprintf("was not granted within --timeout %v", f.timeout.d)
+	}
+	var pe *pglock.Error
+	var holders []pglock.Holder
+	if errors.As(err, &pe) {
+		holders = pe.Holders
+	}
+	fmt.Fprintf(e.stderr, "pglock run: %s %s; the command was not run\n", describe(key), why)
+	if len(holders) == 0 {
+		fmt.Fprintf(e.stderr, "pglock run: could not see who holds it (it may have just been released)\n")
+	}
+	for _, h := range holders {
+		fmt.Fprintf(e.stderr, "pglock run:   held by %s\n", holderLine(h))
+	}
+	return int(f.conflictCode)
+}
+
+// holderLine describes one holder on one line.
+func holderLine(h pglock.Holder) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "pid %d", h.PID)
+	if h.PID == 0 {
+		b.Reset()
+		b.WriteString("a prepared transaction")
+	}
+	if h.ApplicationName != "" {
+		fmt.Fprintf(&b, " (%q)", h.ApplicationName)
+	}
+	if h.ClientAddr != "" {
+		fmt.Fprintf(&b, " from %s", h.ClientAddr)
+	}
+	fmt.Fprintf(&b, ", %s", h.Mode)
+	if !h.BackendStart.IsZero() {
+		fmt.Fprintf(&b, ", session started %s ago", roundAge(time.Since(h.BackendStart)))
+	}
+	return b.String()
+}
+
+// runChild runs argv while lk is held, then releases lk.
+func (e env) runChild(f *runFlags, key keys.Key, lk *pglock.Lock, argv []string, sigs <-chan os.Signal) int {
+	release := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return lk.Unlock(ctx)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = e.stdin, e.stdout, e.stderr
+	fg := foreground()
+	cmd.SysProcAttr = procAttr(fg)
+	if err := cmd.Start(); err != nil {
+		if rerr := release(); rerr != nil {
+			fmt.Fprintf(e.stderr, "pglock run: releasing %s: %v\n", describe(key), rerr)
+		}
+		code := exitCannotExec
+		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
+			code = exitNotFound
+		}
+		fmt.Fprintf(e.stderr, "pglock run: cannot run %s: %v\n", argv[0], err)
+		return code
+	}
+	restore := func() {}
+	if fg {
+		restore = reclaimTerminal
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+
+	lost := lk.Done()
+	var lostErr error
+	var killAt <-chan time.Time
+	var werr error
+loop:
+	for {
+		select {
+		case sig := <-sigs:
+			_ = signalGroup(cmd.Process, sig)
+		case <-lost:
+			lost, lostErr = nil, lk.Err()
+			if lostErr == nil {
+				lostErr = pglock.ErrLost
+			}
+			pid := cmd.Process.Pid
+			switch f.onLost {
+			case onLostTerm:
+				fmt.Fprintf(e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGTERM to process group %d, SIGKILL in %v\n", describe(key), lostErr, pid, f.grace.d)
+				_ = signalGroup(cmd.Process, syscall.SIGTERM)
+				killAt = time.After(f.grace.d)
+			case onLostKill:
+				fmt.Fprintf(e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGKILL to process group %d\n", describe(key), lostErr, pid)
+				_ = signalGroup(cmd.Process, syscall.SIGKILL)
+			case onLostIgnore:
+				fmt.Fprintf(e.stderr, "pglock run: lost %s while the command ran (%v); letting it finish (--on-lost ignore)\n", describe(key), lostErr)
+			}
+		case <-killAt:
+			killAt = nil
+			fmt.Fprintf(e.stderr, "pglock run: the command did not exit within --grace %v of SIGTERM; sending SIGKILL to process group %d\n", f.grace.d, cmd.Process.Pid)
+			_ = signalGroup(cmd.Process, syscall.SIGKILL)
+		case werr = <-waited:
+			break loop
+		}
+	}
+	restore()
+	code, how := exitCodeOf(cmd, werr)
+	if lostErr != nil {
+		fmt.Fprintf(e.stderr, "pglock run: the command %s; exiting %d because the lock was lost while it ran\n", how, f.lostCode)
+		return int(f.lostCode)
+	}
+	if err := release(); err != nil {
+		fmt.Fprintf(e.stderr, "pglock run: the command %s, but %s could not be confirmed held until it finished: %v\n", how, describe(key), err)
+		fmt.Fprintf(e.stderr, "pglock run: exiting %d (--lost-exit-code): another host may have held the lock meanwhile\n", f.lostCode)
+		return int(f.lostCode)
+	}
+	return code
+}
+
+// exitCodeOf turns the command's end into an exit code the shell's way, and
+// describes it.
+func exitCodeOf(cmd *exec.Cmd, werr error) (int, string) {
+	ps := cmd.ProcessState
+	if ps == nil {
+		return exitCannotExec, fmt.Sprintf("failed: %v", werr)
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return exitSignalBase + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return ps.ExitCode(), fmt.Sprintf("exited with code %d", ps.ExitCode())
+}
+
+func signum(sig os.Signal) int {
+	if s, ok := sig.(syscall.Signal); ok {
+		return int(s)
+	}
+	return 1
+}
