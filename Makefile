@@ -45,11 +45,8 @@ fuzz:
 	$(GO) test -run XXX -fuzz FuzzParse -fuzztime 30s ./keys
 	$(GO) test -run XXX -fuzz FuzzLockTag -fuzztime 30s ./keys
 
-## demo: two workers contend for one key on the local server
+## demo: build the pglock CLI and show three workers contending for one key
+## (the local server, else DATABASE_URL, else a dockertest container)
 demo:
-	@if [ -z "$$PGLOCKS_TEST_DSN" ]; then \
-	  echo "make demo needs PostgreSQL. Start the local server:"; \
-	  echo "  pg_ctlcluster --skip-systemctl-redirect \$$(ls /etc/postgresql) main start"; \
-	  echo "or point it at one: PGLOCKS_TEST_DSN=postgres://user@host:5432/db?sslmode=disable make demo"; \
-	  exit 1; fi
-	$(GO) run ./internal/demo
+	$(GO) build -o bin/pglock ./cmd/pglock
+	$(GO) run ./internal/demo --pglock bin/pglock

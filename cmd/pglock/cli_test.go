@@ -438,7 +438,14 @@ func TestRunLost(t *testing.T) {
 			}
 			// The whole process group is gone: the command and its sleep.
 			if childPID > 0 {
-				if live := liveInGroup(childPID); len(live) > 0 {
+				var live []int
+				for i := 0; i < 100; i++ { // SIGKILL is asynchronous
+					if live = liveInGroup(childPID); len(live) == 0 {
+						break
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				if len(live) > 0 {
 					t.Errorf("process group %d still has live processes %v after pglock exited", childPID, live)
 				}
 			}
@@ -455,7 +462,9 @@ func TestRunSignals(t *testing.T) {
 	for sig, trapName := range map[syscall.Signal]string{syscall.SIGTERM: "TERM", syscall.SIGINT: "INT"} {
 		name := uniqueName(t)
 		marker := filepath.Join(t.TempDir(), "got")
-		p, _ := holding(t, db, name, nil, fmt.Sprintf(`trap 'echo got > %s; exit 3' %s; while :; do sleep 0.02; done`, marker, trapName))
+		ready := filepath.Join(t.TempDir(), "ready")
+		p, _ := holding(t, db, name, nil, fmt.Sprintf(`trap 'echo got > %s; exit 3' %s; touch %s; while :; do sleep 0.02; done`, marker, trapName, ready))
+		eventually(t, "the command has set its trap", func() bool { _, err := os.Stat(ready); return err == nil })
 		if err := p.cmd.Process.Signal(sig); err != nil {
 			t.Fatal(err)
 		}

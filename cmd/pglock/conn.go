@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
@@ -56,6 +58,14 @@ func open(ctx context.Context, e env, g *globals, app string, force bool) (*sql.
 		cfg.ConnectTimeout = g.connectTimeout.d
 	case cfg.ConnectTimeout == 0:
 		cfg.ConnectTimeout = defaultConnectTimeout
+	}
+	// A wait that pglock abandons (SIGINT while waiting) is interrupted on
+	// the server with a CancelRequest, so that no backend is left waiting for
+	// the lock after pglock has gone. pgx's default would only close the
+	// socket, which a backend blocked on a lock does not notice until the
+	// lock is granted.
+	cfg.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.CancelRequestContextWatcherHandler{Conn: c, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
 	}
 	db := stdlib.OpenDB(*cfg)
 	pctx, cancel := context.WithTimeout(ctx, cfg.ConnectTimeout+time.Second)

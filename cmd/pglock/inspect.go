@@ -156,7 +156,7 @@ func (e env) holderTable(hs []pglock.Holder, withKey bool) {
 		}
 		status, since := "holds", "session started "+ago(now, h.BackendStart)
 		if !h.Granted {
-			status, since = "waits", "waiting "+ago(now, h.WaitStart)
+			status, since = "waits", fmt.Sprintf("waiting for %s (since %s)", roundAge(now.Sub(h.WaitStart)), h.WaitStart.Local().Format("15:04:05"))
 			if h.WaitStart.IsZero() {
 				since = "waiting"
 			}

@@ -48,3 +48,7 @@ func signalGroup(p *os.Process, sig os.Signal) error {
 	}
 	return p.Signal(sig)
 }
+
+// groupAlive reports whether process group pgid still has a process (a
+// zombie not yet reaped by its new parent counts).
+func groupAlive(pgid int) bool { return syscall.Kill(-pgid, 0) == nil }

@@ -305,6 +305,11 @@ loop:
 		}
 	}
 	restore()
+	if lostErr != nil && f.onLost != onLostIgnore {
+		// The lock is gone: nothing the command started may outlive
+		// pglock. Its group gets the rest of the grace period, then SIGKILL.
+		e.reapGroup(cmd.Process, killAt)
+	}
 	code, how := exitCodeOf(cmd, werr)
 	if lostErr != nil {
 		fmt.Fprintf(e.stderr, "pglock run: the command %s; exiting %d because the lock was lost while it ran\n", how, f.lostCode)
@@ -336,4 +341,22 @@ func signum(sig os.Signal) int {
 		return int(s)
 	}
 	return 1
+}
+
+// reapGroup waits for the rest of the command's process group to exit, until
+// killAt (nil: now), then sends it SIGKILL.
+func (e env) reapGroup(p *os.Process, killAt <-chan time.Time) {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for killAt != nil && groupAlive(p.Pid) {
+		select {
+		case <-killAt:
+			killAt = nil
+		case <-tick.C:
+		}
+	}
+	if groupAlive(p.Pid) {
+		fmt.Fprintf(e.stderr, "pglock run: processes of group %d outlived the command; sending them SIGKILL\n", p.Pid)
+		_ = syscall.Kill(-p.Pid, syscall.SIGKILL)
+	}
 }

@@ -1,60 +1,237 @@
-// Command demo shows two workers contending for one advisory lock on the
-// server in PGLOCKS_TEST_DSN: one runs, the other waits, then runs.
+// Command demo is `make demo`: it runs the pglock CLI as three workers that
+// want the same job lock, the way three replicas of a cron job would, and
+// narrates who waited, who ran and for how long.
+//
+// The server is PGLOCKS_TEST_DSN (the Makefile sets it when 127.0.0.1:5432
+// answers), else DATABASE_URL, else a postgres:15 container started with
+// dockertest. When none is possible it says exactly what to do.
 package main
 
 import (
+	"bufio"
 	"context"
 	"database/sql"
+	"errors"
+	"flag"
 	"fmt"
-	"log"
+	"io"
 	"os"
+	"os/exec"
+	"strings"
 	"sync"
 	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/ory/dockertest/v3"
 
 	"github.com/pglocks/pglocks/keys"
-	"github.com/pglocks/pglocks/pglock"
+)
+
+const (
+	keyName = "demo:nightly-report"
+	work    = 2 * time.Second
 )
 
 func main() {
-	dsn := os.Getenv("PGLOCKS_TEST_DSN")
-	if dsn == "" {
-		log.Fatal("set PGLOCKS_TEST_DSN to a PostgreSQL URL")
+	bin := flag.String("pglock", "bin/pglock", "the pglock binary (make demo builds it)")
+	flag.Parse()
+	if _, err := os.Stat(*bin); err != nil {
+		fail("the pglock binary %s is missing (%v): run `make demo`, which builds it first", *bin, err)
 	}
+	dsn, source, stop := server()
+	defer stop()
+	os.Exit(demo(*bin, dsn, source))
+}
+
+func fail(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "make demo: "+format+"\n", args...)
+	os.Exit(1)
+}
+
+// server finds the PostgreSQL to run against.
+func server() (dsn, source string, stop func()) {
+	for _, name := range []string{"PGLOCKS_TEST_DSN", "DATABASE_URL"} {
+		if v := os.Getenv(name); v != "" {
+			if err := ping(v); err != nil {
+				fail("%s=%s does not answer: %v", name, v, err)
+			}
+			return v, name, func() {}
+		}
+	}
+	fmt.Println("no PostgreSQL on 127.0.0.1:5432 and no PGLOCKS_TEST_DSN or DATABASE_URL: starting postgres:15 with dockertest...")
+	dsn, stop, err := startDocker()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, `
+make demo needs PostgreSQL and found none:
+  - nothing answers on 127.0.0.1:5432, and PGLOCKS_TEST_DSN and DATABASE_URL are unset;
+  - dockertest could not start postgres:15: %v
+
+Do one of these, then run make demo again:
+  1. Start the local server. On Debian or Ubuntu:
+       pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start
+     (on macOS with Homebrew: brew services start postgresql)
+  2. Point the demo at a server you can use:
+       DATABASE_URL='postgres://USER@HOST:5432/DB?sslmode=disable' make demo
+  3. Start a Docker engine: make demo then starts postgres:15 by itself.
+`, err)
+		os.Exit(1)
+	}
+	return dsn, "a postgres:15 container (dockertest)", stop
+}
+
+func ping(dsn string) error {
 	db, err := sql.Open("pgx", dsn)
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
 	defer db.Close()
-	if err := db.Ping(); err != nil {
-		log.Fatalf("cannot reach PostgreSQL: %v", err)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return db.PingContext(ctx)
+}
+
+func startDocker() (string, func(), error) {
+	pool, err := dockertest.NewPool("")
+	if err != nil {
+		return "", nil, err
 	}
+	if err := pool.Client.Ping(); err != nil {
+		return "", nil, fmt.Errorf("no Docker engine: %w", err)
+	}
+	res, err := pool.Run("postgres", "15", []string{"POSTGRES_HOST_AUTH_METHOD=trust", "POSTGRES_DB=test"})
+	if err != nil {
+		return "", nil, err
+	}
+	_ = res.Expire(600)
+	dsn := fmt.Sprintf("postgres://postgres@localhost:%s/test?sslmode=disable", res.GetPort("5432/tcp"))
+	pool.MaxWait = 60 * time.Second
+	if err := pool.Retry(func() error { return ping(dsn) }); err != nil {
+		_ = pool.Purge(res)
+		return "", nil, err
+	}
+	return dsn, func() { _ = pool.Purge(res) }, nil
+}
 
-	key := keys.String("demo:nightly-report")
-	fmt.Printf("two workers want the lock %s (pg_advisory_lock(%d))\n\n", key, key.Int64())
-	start := time.Now()
-	say := func(who, what string) { fmt.Printf("[%5.2fs] %s %s\n", time.Since(start).Seconds(), who, what) }
+// narrator prints timestamped lines, one at a time.
+type narrator struct {
+	mu    sync.Mutex
+	start time.Time
+}
 
+func (n *narrator) say(who, format string, args ...any) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	fmt.Printf("[%5.2fs] %-9s %s\n", time.Since(n.start).Seconds(), who, fmt.Sprintf(format, args...))
+}
+
+// worker is one pglock process.
+type worker struct {
+	name                  string
+	args                  []string
+	asked, started, ended time.Time
+	code                  int
+	stderr                strings.Builder
+}
+
+func demo(bin, dsn, source string) int {
+	key := keys.String(keyName)
+	fmt.Printf("pglock demo against %s\n\n", source)
+	fmt.Printf("Three workers, three separate processes as on three replicas, run the same\n")
+	fmt.Printf("nightly job under one lock: the name %q, which is\n", keyName)
+	fmt.Printf("pg_advisory_lock(%d). Each runs:\n\n", key.Int64())
+	fmt.Printf("  pglock run [flags] %s -- sh -c 'work for %v'\n\n", keyName, work)
+
+	n := &narrator{start: time.Now()}
+	env := append(os.Environ(), "DATABASE_URL="+dsn)
+	script := fmt.Sprintf(`echo "got the lock: working for %v"; sleep %g; echo "done"`, work, work.Seconds())
+	workers := []*worker{
+		{name: "worker-A", args: []string{"run", keyName, "--", "sh", "-c", script}},
+		{name: "worker-B", args: []string{"run", keyName, "--", "sh", "-c", script}},
+		{name: "worker-C", args: []string{"run", "--nowait", keyName, "--", "sh", "-c", script}},
+	}
 	var wg sync.WaitGroup
-	for i, who := range []string{"worker-A", "worker-B"} {
+	launch := func(w *worker, note string) {
+		cmd := exec.Command(bin, w.args...)
+		cmd.Env = env
+		out, _ := cmd.StdoutPipe()
+		cmd.Stderr = &w.stderr
+		w.asked = time.Now()
+		n.say(w.name, "asks for the lock%s", note)
+		if err := cmd.Start(); err != nil {
+			fail("cannot start %s: %v", bin, err)
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			time.Sleep(time.Duration(i) * 100 * time.Millisecond) // A asks first
-			say(who, "asks for the lock")
-			asked := time.Now()
-			err := pglock.WithLock(context.Background(), db, key, func(ctx context.Context, _ bool) error {
-				say(who, fmt.Sprintf("got the lock after waiting %.2fs; working for 1s", time.Since(asked).Seconds()))
-				time.Sleep(time.Second)
-				say(who, "done; releasing")
-				return nil
-			})
-			if err != nil {
-				log.Fatal(err)
+			sc := bufio.NewScanner(out)
+			for sc.Scan() {
+				line := sc.Text()
+				if strings.HasPrefix(line, "got the lock") {
+					w.started = time.Now()
+					line = fmt.Sprintf("%s (waited %.2fs)", line, w.started.Sub(w.asked).Seconds())
+				}
+				n.say(w.name, "%s", line)
+			}
+			_, _ = io.Copy(io.Discard, out)
+			err := cmd.Wait()
+			w.ended = time.Now()
+			w.code = cmd.ProcessState.ExitCode()
+			var ee *exec.ExitError
+			if err != nil && !errors.As(err, &ee) {
+				n.say(w.name, "failed: %v", err)
+			}
+			switch {
+			case w.code != 0 && w.started.IsZero():
+				n.say(w.name, "did not run the job: pglock exited %d", w.code)
+				for _, l := range strings.Split(strings.TrimSpace(w.stderr.String()), "\n") {
+					n.say("", "  stderr: %s", l)
+				}
+			default:
+				n.say(w.name, "released the lock; pglock exited %d", w.code)
 			}
 		}()
 	}
+
+	launch(workers[0], "")
+	time.Sleep(500 * time.Millisecond)
+	launch(workers[1], " (A holds it, so B waits on the server: no polling)")
+	time.Sleep(500 * time.Millisecond)
+
+	n.say("observer", "pglock holders %s:", keyName)
+	hold := exec.Command(bin, "holders", keyName)
+	hold.Env = env
+	if out, err := hold.CombinedOutput(); err != nil {
+		n.say("observer", "pglock holders failed: %v\n%s", err, out)
+	} else {
+		for _, l := range strings.Split(strings.TrimRight(string(out), "\n"), "\n") {
+			fmt.Printf("           %s\n", l)
+		}
+	}
+	launch(workers[2], " with --nowait (skip the job if another replica runs it)")
 	wg.Wait()
-	fmt.Println("\nonly one worker held the lock at a time; the other waited on the server, not in a poll loop.")
+
+	fmt.Printf("\nSummary:\n")
+	fmt.Printf("  %-9s  %-8s  %-8s  %-8s  %s\n", "WORKER", "WAITED", "RAN FOR", "EXIT", "")
+	ok := true
+	for _, w := range workers {
+		switch {
+		case w.started.IsZero():
+			fmt.Printf("  %-9s  %-8s  %-8s  %-8d  %s\n", w.name, "-", "-", w.code, "skipped: the lock was busy")
+		default:
+			fmt.Printf("  %-9s  %-8s  %-8s  %-8d  %s\n", w.name, secs(w.started.Sub(w.asked)), secs(w.ended.Sub(w.started)), w.code, "ran the job")
+		}
+	}
+	a, b := workers[0], workers[1]
+	if a.started.IsZero() || b.started.IsZero() || b.started.Before(a.ended.Add(-200*time.Millisecond)) || workers[2].code != 1 {
+		ok = false
+	}
+	if !ok {
+		fmt.Printf("\nunexpected: the workers did not take turns as they should\n")
+		return 1
+	}
+	fmt.Printf("\nA and B ran one after the other; C saw the lock busy and skipped the job.\n")
+	fmt.Printf("Try it yourself in two terminals:\n  %s run %s -- sleep 10\n  %s holders %s\n", bin, keyName, bin, keyName)
+	return 0
 }
+
+func secs(d time.Duration) string { return fmt.Sprintf("%.2fs", d.Seconds()) }
