@@ -15,6 +15,8 @@
 //     [Lock] values, each on a connection it pins from the pool and verifies
 //     every few seconds. [Lock.Done] is closed when the lock is lost, and
 //     [Locker.Do] cancels its function's context with cause [ErrLost].
+//   - Leader election: [Locker.Lead] runs a function on one candidate at a
+//     time and campaigns again after a lost leadership.
 //
 // Locks are named by [keys.Key]: an int64, a pair of int32s, or a string
 // hashed with a frozen FNV-1a-64 (see package keys).

@@ -83,7 +83,7 @@ var (
 // context.DeadlineExceeded, and [errors.As] to reach the driver's error
 // (*pq.Error, *pgconn.PgError).
 type Error struct {
-	Op    string   // "lock", "trylock", "unlock", "do", "close", "holders" or "list"
+	Op    string   // "lock", "trylock", "unlock", "do", "lead", "close", "holders" or "list"
 	Key   keys.Key // the lock; for several, the first in canonical order
 	Scope string   // "session" or "transaction"
 	Err   error    // the causes, outermost first

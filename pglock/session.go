@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pglocks/pglocks/internal/sqlexec"
@@ -35,6 +36,10 @@ type session struct {
 	// Health-check state, guarded by turn.
 	failing time.Time // when the current run of unverifiable checks began
 	retries int
+
+	// verified is when the last successful health check was sent: every
+	// lock still on the session was held then. Read by Lead's lease.
+	verified atomic.Pointer[time.Time]
 }
 
 func newSession(l *Locker, conn *sql.Conn) *session {
@@ -181,9 +186,11 @@ func (s *session) check(interval time.Duration) (time.Duration, bool) {
 		return 0, false
 	}
 
+	sent := time.Now()
 	held, err := ownLocks(s.conn)
 	switch {
 	case err == nil:
+		s.verified.Store(&sent)
 		if !s.failing.IsZero() {
 			l.log.Info("pglock: locks verified again", "after", time.Since(s.failing))
 			s.failing, s.retries = time.Time{}, 0
