@@ -405,6 +405,25 @@ func TestLockAll(t *testing.T) {
 					}
 				}
 
+				// NoWait on free keys takes them all and says so (a
+				// transaction's try once read RELEASE SAVEPOINT's row count
+				// as busy while holding every key).
+				release, err = p.lock(ctx, in, pglock.NoWait())
+				if err != nil {
+					t.Fatalf("NoWait on free keys: %v", err)
+				}
+				for _, k := range ks {
+					if !p.holds(t, k) {
+						t.Fatalf("%v not held after LockAll with NoWait", k)
+					}
+				}
+				if err := release(); err != nil {
+					t.Fatal(err)
+				}
+				for _, k := range ks {
+					obs.waitFree(t, k, "after the NoWait release")
+				}
+
 				// The last key in canonical order is busy, so every other
 				// key is taken before the failure.
 				last := keys.Canonical(ks)[n-1]

@@ -171,7 +171,10 @@ func (a attempt) run(ctx context.Context) (bool, error) {
 	stop()
 
 	if err == nil && !interrupted {
-		if a.wait {
+		if a.wait || a.set.InSavepoint(false) {
+			// A wait either succeeds or fails, and so does a transaction's
+			// try of several keys: it reports a busy key as an error
+			// (CodeSetBusy), and its row count is RELEASE SAVEPOINT's, 0.
 			return true, nil
 		}
 		n, rerr := res.RowsAffected()
