@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/sqlexec"
 	"github.com/pglocks/pglocks/keys"
@@ -118,7 +119,25 @@ func check(nilHandle bool, key keys.Key) error {
 // discardConn closes conn's underlying connection instead of returning it to
 // the pool: database/sql closes a connection whose Raw callback reports
 // driver.ErrBadConn. The server then ends the session and releases its locks.
+//
+// It waits at most discardWait. database/sql cannot close a *sql.Conn while
+// a *sql.Tx begun on it is open (LockConn misused inside a transaction):
+// the close then happens, in the background, when that transaction ends,
+// and the caller is not blocked until then.
 func discardConn(conn *sql.Conn) {
-	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
-	_ = conn.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+		_ = conn.Close()
+	}()
+	t := time.NewTimer(discardWait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+	}
 }
+
+// discardWait bounds how long discardConn waits for the close.
+const discardWait = 2 * time.Second

@@ -1,0 +1,217 @@
+package pglocktest
+
+import (
+	"strconv"
+
+	"github.com/DATA-DOG/go-sqlmock"
+
+	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/keys"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+// Outcome is how a lock call ends. Each helper registers the statements the
+// real call sends and the server's answers that make it end so, with the
+// same result and errors as against PostgreSQL.
+type Outcome int
+
+const (
+	// Acquired: the lock is granted. LockConn, LockTx and LockAllTx return
+	// nil, TryLockConn and TryLockTx return true, and WithLock runs fn with
+	// acquired == true.
+	Acquired Outcome = iota
+
+	// Busy: another session holds the lock, and the call does not wait:
+	// TryLockConn and TryLockTx return false; LockConn, LockTx and LockAllTx
+	// with pglock.NoWait() return an error wrapping pglock.ErrNotAcquired;
+	// WithLock with pglock.NoWait() runs fn with acquired == false. A call
+	// that waits cannot be busy (it waits): use TimedOut.
+	Busy
+
+	// TimedOut: the wait ended at lock_timeout (SQLSTATE 55P03). When the
+	// call's ctx has a deadline, which is how pglock bounds a wait, the
+	// error wraps context.DeadlineExceeded; without one (a lock_timeout set
+	// on the session, role or database, or a deadline too far away for
+	// lock_timeout, over 24 days) it wraps pglock.ErrLockTimeout. The
+	// connection or transaction stays usable. Only for calls that wait.
+	TimedOut
+
+	// Deadlock: PostgreSQL chose this wait as a deadlock victim (SQLSTATE
+	// 40P01); the error wraps pglock.ErrDeadlock. Only for calls that wait.
+	Deadlock
+
+	// LockTableFull: the server's shared lock table is full (SQLSTATE
+	// 53200); the error wraps pglock.ErrLockTableFull.
+	LockTableFull
+
+	// SessionLost: the session was terminated during the call (SQLSTATE
+	// 57P01, then a closed connection); the error wraps
+	// pglock.ErrSessionLost. (A real connection would be unusable after
+	// it; the mock's is not, so the code's next statements, if any, still
+	// go to its expectations.)
+	SessionLost
+)
+
+// String returns the outcome's name, such as "TimedOut".
+func (o Outcome) String() string {
+	switch o {
+	case Acquired:
+		return "Acquired"
+	case Busy:
+		return "Busy"
+	case TimedOut:
+		return "TimedOut"
+	case Deadlock:
+		return "Deadlock"
+	case LockTableFull:
+		return "LockTableFull"
+	case SessionLost:
+		return "SessionLost"
+	}
+	return "Outcome(" + strconv.Itoa(int(o)) + ")"
+}
+
+var (
+	lockConnCall    = call{name: "ExpectLockConn", wait: true, explain: true}
+	tryLockConnCall = call{name: "ExpectTryLockConn"}
+	lockTxCall      = call{name: "ExpectLockTx", wait: true, explain: true}
+	tryLockTxCall   = call{name: "ExpectTryLockTx"}
+	lockAllTxCall   = call{name: "ExpectLockAllTx", wait: true, explain: true}
+	withLockCall    = call{name: "ExpectWithLock", wait: true}
+	withLockTxCall  = call{name: "ExpectWithLockTx", wait: true}
+)
+
+// register registers c's statements for set and out, then, when fn runs
+// (Acquired and Busy), fn's expectations and, if unlock is set and the lock
+// was acquired, the unlock. A zero key registers nothing: pglock sends
+// nothing for it.
+func register(mock sqlmock.Sqlmock, c call, ks []keys.Key, scope sqlexec.Scope, out Outcome, opts []pglock.Option, fn func(), unlock bool) {
+	set := sqlexec.Set{Keys: keys.Canonical(ks), Scope: scope}
+	if len(set.Keys) == 0 || set.Keys[0].IsZero() {
+		return
+	}
+	o, err := decode(opts)
+	if err != nil {
+		expectInvalid(mock, err)
+		return
+	}
+	set.Shared = o.shared
+	steps, err := plan(c, set, o, out)
+	if err != nil {
+		expectInvalid(mock, err)
+		return
+	}
+	expect(mock, steps)
+	if out != Acquired && out != Busy {
+		return
+	}
+	if fn != nil {
+		fn()
+	}
+	if unlock && out == Acquired {
+		expect(mock, []step{{pattern: exact(set.UnlockSQL()), rows: int64(len(set.Keys))}})
+	}
+}
+
+// ExpectLockConn registers the statements pglock.LockConn(ctx, conn, key,
+// opts...) sends, answered so that it ends with out: Acquired; Busy (with
+// pglock.NoWait() only); TimedOut, Deadlock (without NoWait only);
+// LockTableFull or SessionLost. Pass the options the code under test passes.
+//
+// With pglock.ReportHolders(), a Busy or TimedOut call also looks up the
+// holders: the helper answers with one session, [HolderPID] (named
+// [HolderApplicationName]).
+func ExpectLockConn(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
+	register(mock, lockConnCall, []keys.Key{key}, sqlexec.Session, out, opts, nil, false)
+}
+
+// ExpectTryLockConn registers the statements pglock.TryLockConn(ctx, conn,
+// key, opts...) sends, answered so that it ends with out: Acquired (true),
+// Busy (false), LockTableFull or SessionLost (an error).
+func ExpectTryLockConn(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
+	register(mock, tryLockConnCall, []keys.Key{key}, sqlexec.Session, out, opts, nil, false)
+}
+
+// ExpectUnlockConn registers the statement pglock.UnlockConn(ctx, conn, key,
+// opts...) sends, answered as when the session held the lock: UnlockConn
+// returns nil. Pass pglock.Shared() for a shared lock, as UnlockConn needs.
+func ExpectUnlockConn(mock sqlmock.Sqlmock, key keys.Key, opts ...pglock.Option) {
+	expectUnlock(mock, "ExpectUnlockConn", key, opts, 1)
+}
+
+// ExpectUnlockConnNotHeld registers the statement pglock.UnlockConn(ctx,
+// conn, key, opts...) sends, answered as when the session did not hold the
+// lock (it was lost, or never taken): UnlockConn returns an error wrapping
+// pglock.ErrNotHeld.
+func ExpectUnlockConnNotHeld(mock sqlmock.Sqlmock, key keys.Key, opts ...pglock.Option) {
+	expectUnlock(mock, "ExpectUnlockConnNotHeld", key, opts, 0)
+}
+
+func expectUnlock(mock sqlmock.Sqlmock, name string, key keys.Key, opts []pglock.Option, rows int64) {
+	if key.IsZero() {
+		return
+	}
+	o, err := decode(opts)
+	if err != nil {
+		expectInvalid(mock, err)
+		return
+	}
+	l := sqlexec.Lock{Key: key, Shared: o.shared, Scope: sqlexec.Session}
+	expect(mock, []step{{pattern: exact(l.UnlockSQL()), rows: rows}})
+}
+
+// ExpectLockTx registers the statements pglock.LockTx(ctx, tx, key, opts...)
+// sends, answered so that it ends with out, as [ExpectLockConn] describes.
+// After TimedOut, Deadlock and LockTableFull the transaction is usable, as
+// on the server: expect its further statements as usual. Register the
+// transaction's mock.ExpectBegin() first, as usual.
+func ExpectLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
+	register(mock, lockTxCall, []keys.Key{key}, sqlexec.Xact, out, opts, nil, false)
+}
+
+// ExpectTryLockTx registers the statements pglock.TryLockTx(ctx, tx, key,
+// opts...) sends, answered so that it ends with out: Acquired (true), Busy
+// (false), LockTableFull or SessionLost (an error; a failed try aborts the
+// transaction, as on the server).
+func ExpectTryLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
+	register(mock, tryLockTxCall, []keys.Key{key}, sqlexec.Xact, out, opts, nil, false)
+}
+
+// ExpectLockAllTx registers the statements pglock.LockAllTx(ctx, tx, ks,
+// opts...) sends, answered so that it ends with out, as [ExpectLockConn]
+// describes. The keys may be in any order, with repeats, as LockAllTx takes
+// them. An empty ks, or one with a zero key, registers nothing: LockAllTx
+// sends nothing for it.
+func ExpectLockAllTx(mock sqlmock.Sqlmock, ks []keys.Key, out Outcome, opts ...pglock.Option) {
+	register(mock, lockAllTxCall, ks, sqlexec.Xact, out, opts, nil, false)
+}
+
+// ExpectWithLock registers what pglock.WithLock(ctx, x, key, fn, opts...)
+// sends when x is a *sql.DB or a *sql.Conn (for a *sql.Tx use
+// [ExpectWithLockTx]):
+//
+//   - Acquired: the lock, then the expectations that fn registers (those of
+//     the statements the code's own fn sends while holding the lock), then
+//     the unlock. WithLock runs its fn with acquired == true.
+//   - Busy (with pglock.NoWait() only): the try, then fn's expectations;
+//     WithLock runs its fn with acquired == false and unlocks nothing.
+//   - TimedOut, Deadlock (without NoWait), LockTableFull, SessionLost: the
+//     failed lock only. WithLock returns the error without running its fn,
+//     and this helper does not call fn.
+//
+// fn may be nil when the code's fn sends nothing through the mock.
+// With a *sql.DB, WithLock takes a connection from the pool, which a mock
+// made by sqlmock.New provides without an expectation.
+func ExpectWithLock(mock sqlmock.Sqlmock, key keys.Key, out Outcome, fn func(), opts ...pglock.Option) {
+	register(mock, withLockCall, []keys.Key{key}, sqlexec.Session, out, opts, fn, true)
+}
+
+// ExpectWithLockTx registers what pglock.WithLock(ctx, tx, key, fn, opts...)
+// sends when tx is a *sql.Tx: the transaction lock, answered so that it ends
+// with out, then, for Acquired and Busy (with pglock.NoWait() only), the
+// expectations that fn registers. There is no unlock: the lock lasts until
+// the transaction ends, so expect the code's COMMIT or ROLLBACK after it, as
+// usual.
+func ExpectWithLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, fn func(), opts ...pglock.Option) {
+	register(mock, withLockTxCall, []keys.Key{key}, sqlexec.Xact, out, opts, fn, false)
+}
