@@ -88,7 +88,9 @@ func run(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "FAIL: cannot reach PGLOCKS_TEST_DSN %q: %v\n%s\n", dsn, err, noDatabase)
 		return 1
 	}
-	return m.Run()
+	code := m.Run()
+	stopStartedBouncer()
+	return code
 }
 
 func ping(dsn string) error {

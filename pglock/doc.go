@@ -57,6 +57,10 @@
 //
 // Each call sends one statement with no bind parameters (the simple query
 // protocol): one round trip on every path when the lock is free, including
-// with a deadline, and no prepared statements, which keeps it safe behind
-// PgBouncer. Failures cost one more round trip to settle.
+// with a deadline. Lock, unlock and check statements run with ExecContext:
+// one simple-protocol message with either driver, whatever the driver's exec
+// mode, so they work behind PgBouncer. Holders, List and ReportHolders read
+// rows with QueryContext, which pgx (in its default exec mode) prepares:
+// through PgBouncer before 1.21 set pgx's default_query_exec_mode=exec.
+// Failures cost one more round trip to settle.
 package pglock

@@ -103,11 +103,17 @@ type Error struct {
 // "<first key> and N more" for several keys, and the causes are followed by
 // "; held by pid P (app)" for each known holder.
 func (e *Error) Error() string {
-	key := e.Key.String()
-	if len(e.Keys) > 1 {
-		key += " and " + strconv.Itoa(len(e.Keys)-1) + " more"
+	msg := "pglock: " + e.Op
+	if !e.Key.IsZero() || len(e.Keys) > 0 {
+		msg += " " + e.Key.String()
 	}
-	msg := "pglock: " + e.Op + " " + key + " (" + e.Scope + "): " + strings.TrimPrefix(e.Err.Error(), "pglock: ")
+	if len(e.Keys) > 1 {
+		msg += " and " + strconv.Itoa(len(e.Keys)-1) + " more"
+	}
+	if e.Scope != "" {
+		msg += " (" + e.Scope + ")"
+	}
+	msg += ": " + strings.TrimPrefix(e.Err.Error(), "pglock: ")
 	for i, h := range e.Holders {
 		if i == 3 {
 			msg += "; and " + strconv.Itoa(len(e.Holders)-i) + " more holders"

@@ -194,6 +194,9 @@ func (c *leadConfig) backoff(n int) time.Duration {
 //     waits out the start delay or backs off (a lock held for the start
 //     delay is released first, and a failed release joined);
 //   - an error wrapping [ErrClosed] when the Locker is closed;
+//   - an error wrapping [ErrTransactionPooling] when the Locker's *sql.DB
+//     was found to share server sessions (PgBouncer in transaction pooling
+//     mode), where no session lock can work;
 //   - without campaigning: [ErrNilHandle] for a nil Locker or one made with a
 //     nil *sql.DB, [ErrInvalidKey] for the zero key, and an error for a nil
 //     fn, for a Locker without health checks (WithHealthCheck(0)), or for an
@@ -291,6 +294,8 @@ func (l *Locker) Lead(ctx context.Context, key keys.Key, fn func(ctx context.Con
 				return fail(ctxErrs(ctx)...)
 			case errors.Is(err, ErrClosed):
 				return fail(ErrClosed)
+			case errors.Is(err, ErrTransactionPooling):
+				return err // no campaign can ever succeed through this pool
 			}
 			wait := c.backoff(failures)
 			failures++

@@ -162,6 +162,11 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 //     held, and the call goes on with another one.
 //   - After [Locker.Close], and for a wait that Close interrupts, the error
 //     wraps [ErrClosed].
+//   - When the pool was found to share server sessions between its
+//     connections (PgBouncer in transaction pooling mode), every call
+//     returns [ErrTransactionPooling]: session locks cannot work there. The
+//     first acquisition of a Locker's *sql.DB checks this once (see
+//     [CheckSessionLocks]: two connections, a few statements).
 //
 // With NoWait, Lock tries once and returns [ErrNotAcquired] when the lock is
 // busy. Shared takes the shared lock.
@@ -335,6 +340,9 @@ func (l *Locker) acquire(ctx context.Context, op string, ks []keys.Key, o option
 	}
 	defer l.inflight.Done()
 	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	if err := checkPooling(ctx, l.db); err != nil {
 		return fail(err)
 	}
 

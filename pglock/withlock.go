@@ -28,6 +28,9 @@ type Executor = sqlexec.Executor
 //     back to the pool only when the unlock is confirmed; otherwise it is
 //     closed, which releases the lock on the server. fn should use its own
 //     queries through db as usual; the lock's connection is not exposed.
+//     When db is found to share server sessions between its connections
+//     (PgBouncer in transaction pooling mode; checked once per *sql.DB, see
+//     [CheckSessionLocks]), it returns [ErrTransactionPooling] instead.
 //
 // Any other Executor, including a nil one, returns ErrUnsupportedExecutor or
 // ErrNilHandle.
@@ -78,6 +81,9 @@ func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context
 			return opError("lock", sessionLock(key, o), ErrNilHandle)
 		}
 		if err := check(false, key); err != nil {
+			return opError("lock", sessionLock(key, o), err)
+		}
+		if err := checkPooling(ctx, h); err != nil {
 			return opError("lock", sessionLock(key, o), err)
 		}
 		conn, err := h.Conn(ctx)

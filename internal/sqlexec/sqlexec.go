@@ -11,7 +11,9 @@
 //     Bind/Execute/Sync: two round trips on every call.
 //   - pgx caches one prepared statement per SQL text (two round trips the first
 //     time on each connection) and prepared statements break behind PgBouncer
-//     in transaction pooling.
+//     in transaction pooling. With no arguments, ExecContext goes out as one
+//     simple-protocol message, but QueryContext is still prepared in pgx's
+//     default exec mode.
 //
 // The only values rendered into SQL are numbers this package formats itself
 // with strconv from typed integers (keys and timeouts in milliseconds), each
