@@ -610,8 +610,10 @@ func TestLockerDeadlinesDoNotChurn(t *testing.T) {
 		}
 		defer blocker.Unlock(ctx)
 		start := time.Now()
+		var first int64
 		for i := 0; i < calls; i++ {
-			// The first call must be able to open the one connection.
+			// The first call must be able to open the one connection (and
+			// the second one of the one-time session-sharing check).
 			d := time.Duration(1+i%5) * time.Millisecond
 			if i == 0 {
 				d = time.Second
@@ -622,11 +624,15 @@ func TestLockerDeadlinesDoNotChurn(t *testing.T) {
 			if !errors.Is(err, context.DeadlineExceeded) {
 				t.Fatalf("call %d: %v, want DeadlineExceeded", i, err)
 			}
+			if i == 0 {
+				first = f.fc.connects.Load()
+			}
 		}
 		opened := f.fc.connects.Load()
-		t.Logf("%d timed-out Lock calls opened %d server connection(s) in %v", calls, opened, time.Since(start).Round(time.Millisecond))
-		if opened > 1 {
-			t.Fatalf("%d timed-out Lock calls opened %d connections, want at most 1", calls, opened)
+		t.Logf("%d timed-out Lock calls opened %d server connection(s) in %v (%d by the first call, with the session-sharing check)",
+			calls, opened, time.Since(start).Round(time.Millisecond), first)
+		if first > 2 || opened > first {
+			t.Fatalf("%d timed-out Lock calls opened %d connections (%d by the first), want at most 2 by the first (one for the waits, one for the check) and none after", calls, opened, first)
 		}
 	})
 }

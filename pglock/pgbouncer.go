@@ -60,9 +60,10 @@ var ErrTransactionPooling = errors.New("pglock: session locks cannot work throug
 // db.SetMaxOpenConns(1) it can use one connection only: it then checks that
 // connection alone, which misses the idle case.
 //
-// Cost: two connections from db for the duration, and up to ten short
-// statements with no bind parameters, stopping at the first proof (about
-// 1 ms on a local server). Run it once per *sql.DB, not per lock. The first
+// Cost: two connections from db for the duration (the second is then
+// closed rather than returned to the pool), and up to ten short statements
+// with no bind parameters, stopping at the first proof (about 1 ms on a
+// local server). Run it once per *sql.DB, not per lock. The first
 // connection's server session keeps an empty pglocks.session_probe setting.
 func CheckSessionLocks(ctx context.Context, db *sql.DB) error {
 	fail := func(errs ...error) error {
@@ -121,7 +122,9 @@ func CheckSessionLocks(ctx context.Context, db *sql.DB) error {
 	if err != nil {
 		return fail(ended(ctx), err)
 	}
-	defer c2.Close()
+	// The second connection is closed, not pooled: the check leaves the
+	// pool with the connections it had, plus at most the first one.
+	defer discardConn(c2)
 	for range probeRounds {
 		// 2. The second connection: a pooler that reuses the most recently
 		// released server session (PgBouncer's default) hands it the marked
