@@ -26,6 +26,10 @@ test: vet
 	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then echo "PGLOCKS_TEST_DSN=$$PGLOCKS_TEST_DSN"; \
 	  else echo "no PostgreSQL on 127.0.0.1:5432 and PGLOCKS_TEST_DSN unset: integration tests will try dockertest, then fail"; fi
 	$(GO) test -race -count=1 -parallel 8 -timeout 20m ./...
+	@# The benchmarks module (its own go.mod: goose, golang-migrate): key
+	@# interop tests and one run of every benchmark body, no timing.
+	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then cd bench && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 5m ./...; \
+	else echo "SKIPPED bench/ (interop tests, benchmark smoke tests): it needs PGLOCKS_TEST_DSN"; fi
 	@# Phase 2, alone: tests that restart the server or fill its lock table.
 	@if [ -n "$(PGLOCKS_TEST_RESTART_CMD)" ]; then \
 	  echo "disruptive phase: PGLOCKS_TEST_RESTART_CMD=$(PGLOCKS_TEST_RESTART_CMD)"; \

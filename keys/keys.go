@@ -32,11 +32,14 @@
 // their lock. To wait for or take their lock, use keys.Int64 with the number
 // they compute:
 //
-//   - pressly/goose v3 takes pg_advisory_lock(4097083626) by default (a crc32
-//     value; older releases used a crc64). Use keys.Int64(4097083626).
-//   - golang-migrate v4 derives its ID from crc32 of the database and schema
-//     names multiplied by a salt (database.GenerateAdvisoryLockId). Compute it
-//     with that function and pass the result to keys.Int64.
+//   - pressly/goose v3.26.0 and later poll pg_try_advisory_lock(4097083626)
+//     by default (crc32 of "goose"); releases before v3.26.0 used
+//     5887940537704921958 (crc64 ECMA of "goose"). Use keys.Int64 of the one
+//     your goose takes.
+//   - golang-migrate v4 takes pg_advisory_lock(id) with id =
+//     uint32(crc32(schema + "\x00" + table + "\x00" + database) × 1486364155)
+//     (database.GenerateAdvisoryLockId). Opened from a URL, its database name
+//     keeps the URL path's leading slash. Pass the result to keys.Int64.
 //   - riverqueue/river hashes with FNV-1 (not FNV-1a) for its own advisory
 //     locks; its numbers differ from Hash for the same input.
 //   - Ruby's with_advisory_lock and django-pglocks use crc32. By the birthday

@@ -14,10 +14,10 @@ import (
 
 // gooseLockID is the advisory lock pressly/goose v3 holds while it migrates
 // (lock.NewPostgresSessionLocker with its default lock.DefaultLockID): crc32
-// (IEEE) of "goose", since goose v3.26.0. Releases v3.16.0 to v3.25.0 used
-// crc64 (ECMA) of "goose", 5887940537704921958, so a fleet that mixes them
-// takes two different locks. A goose configured with lock.WithLockID uses
-// that ID instead.
+// (IEEE) of "goose", since goose v3.26.0. Earlier releases (v3.16.0 to
+// v3.25.0 checked) used crc64 (ECMA) of "goose", 5887940537704921958, so a
+// fleet that mixes them takes two different locks. A goose configured with
+// lock.WithLockID uses that ID instead.
 const gooseLockID = 4097083626
 
 // migrateLockID returns the advisory lock golang-migrate v4's postgres and
