@@ -3,8 +3,8 @@
 // narrates who waited, who ran and for how long.
 //
 // The server is PGLOCKS_TEST_DSN (the Makefile sets it when 127.0.0.1:5432
-// answers), else DATABASE_URL, else a postgres:15 container started with
-// dockertest. When none is possible it says exactly what to do.
+// answers), else DATABASE_URL, else the local server if it answers, else a
+// postgres:15 container started with dockertest. When none is possible it says exactly what to do.
 package main
 
 import (
@@ -26,6 +26,9 @@ import (
 
 	"github.com/pglocks/pglocks/keys"
 )
+
+// localDSN is the server make test and make demo use when it answers.
+const localDSN = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
 
 const (
 	keyName = "demo:nightly-report"
@@ -57,6 +60,9 @@ func server() (dsn, source string, stop func()) {
 			}
 			return v, name, func() {}
 		}
+	}
+	if ping(localDSN) == nil {
+		return localDSN, "the local server (" + localDSN + ")", func() {}
 	}
 	fmt.Println("no PostgreSQL on 127.0.0.1:5432 and no PGLOCKS_TEST_DSN or DATABASE_URL: starting postgres:15 with dockertest...")
 	dsn, stop, err := startDocker()
