@@ -150,10 +150,10 @@ func CheckSessionLocks(ctx context.Context, db *sql.DB) error {
 var poolingChecks sync.Map // weak.Pointer[sql.DB] -> *poolingCheck
 
 type poolingCheck struct {
-	mu       sync.Mutex
-	done     bool  // err is final
-	err      error // nil, or ErrTransactionPooling
-	attempts int   // inconclusive runs so far
+	turn     chan struct{} // a one-slot semaphore: one run at a time
+	done     bool          // err is final
+	err      error         // nil, or ErrTransactionPooling
+	attempts int           // inconclusive runs so far
 }
 
 const (
@@ -170,8 +170,9 @@ const (
 // otherwise: when the probe found nothing, and also when it could not run
 // (then it is retried on a later call, at most poolingCheckAttempts times in
 // all). It never waits for a connection: when db's pool has no room for the
-// probe's two connections it skips the run. Calls after a conclusive run
-// cost a map lookup and a mutex.
+// probe's two connections it skips the run, and it waits for another call's
+// run only as long as ctx allows. Calls after a conclusive run cost a map
+// lookup and a channel send.
 func checkPooling(ctx context.Context, db *sql.DB) error {
 	if db == nil {
 		return nil
@@ -179,14 +180,20 @@ func checkPooling(ctx context.Context, db *sql.DB) error {
 	key := weak.Make(db)
 	v, loaded := poolingChecks.Load(key)
 	if !loaded {
-		v, loaded = poolingChecks.LoadOrStore(key, new(poolingCheck))
+		v, loaded = poolingChecks.LoadOrStore(key, &poolingCheck{turn: make(chan struct{}, 1)})
 		if !loaded {
 			runtime.AddCleanup(db, func(k weak.Pointer[sql.DB]) { poolingChecks.Delete(k) }, key)
 		}
 	}
 	c := v.(*poolingCheck)
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	// Wait for a run in progress, but no longer than the caller's ctx: an
+	// ended ctx fails the caller's own call anyway.
+	select {
+	case c.turn <- struct{}{}:
+	case <-ctx.Done():
+		return nil
+	}
+	defer func() { <-c.turn }()
 	if c.done || ended(ctx) != nil {
 		return c.err // an ended ctx fails the caller's own call anyway
 	}

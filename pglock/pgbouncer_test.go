@@ -107,6 +107,29 @@ func TestCheckPoolingCache(t *testing.T) {
 			}
 		}
 	})
+	t.Run("waits-no-longer-than-ctx", func(t *testing.T) {
+		db, err := sql.Open("pgx", dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		if err := checkPooling(ctx, db); err != nil {
+			t.Fatal(err)
+		}
+		e := entry(db)
+		e.turn <- struct{}{} // a run in progress
+		defer func() { <-e.turn }()
+		e.done = false
+		sctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		if err := checkPooling(sctx, db); err != nil {
+			t.Fatalf("checkPooling behind a run in progress = %v, want nil", err)
+		}
+		if took := time.Since(start); took > time.Second {
+			t.Fatalf("checkPooling waited %v behind a run in progress, past its ctx", took)
+		}
+	})
 	t.Run("entry-goes-with-the-db", func(t *testing.T) {
 		key := func() weak.Pointer[sql.DB] {
 			db, err := sql.Open("pgx", dsn)
