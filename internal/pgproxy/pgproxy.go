@@ -25,6 +25,7 @@
 package pgproxy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -255,62 +256,88 @@ func (p *Proxy) pipe(dst, src net.Conn, read, deliver func()) {
 	defer dst.Close()
 	defer src.Close()
 	if p.delay <= 0 {
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := src.Read(buf)
-			if n > 0 {
-				if read != nil {
-					read()
-				}
-				if deliver != nil {
-					deliver()
-				}
-				if _, werr := dst.Write(buf[:n]); werr != nil {
-					return
-				}
-			}
-			if err != nil {
-				return
-			}
-		}
+		forward(dst, src, read, deliver)
+		return
 	}
+	p.forwardDelayed(dst, src, read, deliver)
+}
 
+// forward copies src to dst at once, chunk by chunk: for each chunk read it
+// runs read, then deliver (each when not nil), then writes the chunk to dst.
+// It returns when a read or a write fails; a chunk read together with an
+// error is still passed on first. It closes neither side.
+func forward(dst, src net.Conn, read, deliver func()) {
+	readChunks(src, func(b []byte) bool {
+		call(read)
+		call(deliver)
+		_, err := dst.Write(b)
+		return err == nil
+	})
+}
+
+// forwardDelayed copies src to dst, each chunk p.delay after it was read:
+// for each chunk read it runs read (when not nil) and queues a copy of the
+// chunk, which a second goroutine writes in order (see writeDue). When src
+// fails it waits until every chunk queued before is written or dropped. It
+// closes neither side, except src when a write fails.
+func (p *Proxy) forwardDelayed(dst, src net.Conn, read, deliver func()) {
 	queue := make(chan chunk, 1024)
 	writerDone := make(chan struct{})
 	go func() {
 		defer close(writerDone)
-		failed := false
-		for c := range queue {
-			if failed {
-				continue // drain, so the reader never blocks
-			}
-			if d := time.Until(c.due); d > 0 {
-				time.Sleep(d)
-			}
-			if deliver != nil {
-				deliver()
-			}
-			if _, err := dst.Write(c.b); err != nil {
-				failed = true
-				src.Close() // unblock the reader
-			}
-		}
+		writeDue(dst, src, queue, deliver)
 	}()
+	readChunks(src, func(b []byte) bool {
+		call(read)
+		queue <- chunk{b: bytes.Clone(b), due: time.Now().Add(p.delay)}
+		return true
+	})
+	close(queue)
+	<-writerDone // deliver what was read before the source closed
+}
+
+// writeDue writes each chunk from queue to dst once it is due, running
+// deliver (when not nil) just before each write, until queue is closed.
+// After a write fails it closes src, to unblock the reader, and drains the
+// rest of queue without writing or running deliver, so that the reader
+// never blocks.
+func writeDue(dst, src net.Conn, queue <-chan chunk, deliver func()) {
+	failed := false
+	for c := range queue {
+		if failed {
+			continue // drain, so the reader never blocks
+		}
+		if d := time.Until(c.due); d > 0 {
+			time.Sleep(d)
+		}
+		call(deliver)
+		if _, err := dst.Write(c.b); err != nil {
+			failed = true
+			src.Close() // unblock the reader
+		}
+	}
+}
+
+// readChunks reads src into a 32 KiB buffer until a read fails, passing
+// each non-empty chunk to handle before looking at the read's error; it
+// stops early when handle returns false. The chunk is valid only until
+// handle returns.
+func readChunks(src net.Conn, handle func(b []byte) bool) {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
-		if n > 0 {
-			if read != nil {
-				read()
-			}
-			b := make([]byte, n)
-			copy(b, buf[:n])
-			queue <- chunk{b: b, due: time.Now().Add(p.delay)}
+		if n > 0 && !handle(buf[:n]) {
+			return
 		}
 		if err != nil {
-			break
+			return
 		}
 	}
-	close(queue)
-	<-writerDone // deliver what was read before the source closed
+}
+
+// call runs f unless it is nil.
+func call(f func()) {
+	if f != nil {
+		f()
+	}
 }
