@@ -241,84 +241,145 @@ func holderLine(h pglock.Holder) string {
 	return b.String()
 }
 
-// runChild runs argv while lk is held, then releases lk.
+// runChild runs argv while lk is held, then releases lk, and returns
+// pglock's exit code: the command's (see exitCodeOf) when the lock was held
+// throughout, --lost-exit-code when it was lost while the command ran or
+// could not be released cleanly, and exitNotFound or exitCannotExec, after
+// releasing lk, when the command cannot be started. While the command runs,
+// signals from sigs are forwarded to its process group and a loss of the
+// lock is handled as --on-lost says (see supervision).
 func (e env) runChild(f *runFlags, key keys.Key, lk *pglock.Lock, argv []string, sigs <-chan os.Signal) int {
-	release := func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		return lk.Unlock(ctx)
-	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = e.stdin, e.stdout, e.stderr
 	fg := foreground()
 	cmd.SysProcAttr = procAttr(fg)
 	if err := cmd.Start(); err != nil {
-		if rerr := release(); rerr != nil {
-			fmt.Fprintf(e.stderr, "pglock run: releasing %s: %v\n", describe(key), rerr)
-		}
-		code := exitCannotExec
-		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
-			code = exitNotFound
-		}
-		fmt.Fprintf(e.stderr, "pglock run: cannot run %s: %v\n", argv[0], err)
-		return code
+		return e.startFailed(key, lk, argv[0], err)
 	}
-	restore := func() {}
+	s := &supervision{e: e, f: f, key: key, lk: lk, cmd: cmd}
+	werr := s.wait(sigs)
 	if fg {
-		restore = reclaimTerminal
+		reclaimTerminal()
 	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
+	return s.finish(werr)
+}
 
-	lost := lk.Done()
-	var lostErr error
-	var killAt <-chan time.Time
-	var werr error
-loop:
+// releaseLock releases lk, giving the server 10 seconds to confirm.
+func releaseLock(lk *pglock.Lock) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return lk.Unlock(ctx)
+}
+
+// startFailed handles a command that could not be started (err from
+// cmd.Start): it releases lk (saying so on stderr if that fails), says on
+// stderr why name could not run, and returns exitNotFound when the
+// executable was not found, else exitCannotExec.
+func (e env) startFailed(key keys.Key, lk *pglock.Lock, name string, err error) int {
+	if rerr := releaseLock(lk); rerr != nil {
+		fmt.Fprintf(e.stderr, "pglock run: releasing %s: %v\n", describe(key), rerr)
+	}
+	code := exitCannotExec
+	if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
+		code = exitNotFound
+	}
+	fmt.Fprintf(e.stderr, "pglock run: cannot run %s: %v\n", name, err)
+	return code
+}
+
+// supervision is a started command run under lk, and what happened to the
+// lock while it ran.
+type supervision struct {
+	e   env
+	f   *runFlags
+	key keys.Key
+	lk  *pglock.Lock
+	cmd *exec.Cmd
+
+	// lostErr is why the lock was lost while the command ran (lk.Err(), or
+	// pglock.ErrLost when that is nil); nil while it is held.
+	lostErr error
+	// killAt fires when the --grace period after the SIGTERM sent on a loss
+	// ends; nil when no SIGKILL is pending.
+	killAt <-chan time.Time
+}
+
+// wait waits for the command to exit and returns cmd.Wait's error.
+// Meanwhile it forwards every signal from sigs to the command's process
+// group, handles the first loss of the lock (lockLost), and sends SIGKILL
+// when the grace period after a SIGTERM ends (graceExpired).
+func (s *supervision) wait(sigs <-chan os.Signal) error {
+	waited := make(chan error, 1)
+	go func() { waited <- s.cmd.Wait() }()
+	lost := s.lk.Done()
 	for {
 		select {
 		case sig := <-sigs:
-			_ = signalGroup(cmd.Process, sig)
+			_ = signalGroup(s.cmd.Process, sig)
 		case <-lost:
-			lost, lostErr = nil, lk.Err()
-			if lostErr == nil {
-				lostErr = pglock.ErrLost
-			}
-			pid := cmd.Process.Pid
-			switch f.onLost {
-			case onLostTerm:
-				fmt.Fprintf(e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGTERM to process group %d, SIGKILL in %v\n", describe(key), lostErr, pid, f.grace.d)
-				_ = signalGroup(cmd.Process, syscall.SIGTERM)
-				killAt = time.After(f.grace.d)
-			case onLostKill:
-				fmt.Fprintf(e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGKILL to process group %d\n", describe(key), lostErr, pid)
-				_ = signalGroup(cmd.Process, syscall.SIGKILL)
-			case onLostIgnore:
-				fmt.Fprintf(e.stderr, "pglock run: lost %s while the command ran (%v); letting it finish (--on-lost ignore)\n", describe(key), lostErr)
-			}
-		case <-killAt:
-			killAt = nil
-			fmt.Fprintf(e.stderr, "pglock run: the command did not exit within --grace %v of SIGTERM; sending SIGKILL to process group %d\n", f.grace.d, cmd.Process.Pid)
-			_ = signalGroup(cmd.Process, syscall.SIGKILL)
-		case werr = <-waited:
-			break loop
+			lost = nil
+			s.lockLost()
+		case <-s.killAt:
+			s.killAt = nil
+			s.graceExpired()
+		case werr := <-waited:
+			return werr
 		}
 	}
-	restore()
-	if lostErr != nil && f.onLost != onLostIgnore {
+}
+
+// lockLost records why the lock was lost and applies --on-lost, saying so
+// on stderr: "term" sends SIGTERM to the command's process group and arms
+// killAt to fire after --grace, "kill" sends SIGKILL, "ignore" does
+// nothing more.
+func (s *supervision) lockLost() {
+	s.lostErr = s.lk.Err()
+	if s.lostErr == nil {
+		s.lostErr = pglock.ErrLost
+	}
+	pid := s.cmd.Process.Pid
+	switch s.f.onLost {
+	case onLostTerm:
+		fmt.Fprintf(s.e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGTERM to process group %d, SIGKILL in %v\n", describe(s.key), s.lostErr, pid, s.f.grace.d)
+		_ = signalGroup(s.cmd.Process, syscall.SIGTERM)
+		s.killAt = time.After(s.f.grace.d)
+	case onLostKill:
+		fmt.Fprintf(s.e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGKILL to process group %d\n", describe(s.key), s.lostErr, pid)
+		_ = signalGroup(s.cmd.Process, syscall.SIGKILL)
+	case onLostIgnore:
+		fmt.Fprintf(s.e.stderr, "pglock run: lost %s while the command ran (%v); letting it finish (--on-lost ignore)\n", describe(s.key), s.lostErr)
+	}
+}
+
+// graceExpired says on stderr that the command outlived --grace after
+// SIGTERM and sends SIGKILL to its process group.
+func (s *supervision) graceExpired() {
+	fmt.Fprintf(s.e.stderr, "pglock run: the command did not exit within --grace %v of SIGTERM; sending SIGKILL to process group %d\n", s.f.grace.d, s.cmd.Process.Pid)
+	_ = signalGroup(s.cmd.Process, syscall.SIGKILL)
+}
+
+// finish runs once the command has exited with werr (cmd.Wait's error) and
+// the terminal is reclaimed, and returns pglock's exit code. After a loss
+// (unless --on-lost ignore) it first reaps the command's process group
+// (reapGroup, until killAt or at once). After a loss it returns
+// --lost-exit-code without releasing the lock; otherwise it releases the
+// lock and returns the command's code, or --lost-exit-code when the release
+// fails, since the lock could not be confirmed held throughout.
+func (s *supervision) finish(werr error) int {
+	if s.lostErr != nil && s.f.onLost != onLostIgnore {
 		// The lock is gone: nothing the command started may outlive
 		// pglock. Its group gets the rest of the grace period, then SIGKILL.
-		e.reapGroup(cmd.Process, killAt)
+		s.e.reapGroup(s.cmd.Process, s.killAt)
 	}
-	code, how := exitCodeOf(cmd, werr)
-	if lostErr != nil {
-		fmt.Fprintf(e.stderr, "pglock run: the command %s; exiting %d because the lock was lost while it ran\n", how, f.lostCode)
-		return int(f.lostCode)
+	code, how := exitCodeOf(s.cmd, werr)
+	if s.lostErr != nil {
+		fmt.Fprintf(s.e.stderr, "pglock run: the command %s; exiting %d because the lock was lost while it ran\n", how, s.f.lostCode)
+		return int(s.f.lostCode)
 	}
-	if err := release(); err != nil {
-		fmt.Fprintf(e.stderr, "pglock run: the command %s, but %s could not be confirmed held until it finished: %v\n", how, describe(key), err)
-		fmt.Fprintf(e.stderr, "pglock run: exiting %d (--lost-exit-code): another host may have held the lock meanwhile\n", f.lostCode)
-		return int(f.lostCode)
+	if err := releaseLock(s.lk); err != nil {
+		fmt.Fprintf(s.e.stderr, "pglock run: the command %s, but %s could not be confirmed held until it finished: %v\n", how, describe(s.key), err)
+		fmt.Fprintf(s.e.stderr, "pglock run: exiting %d (--lost-exit-code): another host may have held the lock meanwhile\n", s.f.lostCode)
+		return int(s.f.lostCode)
 	}
 	return code
 }
