@@ -3,10 +3,8 @@ package pglock
 import (
 	"context"
 	"database/sql"
-	"database/sql/driver"
-	"time"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -41,17 +39,17 @@ import (
 //     and keeps the session (the outcome is then settled through pg_locks).
 //   - A lock_timeout the session already has returns ErrLockTimeout, and a
 //     deadlock returns ErrDeadlock.
+//   - When the outcome cannot be settled (the session stopped answering),
+//     conn's connection is closed, which releases the lock on the server, and
+//     the error wraps ErrSessionLost.
 //
 // With NoWait, LockConn tries once and returns ErrNotAcquired if the lock is
-// busy. Shared takes the shared lock.
+// busy. Shared takes the shared lock. Errors have Op "lock".
 //
 // Cost: one round trip when the lock is free, with or without a deadline.
 func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
-	o := collect(opts)
-	ok, l, err := lockConn(ctx, conn, key, o, !o.noWait)
-	if err = mustAcquire(ok, l, err); err != nil && conn != nil {
-		return explain(ctx, o, conn, setOf(l), err)
-	}
+	req, ok := newRequest(engine.LockConn, []keys.Key{key}, opts)
+	_, err := lockOn(ctx, "lock", conn, req, ok, true)
 	return err
 }
 
@@ -62,18 +60,10 @@ func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option)
 // Once sent, the statement is allowed to finish even if ctx is cancelled
 // (bounded by a few seconds), so that its outcome is always known and conn is
 // never closed by a cancellation; a ctx that is already done returns its error
-// without sending anything. Cost: one round trip.
+// without sending anything. Errors have Op "trylock". Cost: one round trip.
 func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) (bool, error) {
-	ok, _, err := lockConn(ctx, conn, key, collect(opts), false)
-	return ok, err
-}
-
-func lockConn(ctx context.Context, conn *sql.Conn, key keys.Key, o options, wait bool) (bool, sqlexec.Lock, error) {
-	a := single(conn, sessionLock(key, o), wait)
-	if conn != nil {
-		a.discard = func() { discardConn(conn) }
-	}
-	return a.take(ctx, conn == nil)
+	req, ok := newRequest(engine.TryLockConn, []keys.Key{key}, opts)
+	return lockOn(ctx, "trylock", conn, req, ok, false)
 }
 
 // UnlockConn releases one hold of a session-level advisory lock taken on conn.
@@ -84,60 +74,20 @@ func lockConn(ctx context.Context, conn *sql.Conn, key keys.Key, o options, wait
 // releases the lock, since an unlock that is skipped, or that closes the
 // connection, is worse than one that finishes. It is bounded by its own
 // timeout of a few seconds. If the session is gone, the error wraps
-// ErrSessionLost: the lock was already released with the session.
+// ErrSessionLost: the lock was already released with the session. Errors
+// have Op "unlock".
 //
 // Cost: one round trip.
 func UnlockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
-	l := sessionLock(key, collect(opts))
-	if err := check(conn == nil, key); err != nil {
-		return opError("unlock", l, err)
-	}
-	if err := unlock(ctx, conn, l); err != nil {
-		return opError("unlock", l, err)
-	}
-	return nil
-}
-
-func unlock(ctx context.Context, x sqlexec.Executor, l sqlexec.Lock) error {
-	return unlockSet(ctx, x, setOf(l))
-}
-
-func sessionLock(key keys.Key, o options) sqlexec.Lock {
-	return sqlexec.Lock{Key: key, Shared: o.shared, Scope: sqlexec.Session}
-}
-
-func check(nilHandle bool, key keys.Key) error {
+	req, ok := newRequest(engine.UnlockConn, []keys.Key{key}, opts)
 	switch {
-	case nilHandle:
-		return ErrNilHandle
-	case key.IsZero():
-		return ErrInvalidKey
+	case conn == nil:
+		return newError("unlock", req, ErrNilHandle)
+	case !ok:
+		return invalid("unlock", req)
+	}
+	if err := unlockOn(ctx, conn, req); err != nil {
+		return newError("unlock", req, err)
 	}
 	return nil
 }
-
-// discardConn closes conn's underlying connection instead of returning it to
-// the pool: database/sql closes a connection whose Raw callback reports
-// driver.ErrBadConn. The server then ends the session and releases its locks.
-//
-// It waits at most discardWait. database/sql cannot close a *sql.Conn while
-// a *sql.Tx begun on it is open (LockConn misused inside a transaction):
-// the close then happens, in the background, when that transaction ends,
-// and the caller is not blocked until then.
-func discardConn(conn *sql.Conn) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = conn.Raw(func(any) error { return driver.ErrBadConn })
-		_ = conn.Close()
-	}()
-	t := time.NewTimer(discardWait)
-	defer t.Stop()
-	select {
-	case <-done:
-	case <-t.C:
-	}
-}
-
-// discardWait bounds how long discardConn waits for the close.
-const discardWait = 2 * time.Second

@@ -1,20 +1,21 @@
 // Package pglock takes PostgreSQL advisory locks through database/sql, with
 // any driver (lib/pq and pgx/v5/stdlib are tested).
 //
-// There are four ways to hold a lock, by what the caller owns:
+// There are five ways to hold a lock, by what the caller owns:
 //
 //   - A *sql.Conn: session locks with [LockConn], [TryLockConn] and
 //     [UnlockConn]. They last until unlocked or until the session ends.
-//   - A *sql.Tx: transaction locks with [LockTx] and [TryLockTx]. They last
-//     until COMMIT or ROLLBACK, and are the only kind that works behind
-//     PgBouncer in transaction pooling mode.
+//   - A *sql.Tx: transaction locks with [LockTx], [TryLockTx] and
+//     [LockAllTx]. They last until COMMIT or ROLLBACK, and are the only kind
+//     that works behind PgBouncer in transaction pooling mode.
 //   - Any of *sql.DB, *sql.Conn or *sql.Tx: [WithLock] runs a function under
 //     the lock and releases it afterwards, like django-pglocks'
 //     advisory_lock(lock_id, shared, wait, using).
 //   - A *sql.DB, for locks held longer than a call: a [Locker] hands out
-//     [Lock] values, each on a connection it pins from the pool and verifies
-//     every few seconds. [Lock.Done] is closed when the lock is lost, and
-//     [Locker.Do] cancels its function's context with cause [ErrLost].
+//     [Lock] values, held on a few connections it shares among them
+//     (multiplexing) and verifies every few seconds. [Lock.Done] is closed
+//     and [Lock.Context] cancelled (cause [ErrLost]) when the lock is lost;
+//     [Locker.Do] runs a function under the lock's context.
 //   - Leader election: [Locker.Lead] runs a function on one candidate at a
 //     time and campaigns again after a lost leadership.
 //
@@ -52,6 +53,12 @@
 //
 // Statements that do not wait (try, unlock, the pg_locks check) are not
 // interrupted by ctx once sent; they are bounded by their own short timeout.
+//
+// # Errors
+//
+// Every error is an [*Error] naming the call (Op), the key and the scope,
+// and wrapping sentinels ([ErrNotAcquired], [ErrDeadlock], ...), the
+// context's error and the driver's.
 //
 // # Cost
 //

@@ -2,53 +2,57 @@ package pglock
 
 import (
 	"context"
-	"database/sql"
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/engine"
+	"github.com/pglocks/pglocks/internal/pgsql"
 	"github.com/pglocks/pglocks/keys"
 )
 
 // Sentinel errors. Every error returned by this package is an [*Error] that
 // wraps one or more of these, the context error when ctx ended the call, and
-// the driver's own error; test them with [errors.Is].
+// the driver's own error; test them with [errors.Is]. Their texts carry no
+// "pglock: " prefix: the *Error around them says it once.
 var (
 	// ErrNotHeld is returned by UnlockConn when this session does not hold
 	// the lock in the requested mode, and by [Lock.Unlock] when the lock
 	// ended before the call (together with [ErrLost] or [ErrClosed]).
-	ErrNotHeld = errors.New("pglock: lock not held by this session")
+	ErrNotHeld = errors.New("lock not held by this session")
 
 	// ErrNotAcquired is returned by a lock call with NoWait, and by
 	// [Locker.TryLock], when another session (or another caller of the same
 	// Locker) holds the lock.
-	ErrNotAcquired = errors.New("pglock: lock not acquired: held by another session")
+	ErrNotAcquired = errors.New("lock not acquired: held by another session")
 
 	// ErrDeadlock is returned when PostgreSQL's deadlock detector chose this
 	// wait as the victim (SQLSTATE 40P01). The lock is not held. In a
-	// transaction without a deadline the transaction is aborted, as after any
-	// failed statement, and must be rolled back.
-	ErrDeadlock = errors.New("pglock: deadlock detected")
+	// transaction the wait ran in a savepoint, so the transaction is usable
+	// and keeps the locks it held before: roll it back to let the other
+	// party through.
+	ErrDeadlock = errors.New("deadlock detected")
 
 	// ErrLockTimeout is returned when a lock_timeout that pglock did not set
 	// (one configured on the session, role or database) expired (SQLSTATE
 	// 55P03). When the limit came from ctx's deadline, the error wraps
 	// context.DeadlineExceeded instead.
-	ErrLockTimeout = errors.New("pglock: lock_timeout expired")
+	ErrLockTimeout = errors.New("lock_timeout expired")
 
 	// ErrSessionLost means the database session ended during the call: it
 	// was terminated, the network failed, or the driver closed it to honour a
 	// cancelled ctx. Every session lock it held was released with it, and the
 	// *sql.Conn or *sql.Tx can no longer be used.
-	ErrSessionLost = errors.New("pglock: database session lost; every lock it held is released")
+	ErrSessionLost = errors.New("database session lost; every lock it held is released")
 
-	// ErrInvalidKey is returned for the zero keys.Key.
-	ErrInvalidKey = errors.New("pglock: invalid key: the zero keys.Key names no lock")
+	// ErrInvalidKey is returned for the zero keys.Key, and for an empty set
+	// of keys.
+	ErrInvalidKey = errors.New("invalid key: the zero keys.Key names no lock")
 
 	// ErrNilHandle is returned for a nil *sql.DB, *sql.Conn, *sql.Tx,
-	// *Locker or *Lock.
-	ErrNilHandle = errors.New("pglock: nil *sql.DB, *sql.Conn, *sql.Tx, *Locker or *Lock")
+	// *Locker or *Lock, and for a nil function.
+	ErrNilHandle = errors.New("nil *sql.DB, *sql.Conn, *sql.Tx, *Locker, *Lock or function")
 
 	// ErrLockTableFull is returned when PostgreSQL's shared lock table is
 	// full (SQLSTATE 53200, "out of shared memory"). The table is shared by
@@ -56,26 +60,24 @@ var (
 	// (max_connections + max_prepared_transactions) locks; every advisory
 	// lock held anywhere takes a slot. Raise max_locks_per_transaction (a
 	// restart is needed), or hold fewer locks at once.
-	ErrLockTableFull = errors.New("pglock: the server's lock table is full (SQLSTATE 53200): raise max_locks_per_transaction or hold fewer locks")
+	ErrLockTableFull = errors.New("the server's lock table is full (SQLSTATE 53200): raise max_locks_per_transaction or hold fewer locks")
 
 	// ErrLost means a lock held through a [Locker] ended without Unlock: its
 	// session was terminated, the server restarted, the network failed, or
 	// the lock could not be verified for a whole health-check interval (the
 	// connection is then closed, so that the server releases it). Another
 	// process may hold the lock now. [Lock.Err] returns exactly ErrLost, and
-	// the context of [Locker.Do]'s fn is cancelled with it as the cause.
-	ErrLost = errors.New("pglock: lock lost")
+	// the lock's [Lock.Context] and the context of [Locker.Do]'s fn are
+	// cancelled with it as the cause.
+	ErrLost = errors.New("lock lost")
 
-	// ErrUnlocked is what [Lock.Err] returns after [Lock.Unlock].
-	ErrUnlocked = errors.New("pglock: lock unlocked")
+	// ErrUnlocked is what [Lock.Err] returns after [Lock.Unlock], and the
+	// cause of [Lock.Context] then.
+	ErrUnlocked = errors.New("lock unlocked")
 
 	// ErrClosed is returned by a [Locker]'s methods after [Locker.Close], and
 	// by [Lock.Err] for a lock that Close released.
-	ErrClosed = errors.New("pglock: locker closed")
-
-	// ErrUnsupportedExecutor is returned by WithLock for an Executor other
-	// than *sql.DB, *sql.Conn and *sql.Tx.
-	ErrUnsupportedExecutor = errors.New("pglock: unsupported Executor: want *sql.DB, *sql.Conn or *sql.Tx")
+	ErrClosed = errors.New("locker closed")
 )
 
 // Error is the error type of every failed call in this package. Use
@@ -83,10 +85,17 @@ var (
 // context.DeadlineExceeded, and [errors.As] to reach the driver's error
 // (*pq.Error, *pgconn.PgError).
 type Error struct {
-	Op    string   // "lock", "trylock", "unlock", "do", "lead", "close", "holders" or "list"
-	Key   keys.Key // the lock; for several, the first in canonical order
-	Scope string   // "session" or "transaction"
-	Err   error    // the causes, outermost first
+	// Op is the call that failed: "lock" (LockConn, LockTx, LockAllTx,
+	// WithLock, Locker.Lock and Locker.LockAll), "trylock" (TryLockConn,
+	// TryLockTx, Locker.TryLock and Locker.TryLockAll), "unlock"
+	// (UnlockConn, Lock.Unlock, and the release at the end of WithLock),
+	// "do" (Locker.Do), "lead" (Locker.Lead), "close" (Locker.Close),
+	// "check" (CheckSessionLocks), "holders" (Holders) or "list" (List).
+	Op string
+
+	Key   keys.Key // the lock; for several, the first in canonical order; zero for List, Close and check
+	Scope string   // "session" or "transaction"; "" for Holders, List and check
+	Err   error    // the causes, outermost first (joined with errors.Join when there are several)
 
 	// Keys lists every key of a call on several keys (LockAll, TryLockAll,
 	// LockAllTx), in canonical order; nil for a call on one key.
@@ -100,130 +109,143 @@ type Error struct {
 }
 
 // Error returns "pglock: <op> <key> (<scope>): <causes>", where <key> reads
-// "<first key> and N more" for several keys, and the causes are followed by
-// "; held by pid P (app)" for each known holder.
+// "<first key> and N more" for several keys, the causes are separated by
+// ": " (a cause whose text repeats an earlier one's is left out), and they
+// are followed by "; held by pid P (app)" for each known holder.
 func (e *Error) Error() string {
-	msg := "pglock: " + e.Op
-	if !e.Key.IsZero() || len(e.Keys) > 0 {
-		msg += " " + e.Key.String()
+	var b strings.Builder
+	b.WriteString("pglock: " + e.Op)
+	if !e.Key.IsZero() {
+		b.WriteString(" " + e.Key.String())
 	}
 	if len(e.Keys) > 1 {
-		msg += " and " + strconv.Itoa(len(e.Keys)-1) + " more"
+		b.WriteString(" and " + strconv.Itoa(len(e.Keys)-1) + " more")
 	}
 	if e.Scope != "" {
-		msg += " (" + e.Scope + ")"
+		b.WriteString(" (" + e.Scope + ")")
 	}
-	msg += ": " + strings.TrimPrefix(e.Err.Error(), "pglock: ")
+	b.WriteString(": " + strings.Join(e.causeTexts(), ": "))
+	e.writeHolders(&b)
+	return b.String()
+}
+
+// causeTexts returns the messages of the causes, each once: a driver's
+// error that only repeats the context's ("context canceled") is not said
+// twice.
+func (e *Error) causeTexts() []string {
+	errs := []error{e.Err}
+	if j, ok := e.Err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	texts := make([]string, 0, len(errs))
+	for _, c := range errs {
+		if c != nil && !slices.Contains(texts, c.Error()) {
+			texts = append(texts, c.Error())
+		}
+	}
+	return texts
+}
+
+// writeHolders appends the known holders, three at most.
+func (e *Error) writeHolders(b *strings.Builder) {
 	for i, h := range e.Holders {
 		if i == 3 {
-			msg += "; and " + strconv.Itoa(len(e.Holders)-i) + " more holders"
-			break
+			b.WriteString("; and " + strconv.Itoa(len(e.Holders)-i) + " more holders")
+			return
 		}
-		msg += "; held by pid " + strconv.Itoa(h.PID)
+		b.WriteString("; held by pid " + strconv.Itoa(h.PID))
 		if h.ApplicationName != "" {
-			msg += " (" + strconv.Quote(h.ApplicationName) + ")"
+			b.WriteString(" (" + strconv.Quote(h.ApplicationName) + ")")
 		}
 		if len(e.Keys) > 1 {
-			msg += " on " + h.Key.String()
+			b.WriteString(" on " + h.Key.String())
 		}
 	}
-	return msg
 }
 
 // Unwrap returns the causes.
 func (e *Error) Unwrap() error { return e.Err }
 
-// causes is an error made of several: each is reachable by errors.Is and
-// errors.As, and the message joins them with ": ".
-type causes []error
-
-// Error joins the messages of the causes with ": ".
-func (c causes) Error() string {
-	parts := make([]string, 0, len(c))
-	for _, err := range c {
-		parts = append(parts, strings.TrimPrefix(err.Error(), "pglock: "))
-	}
-	return strings.Join(parts, ": ")
-}
-
-// Unwrap returns the causes, for errors.Is and errors.As.
-func (c causes) Unwrap() []error { return c }
-
-// join builds a causes value, dropping nils and repeats.
-func join(errs ...error) error {
-	var c causes
-outer:
+// causes is the one way this package combines errors: errors.Join of errs
+// without nils and repeats (a context error and its cause are often the
+// same value).
+func causes(errs ...error) error {
+	kept := make([]error, 0, len(errs))
 	for _, err := range errs {
-		if err == nil {
-			continue
+		if err != nil && !slices.Contains(kept, err) {
+			kept = append(kept, err)
 		}
-		for _, have := range c {
-			if have == err {
-				continue outer
-			}
-		}
-		c = append(c, err)
 	}
-	if len(c) == 1 {
-		return c[0]
+	switch len(kept) {
+	case 0:
+		return nil
+	case 1:
+		return kept[0]
 	}
-	return c
+	return errors.Join(kept...)
 }
 
-// without returns err minus the cause target.
-func without(err, target error) error {
-	c, ok := err.(causes)
-	if !ok {
-		if err == target {
-			return nil
-		}
-		return err
+// newError is the *Error of op on req with errs as its causes.
+func newError(op string, req pgsql.Request, errs ...error) *Error {
+	e := &Error{Op: op, Scope: req.Scope.String(), Err: causes(errs...)}
+	if len(req.Keys) > 0 {
+		e.Key = req.Keys[0]
 	}
-	var kept []error
-	for _, e := range c {
-		if e != target {
-			kept = append(kept, e)
-		}
+	if len(req.Keys) > 1 {
+		e.Keys = req.Keys
 	}
-	return join(kept...)
+	return e
 }
 
-func opError(op string, l sqlexec.Lock, errs ...error) error {
-	return &Error{Op: op, Key: l.Key, Scope: l.Scope.String(), Err: join(errs...)}
+// failure returns the causes of a failed acquisition's error.
+func failure(r engine.Result) []error {
+	switch r.Failure {
+	case engine.NotRun:
+		return []error{r.Err}
+	case engine.Lost:
+		return []error{r.Ctx, ErrSessionLost, r.Err, r.Check}
+	case engine.Plain:
+		return []error{r.Ctx, r.Err, r.Check}
+	}
+	return classify(r)
 }
 
-// classify explains a failed lock statement. ctxErr is the error of the
-// caller's context when it ended the call; timed says that pglock bounded the
-// wait with lock_timeout from ctx's deadline.
-func classify(ctxErr, err error, timed bool) []error {
-	code := sqlexec.SQLState(err)
-	if ctxErr == nil && timed && code == sqlexec.CodeLockNotAvailable {
+// classify explains a failed lock statement from its SQLSTATE: a deadlock,
+// a lock_timeout (the caller's deadline when the wait was bounded by it), a
+// full lock table, or a lost session.
+func classify(r engine.Result) []error {
+	err, ctxErr := r.Err, r.Ctx
+	if err == nil {
+		// The driver reported success for a statement whose context was
+		// interrupted before the grant.
+		err = ctxErr
+	}
+	code := pgsql.SQLState(err)
+	if ctxErr == nil && r.Timed && code == pgsql.CodeLockNotAvailable {
 		ctxErr = context.DeadlineExceeded
 	}
-	out := []error{ctxErr}
+	var sentinel error
 	switch {
-	case code == sqlexec.CodeDeadlock:
-		out = append(out, ErrDeadlock)
-	case code == sqlexec.CodeLockNotAvailable && !timed:
-		out = append(out, ErrLockTimeout)
-	case code == sqlexec.CodeOutOfSharedMemory:
-		out = append(out, ErrLockTableFull)
-	case sqlexec.IsSessionLost(err):
-		out = append(out, ErrSessionLost)
+	case code == pgsql.CodeDeadlock:
+		sentinel = ErrDeadlock
+	case code == pgsql.CodeLockNotAvailable && !r.Timed:
+		sentinel = ErrLockTimeout
+	case code == pgsql.CodeOutOfSharedMemory:
+		sentinel = ErrLockTableFull
+	case pgsql.IsSessionLost(err):
+		sentinel = ErrSessionLost
 	}
-	return append(out, err)
+	return []error{ctxErr, sentinel, err}
 }
 
-// neverSent reports whether err says database/sql refused the call before
-// anything reached the server.
-func neverSent(err error) bool {
-	return errors.Is(err, sql.ErrConnDone) || errors.Is(err, sql.ErrTxDone)
-}
-
-// notRun reports whether err proves that no lock function ran: the call never
-// reached the server, or the server rejected the first statement because the
-// caller's transaction was already aborted (SQLSTATE 25P02). No settling is
-// needed, and the caller's connection must not be touched.
-func notRun(err error) bool {
-	return neverSent(err) || sqlexec.SQLState(err) == sqlexec.CodeInFailedSQLTx
+// holders returns the engine's holder rows as Holders.
+func holders(hs []engine.Holder) []Holder {
+	if hs == nil {
+		return nil
+	}
+	out := make([]Holder, len(hs))
+	for i, h := range hs {
+		out[i] = Holder(h)
+	}
+	return out
 }

@@ -173,8 +173,9 @@ func ExampleLockTx() {
 	// Output: committed
 }
 
-// A managed lock from a pool: Lock pins a connection for as long as the lock
-// is held and watches it; Done closes if the lock is lost.
+// A managed lock from a pool: the Locker holds it on a connection it shares
+// with its other locks and verifies it every few seconds. The lock's
+// context ends if the lock is lost, so work run under it stops.
 func ExampleLocker_Lock() {
 	db := openExampleDB()
 	defer db.Close()
@@ -188,19 +189,20 @@ func ExampleLocker_Lock() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	work := lk.Context() // cancelled with cause pglock.ErrLost if the lock is lost
 	select {
-	case <-lk.Done():
-		fmt.Println("lost the lock:", lk.Err())
+	case <-work.Done():
+		fmt.Println("lost the lock:", context.Cause(work))
 	default:
 		fmt.Println("holding", lk.Key().Name())
 	}
 	if err := lk.Unlock(ctx); err != nil {
 		log.Fatal(err) // wraps ErrLost if the lock was lost before Unlock
 	}
-	fmt.Println(lk.Err())
+	fmt.Println(lk.Err(), context.Cause(work) == pglock.ErrUnlocked)
 	// Output:
 	// holding example:locker:billing
-	// pglock: lock unlocked
+	// lock unlocked true
 }
 
 // TryLock never waits: one replica runs the job, the others skip it.

@@ -11,7 +11,7 @@ import (
 
 	"github.com/DATA-DOG/go-sqlmock"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/pgsql"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -37,7 +37,7 @@ func TestListDecodesKeys(t *testing.T) {
 	for i, k := range ks {
 		r.AddRow(holderRow(k, int64(100+i), "ExclusiveLock", true, "session", nil)...)
 	}
-	mock.ExpectQuery(sqlexec.HoldersSQL()).WillReturnRows(r)
+	mock.ExpectQuery(pgsql.HoldersSQL()).WillReturnRows(r)
 	hs, err := pglock.List(context.Background(), c)
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +64,7 @@ func TestHoldersModesWaitersAndPreparedTransactions(t *testing.T) {
 	key := keys.Int64(math.MinInt64)
 	waitStart := time.Date(2024, 5, 1, 12, 0, 1, 500, time.UTC)
 	_, mock, c := newMock(t)
-	mock.ExpectQuery(sqlexec.HoldersSQL(key)).WillReturnRows(sqlmock.NewRows(holderColumns).
+	mock.ExpectQuery(pgsql.HoldersSQL(key)).WillReturnRows(sqlmock.NewRows(holderColumns).
 		AddRow(holderRow(key, int64(10), "ShareLock", true, "", nil)...).
 		AddRow(int64(2147483648), int64(0), int64(1), nil, "ShareLock", true, "", "", "", nil, nil, "transaction").
 		AddRow(holderRow(key, int64(11), "ExclusiveLock", false, "", waitStart)...))
@@ -95,7 +95,7 @@ func TestHoldersModesWaitersAndPreparedTransactions(t *testing.T) {
 func TestHoldersKeepsTheKeyGiven(t *testing.T) {
 	key := keys.String("report")
 	_, mock, c := newMock(t)
-	mock.ExpectQuery(sqlexec.HoldersSQL(key)).WillReturnRows(sqlmock.NewRows(holderColumns).
+	mock.ExpectQuery(pgsql.HoldersSQL(key)).WillReturnRows(sqlmock.NewRows(holderColumns).
 		AddRow(holderRow(key, int64(10), "ExclusiveLock", true, "session", nil)...))
 	hs, err := pglock.Holders(context.Background(), c, key)
 	if err != nil {
@@ -108,40 +108,47 @@ func TestHoldersKeepsTheKeyGiven(t *testing.T) {
 
 func TestHoldersNone(t *testing.T) {
 	_, mock, c := newMock(t)
-	mock.ExpectQuery(sqlexec.HoldersSQL(keys.Pair(1, 2))).WillReturnRows(sqlmock.NewRows(holderColumns))
+	mock.ExpectQuery(pgsql.HoldersSQL(keys.Pair(1, 2))).WillReturnRows(sqlmock.NewRows(holderColumns))
 	hs, err := pglock.Holders(context.Background(), c, keys.Pair(1, 2))
 	if err != nil || hs == nil || len(hs) != 0 {
 		t.Fatalf("Holders = %#v, %v; want an empty slice", hs, err)
 	}
 }
 
-func TestInspectInvalidInput(t *testing.T) {
+// nilHandleInspect checks that Holders and List reject h, a nil handle,
+// without sending anything.
+func nilHandleInspect[H pglock.Handle](t *testing.T, h H) {
+	t.Helper()
 	ctx := context.Background()
+	hs, err := pglock.Holders(ctx, h, keys.Int64(1))
+	var e *pglock.Error
+	if hs != nil || !errors.Is(err, pglock.ErrNilHandle) || !errors.As(err, &e) || e.Op != "holders" || e.Key != keys.Int64(1) || e.Scope != "" {
+		t.Errorf("Holders(%T(nil)) = %v, %v", h, hs, err)
+	}
+	hs, err = pglock.List(ctx, h)
+	if hs != nil || !errors.Is(err, pglock.ErrNilHandle) || !errors.As(err, &e) || e.Op != "list" || !e.Key.IsZero() {
+		t.Errorf("List(%T(nil)) = %v, %v", h, hs, err)
+	}
+}
+
+// zeroKeyInspect checks that Holders rejects the zero key on h.
+func zeroKeyInspect[H pglock.Handle](t *testing.T, h H) {
+	t.Helper()
+	hs, err := pglock.Holders(context.Background(), h, keys.Key{})
+	var e *pglock.Error
+	if hs != nil || !errors.Is(err, pglock.ErrInvalidKey) || !errors.As(err, &e) || e.Op != "holders" {
+		t.Errorf("Holders(zero key) = %v, %v", hs, err)
+	}
+}
+
+func TestInspectInvalidInput(t *testing.T) {
 	db, _, c := newMock(t) // no query may be sent
-	var (
-		nilDB   *sql.DB
-		nilConn *sql.Conn
-		nilTx   *sql.Tx
-	)
-	for _, x := range []pglock.Executor{nil, nilDB, nilConn, nilTx} {
-		hs, err := pglock.Holders(ctx, x, keys.Int64(1))
-		var e *pglock.Error
-		if hs != nil || !errors.Is(err, pglock.ErrNilHandle) || !errors.As(err, &e) || e.Op != "holders" || e.Key != keys.Int64(1) || e.Scope != "" {
-			t.Errorf("Holders(%T(nil)) = %v, %v", x, hs, err)
-		}
-		hs, err = pglock.List(ctx, x)
-		if hs != nil || !errors.Is(err, pglock.ErrNilHandle) || !errors.As(err, &e) || e.Op != "list" || !e.Key.IsZero() {
-			t.Errorf("List(%T(nil)) = %v, %v", x, hs, err)
-		}
-	}
-	for _, x := range []pglock.Executor{db, c} {
-		hs, err := pglock.Holders(ctx, x, keys.Key{})
-		var e *pglock.Error
-		if hs != nil || !errors.Is(err, pglock.ErrInvalidKey) || !errors.As(err, &e) || e.Op != "holders" {
-			t.Errorf("Holders(zero key) = %v, %v", hs, err)
-		}
-	}
-	done, cancel := context.WithCancel(ctx)
+	nilHandleInspect(t, (*sql.DB)(nil))
+	nilHandleInspect(t, (*sql.Conn)(nil))
+	nilHandleInspect(t, (*sql.Tx)(nil))
+	zeroKeyInspect(t, db)
+	zeroKeyInspect(t, c)
+	done, cancel := context.WithCancel(context.Background())
 	cancel()
 	if _, err := pglock.List(done, c); !errors.Is(err, context.Canceled) {
 		t.Errorf("List with a done ctx = %v", err)
@@ -153,7 +160,7 @@ func TestInspectErrors(t *testing.T) {
 	key := keys.Int64(42)
 	t.Run("query", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectQuery(sqlexec.HoldersSQL(key)).WillReturnError(errSyntax)
+		mock.ExpectQuery(pgsql.HoldersSQL(key)).WillReturnError(errSyntax)
 		_, err := pglock.Holders(ctx, c, key)
 		var e *pglock.Error
 		if !errors.Is(err, errSyntax) || !errors.As(err, &e) || e.Op != "holders" || e.Key != key {
@@ -165,7 +172,7 @@ func TestInspectErrors(t *testing.T) {
 	})
 	t.Run("session lost", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectQuery(sqlexec.HoldersSQL()).WillReturnError(errTerminated)
+		mock.ExpectQuery(pgsql.HoldersSQL()).WillReturnError(errTerminated)
 		_, err := pglock.List(ctx, c)
 		if !errors.Is(err, errTerminated) || !errors.Is(err, pglock.ErrSessionLost) {
 			t.Fatalf("err = %v", err)
@@ -173,7 +180,7 @@ func TestInspectErrors(t *testing.T) {
 	})
 	t.Run("row error", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectQuery(sqlexec.HoldersSQL()).WillReturnRows(sqlmock.NewRows(holderColumns).
+		mock.ExpectQuery(pgsql.HoldersSQL()).WillReturnRows(sqlmock.NewRows(holderColumns).
 			AddRow(holderRow(key, int64(1), "ExclusiveLock", true, "", nil)...).
 			AddRow(holderRow(key, int64(2), "ExclusiveLock", true, "", nil)...).
 			RowError(1, errTerminated))
@@ -184,7 +191,7 @@ func TestInspectErrors(t *testing.T) {
 	})
 	t.Run("not an advisory key space", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectQuery(sqlexec.HoldersSQL()).WillReturnRows(sqlmock.NewRows(holderColumns).
+		mock.ExpectQuery(pgsql.HoldersSQL()).WillReturnRows(sqlmock.NewRows(holderColumns).
 			AddRow(int64(0), int64(42), int64(3), int64(1), "ExclusiveLock", true, "", "", "", nil, nil, ""))
 		hs, err := pglock.List(ctx, c)
 		if hs != nil || !errors.Is(err, keys.ErrSyntax) {
@@ -193,7 +200,7 @@ func TestInspectErrors(t *testing.T) {
 	})
 	t.Run("classid out of range", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectQuery(sqlexec.HoldersSQL()).WillReturnRows(sqlmock.NewRows(holderColumns).
+		mock.ExpectQuery(pgsql.HoldersSQL()).WillReturnRows(sqlmock.NewRows(holderColumns).
 			AddRow(int64(1<<32), int64(42), int64(1), int64(1), "ExclusiveLock", true, "", "", "", nil, nil, ""))
 		if hs, err := pglock.List(ctx, c); hs != nil || err == nil {
 			t.Fatalf("List = %v, %v", hs, err)

@@ -7,7 +7,7 @@ import (
 	"math/rand/v2"
 	"time"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -31,8 +31,8 @@ const (
 )
 
 var (
-	errLeadUnwatched = errors.New("pglock: Lead needs health checks to detect a lost leadership: the Locker was made with WithHealthCheck(0) or less")
-	errLeadOption    = errors.New("pglock: invalid Lead option")
+	errLeadUnwatched = errors.New("Lead needs health checks to detect a lost leadership: the Locker was made with WithHealthCheck(0) or less")
+	errLeadOption    = errors.New("invalid Lead option")
 )
 
 // LeadOption configures one [Locker.Lead] call. Lead takes no [Option]:
@@ -263,89 +263,111 @@ func (c *leadConfig) backoff(n int) time.Duration {
 // that connection ends the leadership too; give Lead a Locker of its own (or
 // one made WithMultiplexing(0)) when only its own failures should.
 func (l *Locker) Lead(ctx context.Context, key keys.Key, fn func(ctx context.Context) error, opts ...LeadOption) error {
-	req := sessionLock(key, options{})
-	fail := func(errs ...error) error { return opError("lead", req, errs...) }
+	req, ok := newRequest(engine.LockerLock, []keys.Key{key}, nil)
 	switch {
 	case l == nil || l.db == nil:
-		return fail(ErrNilHandle)
-	case key.IsZero():
-		return fail(ErrInvalidKey)
+		return newError("lead", req, ErrNilHandle)
+	case !ok:
+		return invalid("lead", req)
 	case fn == nil:
-		return fail(errNilFunc)
+		return newError("lead", req, ErrNilHandle, errNilFunc)
 	case l.interval <= 0:
-		return fail(errLeadUnwatched)
+		return newError("lead", req, errLeadUnwatched)
 	}
 	c, err := newLeadConfig(l.interval, opts)
 	if err != nil {
-		return fail(err)
+		return newError("lead", req, err)
 	}
-	failures := 0
+	cp := &campaign{l: l, req: req, fn: fn, c: c}
 	for {
-		switch {
-		case ended(ctx) != nil:
-			return fail(ctxErrs(ctx)...)
-		case l.closing.Err() != nil:
-			return fail(ErrClosed)
-		}
-		lk, err := l.Lock(ctx, key)
-		if err != nil {
-			switch {
-			case ended(ctx) != nil:
-				return fail(ctxErrs(ctx)...)
-			case errors.Is(err, ErrClosed):
-				return fail(ErrClosed)
-			case errors.Is(err, ErrTransactionPooling):
-				return err // no campaign can ever succeed through this pool
-			}
-			wait := c.backoff(failures)
-			failures++
-			l.log.Warn("pglock: lead: campaign failed; retrying", "key", key.String(), "error", err, "retry_in", wait)
-			if err := l.pause(ctx, wait); err != nil {
-				return fail(err...)
-			}
-			continue
-		}
-
-		t := l.term(ctx, lk, req, fn, c)
-		if t.lost == nil {
-			return t.err
-		}
-		if t.elected {
-			failures = 0
-			if c.onLost != nil {
-				c.onLost(t.lost)
-			}
-		}
-		switch {
-		case errors.Is(t.lost, ErrClosed):
-			return t.lost
-		case ended(ctx) != nil:
-			return fail(ctxErrs(ctx)...)
-		}
-		wait := c.backoff(failures)
-		failures++
-		l.log.Info("pglock: lead: campaigning again", "key", key.String(), "in", wait)
-		if err := l.pause(ctx, wait); err != nil {
-			return fail(err...)
+		if err, done := cp.round(ctx); done {
+			return err
 		}
 	}
 }
 
-// withCause adds a cause to an *Error made by opError.
-func withCause(err, cause error) error {
-	e, ok := err.(*Error)
-	if !ok || cause == nil {
-		return err
-	}
-	c := *e
-	c.Err = join(e.Err, cause)
-	return &c
+// campaign is one Lead call: it takes the lock, serves terms, and backs off
+// between them.
+type campaign struct {
+	l        *Locker
+	req      request
+	fn       func(context.Context) error
+	c        *leadConfig
+	failures int // campaigns failed or terms lost in a row
 }
 
-// ctxErrs returns ctx's error and, when it differs, its cause.
+// fail is Lead's error with errs as its causes.
+func (cp *campaign) fail(errs ...error) error { return newError("lead", cp.req, errs...) }
+
+// round campaigns once: it takes the lock, serves a term, and backs off
+// after a failure or a loss. It returns true with Lead's result when Lead
+// must return.
+func (cp *campaign) round(ctx context.Context) (error, bool) {
+	switch {
+	case engine.Ended(ctx) != nil:
+		return cp.fail(ctxErrs(ctx)...), true
+	case cp.l.closing.Err() != nil:
+		return cp.fail(ErrClosed), true
+	}
+	lk, err := cp.l.Lock(ctx, cp.req.Keys[0])
+	if err != nil {
+		return cp.campaignFailed(ctx, err)
+	}
+	t := cp.l.term(ctx, lk, cp.req, cp.fn, cp.c)
+	if t.lost == nil {
+		return t.err, true
+	}
+	return cp.termLost(ctx, t)
+}
+
+// campaignFailed handles a Lock that failed: it ends Lead when no campaign
+// can succeed (ctx ended, the Locker closed, a pool that shares sessions),
+// and otherwise backs off.
+func (cp *campaign) campaignFailed(ctx context.Context, err error) (error, bool) {
+	switch {
+	case engine.Ended(ctx) != nil:
+		return cp.fail(ctxErrs(ctx)...), true
+	case errors.Is(err, ErrClosed):
+		return cp.fail(ErrClosed), true
+	case errors.Is(err, ErrTransactionPooling):
+		return cp.fail(ErrTransactionPooling), true // no campaign can ever succeed through this pool
+	}
+	wait := cp.c.backoff(cp.failures)
+	cp.failures++
+	cp.l.log.Warn("pglock: lead: campaign failed; retrying", "key", cp.req.Keys[0].String(), "error", err, "retry_in", wait)
+	if errs := cp.l.pause(ctx, wait); errs != nil {
+		return cp.fail(errs...), true
+	}
+	return nil, false
+}
+
+// termLost handles a term that ended in a loss: the OnLost hook, then a
+// backoff before the next campaign.
+func (cp *campaign) termLost(ctx context.Context, t termResult) (error, bool) {
+	if t.elected {
+		cp.failures = 0
+		if cp.c.onLost != nil {
+			cp.c.onLost(t.lost)
+		}
+	}
+	switch {
+	case errors.Is(t.lost, ErrClosed):
+		return t.lost, true
+	case engine.Ended(ctx) != nil:
+		return cp.fail(ctxErrs(ctx)...), true
+	}
+	wait := cp.c.backoff(cp.failures)
+	cp.failures++
+	cp.l.log.Info("pglock: lead: campaigning again", "key", cp.req.Keys[0].String(), "in", wait)
+	if errs := cp.l.pause(ctx, wait); errs != nil {
+		return cp.fail(errs...), true
+	}
+	return nil, false
+}
+
+// ctxErrs returns ctx's error and its cause (causes drops the repeat).
 func ctxErrs(ctx context.Context) []error {
-	err := ended(ctx)
-	return []error{err, context.Cause(ctx)}
+	return []error{engine.Ended(ctx), context.Cause(ctx)}
 }
 
 // pause waits d, or until ctx ends or the Locker is closed.
@@ -370,68 +392,95 @@ type termResult struct {
 }
 
 // term holds lk through the start delay and fn, and releases it.
-func (l *Locker) term(ctx context.Context, lk *Lock, req sqlexec.Lock, fn func(context.Context) error, c *leadConfig) (res termResult) {
-	granted := time.Now()
+func (l *Locker) term(ctx context.Context, lk *Lock, req request, fn func(context.Context) error, c *leadConfig) termResult {
 	fctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-
-	g := &leadGuard{l: l, lk: lk, req: req, granted: granted, lease: c.lease(l.interval), stop: make(chan struct{}), stopped: make(chan struct{})}
+	g := &leadGuard{l: l, lk: lk, req: req, granted: time.Now(), lease: c.lease(l.interval), stop: make(chan struct{}), stopped: make(chan struct{})}
 	go g.run(fctx, cancel)
+	t := &termEnd{ctx: ctx, fctx: fctx, g: g, lk: lk, req: req}
+	defer t.finishOnPanic()
 
-	// finish stops the guard and releases the lock. It returns the loss the
-	// guard found (nil if none) and the release's error.
-	finished := false
-	finish := func() (lost, uerr error) {
-		finished = true
-		close(g.stop)
-		<-g.stopped
-		if g.loss != nil && context.Cause(fctx) == g.loss {
-			lost = g.loss
-		}
-		uerr = lk.Unlock(context.WithoutCancel(ctx))
-		if lost != nil && g.fromDone && errors.Is(uerr, ErrNotHeld) {
-			uerr = nil // the loss itself, already in lost
-		}
-		return lost, uerr
+	if !l.startDelay(fctx, lk, c.delay) {
+		return t.delayEnded()
 	}
-	defer func() {
-		if !finished { // fn panicked: release, and let the panic go on
-			_, _ = finish()
-		}
-	}()
+	if c.onElected != nil {
+		c.onElected()
+	}
+	l.log.Info("pglock: lead: elected", "key", lk.describe())
+	ferr := fn(fctx)
+	return t.fnReturned(ferr)
+}
 
-	if c.delay > 0 {
-		l.log.Info("pglock: lead: lock taken; waiting out the start delay", "key", lk.describe(), "delay", c.delay)
-		t := time.NewTimer(c.delay)
+// startDelay holds the lock for d before fn may start. It reports false
+// when fctx ended first (the lock was lost, Close, or ctx ended).
+func (l *Locker) startDelay(fctx context.Context, lk *Lock, d time.Duration) bool {
+	if d > 0 {
+		l.log.Info("pglock: lead: lock taken; waiting out the start delay", "key", lk.describe(), "delay", d)
+		t := time.NewTimer(d)
 		select {
 		case <-t.C:
 		case <-fctx.Done():
 		}
 		t.Stop()
 	}
-	if fctx.Err() != nil {
-		lost, uerr := finish()
-		if lost != nil {
-			l.log.Warn("pglock: lead: lost the lock during the start delay", "key", lk.describe(), "cause", lost)
-			return termResult{lost: withCause(lost, uerr)}
-		}
-		return termResult{err: opError("lead", req, append(ctxErrs(ctx), uerr)...)}
-	}
+	return fctx.Err() == nil
+}
 
-	if c.onElected != nil {
-		c.onElected()
+// termEnd ends a term: it stops the guard, releases the lock, and says how
+// the term ended.
+type termEnd struct {
+	ctx, fctx context.Context
+	g         *leadGuard
+	lk        *Lock
+	req       request
+	finished  bool
+}
+
+// finish stops the guard and releases the lock. It returns the causes of
+// the loss the guard found (nil if none) and the release's error.
+func (t *termEnd) finish() (lost []error, uerr error) {
+	t.finished = true
+	close(t.g.stop)
+	<-t.g.stopped
+	if t.g.reason != nil && context.Cause(t.fctx) == t.g.loss {
+		lost = []error{t.g.reason, t.g.cause}
 	}
-	l.log.Info("pglock: lead: elected", "key", lk.describe())
-	ferr := fn(fctx)
-	lost, uerr := finish()
+	uerr = t.lk.Unlock(context.WithoutCancel(t.ctx))
+	if lost != nil && t.g.fromDone && errors.Is(uerr, ErrNotHeld) {
+		uerr = nil // the loss itself, already in lost
+	}
+	return lost, uerr
+}
+
+// finishOnPanic releases the lock when fn panicked, and lets the panic go
+// on.
+func (t *termEnd) finishOnPanic() {
+	if !t.finished {
+		_, _ = t.finish()
+	}
+}
+
+// delayEnded ends a term whose start delay was cut short.
+func (t *termEnd) delayEnded() termResult {
+	lost, uerr := t.finish()
 	if lost != nil {
-		if uerr != nil && !errors.Is(uerr, ErrNotHeld) {
-			l.log.Warn("pglock: lead: release after the loss failed", "key", lk.describe(), "error", uerr)
-		}
-		return termResult{lost: withCause(lost, uerr), elected: true}
+		t.g.l.log.Warn("pglock: lead: lost the lock during the start delay", "key", t.lk.describe(), "cause", t.g.loss)
+		return termResult{lost: newError("lead", t.req, append(lost, uerr)...)}
 	}
-	if uerr != nil {
-		return termResult{err: errors.Join(ferr, uerr), elected: true}
+	return termResult{err: newError("lead", t.req, append(ctxErrs(t.ctx), uerr)...)}
+}
+
+// fnReturned ends a term once fn has returned ferr.
+func (t *termEnd) fnReturned(ferr error) termResult {
+	lost, uerr := t.finish()
+	switch {
+	case lost != nil:
+		if uerr != nil && !errors.Is(uerr, ErrNotHeld) {
+			t.g.l.log.Warn("pglock: lead: release after the loss failed", "key", t.lk.describe(), "error", uerr)
+		}
+		return termResult{lost: newError("lead", t.req, append(lost, uerr)...), elected: true}
+	case uerr != nil:
+		return termResult{err: causes(ferr, uerr), elected: true}
 	}
 	return termResult{err: ferr, elected: true}
 }
@@ -441,7 +490,7 @@ func (l *Locker) term(ctx context.Context, lk *Lock, req sqlexec.Lock, fn func(c
 type leadGuard struct {
 	l       *Locker
 	lk      *Lock
-	req     sqlexec.Lock
+	req     request
 	granted time.Time
 	lease   time.Duration // 0: no lease
 
@@ -449,8 +498,9 @@ type leadGuard struct {
 	stopped chan struct{} // closed when it has stopped
 
 	// Set before stopped is closed.
-	loss     error // the cause it cancelled fn's ctx with
-	fromDone bool  // the loss came from the lock's Done
+	reason, cause error // why it cancelled fn's ctx: ErrLost or ErrClosed, and why
+	loss          error // the cause it cancelled fn's ctx with
+	fromDone      bool  // the loss came from the lock's Done
 }
 
 func (g *leadGuard) run(fctx context.Context, cancel context.CancelCauseFunc) {
@@ -474,43 +524,49 @@ func (g *leadGuard) run(fctx context.Context, cancel context.CancelCauseFunc) {
 			g.ended(cancel)
 			return
 		case <-expire:
-			verified := g.lk.verifiedAt()
-			if verified.Before(g.granted) {
-				verified = g.granted
-			}
-			if left := g.lease - time.Since(verified); left > 0 {
+			if left := g.leaseLeft(); left > 0 {
 				t.Reset(left)
 				continue
 			}
-			g.loss = opError("lead", g.req, ErrLost, fmt.Errorf("the lock was not verified for %v (lease %v): stepping down",
-				time.Since(verified).Round(time.Millisecond), g.lease))
-			g.l.log.Warn("pglock: lead: leadership lost", "key", g.lk.describe(), "cause", g.loss)
-			cancel(g.loss)
+			g.expired(cancel)
 			return
 		}
 	}
 }
 
+// leaseLeft is how long the lease still runs, from the last verification
+// of the lock (or its grant).
+func (g *leadGuard) leaseLeft() time.Duration {
+	return g.lease - time.Since(g.lastVerified())
+}
+
+// lastVerified is when the lock was last verified, or granted.
+func (g *leadGuard) lastVerified() time.Time {
+	if v := g.lk.verifiedAt(); v.After(g.granted) {
+		return v
+	}
+	return g.granted
+}
+
+// expired steps down: the lease ran out.
+func (g *leadGuard) expired(cancel context.CancelCauseFunc) {
+	since := time.Since(g.lastVerified())
+	g.reason, g.cause = ErrLost, fmt.Errorf("the lock was not verified for %v (lease %v): stepping down", since.Round(time.Millisecond), g.lease)
+	g.loss = newError("lead", g.req, g.reason, g.cause)
+	g.l.log.Warn("pglock: lead: leadership lost", "key", g.lk.describe(), "cause", g.loss)
+	cancel(g.loss)
+}
+
 // ended reports the end of the lock as the loss.
 func (g *leadGuard) ended(cancel context.CancelCauseFunc) {
-	g.lk.stateMu.Lock()
-	reason, cause := g.lk.err, g.lk.cause
-	g.lk.stateMu.Unlock()
-	if reason == ErrUnlocked {
-		return // only Lead unlocks it, after stopping the guard
+	reason, cause := g.lk.lost()
+	if reason == nil {
+		return // unlocked: only Lead unlocks it, after stopping the guard
 	}
-	g.loss, g.fromDone = opError("lead", g.req, reason, cause), true
+	g.reason, g.cause, g.fromDone = reason, cause, true
+	g.loss = newError("lead", g.req, reason, cause)
 	if reason == ErrLost {
 		g.l.log.Warn("pglock: lead: leadership lost", "key", g.lk.describe(), "cause", g.loss)
 	}
 	cancel(g.loss)
-}
-
-// verifiedAt returns when the health check that last verified lk's
-// connection was sent (zero if none has yet).
-func (lk *Lock) verifiedAt() time.Time {
-	if p := lk.s.verified.Load(); p != nil {
-		return *p
-	}
-	return time.Time{}
 }

@@ -2,221 +2,15 @@ package pglock
 
 import (
 	"context"
-	"database/sql"
-	"database/sql/driver"
 	"errors"
-	"io"
-	"regexp"
-	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 )
-
-// leadServer is an in-memory stand-in for PostgreSQL's session-level
-// advisory locks on bigint keys: enough of it for a Locker to campaign, hold,
-// check and release, and for a test to terminate a session.
-type leadServer struct {
-	mu       sync.Mutex
-	owner    map[int64]*leadConn
-	changed  chan struct{} // closed and replaced when a lock is released
-	checkErr error         // when set, health checks fail with it
-}
-
-func newLeadServer() *leadServer {
-	return &leadServer{owner: map[int64]*leadConn{}, changed: make(chan struct{})}
-}
-
-// db opens a pool on the server.
-func (s *leadServer) db(t *testing.T) *sql.DB {
-	db := sql.OpenDB(leadConnector{s})
-	t.Cleanup(func() { db.Close() })
-	return db
-}
-
-// free reports whether nobody holds k.
-func (s *leadServer) free(k int64) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.owner[k] == nil
-}
-
-// terminate ends the session holding k, as pg_terminate_backend does: its
-// locks are released at once, and its next statement fails.
-func (s *leadServer) terminate(k int64) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	c := s.owner[k]
-	if c == nil {
-		return false
-	}
-	c.dead = true
-	s.releaseAll(c)
-	return true
-}
-
-func (s *leadServer) failChecks(err error) {
-	s.mu.Lock()
-	s.checkErr = err
-	s.mu.Unlock()
-}
-
-// releaseAll drops c's locks. The caller holds s.mu.
-func (s *leadServer) releaseAll(c *leadConn) {
-	for k, o := range s.owner {
-		if o == c {
-			delete(s.owner, k)
-		}
-	}
-	close(s.changed)
-	s.changed = make(chan struct{})
-}
-
-type leadConnector struct{ s *leadServer }
-
-func (c leadConnector) Connect(context.Context) (driver.Conn, error) { return &leadConn{s: c.s}, nil }
-func (c leadConnector) Driver() driver.Driver                        { return leadDriver{} }
-
-type leadDriver struct{}
-
-func (leadDriver) Open(string) (driver.Conn, error) { return nil, errors.New("use the connector") }
-
-type leadConn struct {
-	s    *leadServer
-	dead bool // guarded by s.mu
-}
-
-var (
-	leadKeyRE   = regexp.MustCompile(`'(-?\d+)'::bigint`)
-	leadObjidRE = regexp.MustCompile(`objid = '(\d+)'::oid`)
-	errLeadTerm = &leadPgErr{"57P01", "terminating connection due to administrator command"}
-)
-
-type leadPgErr struct{ code, msg string }
-
-func (e *leadPgErr) Error() string    { return e.msg + " (SQLSTATE " + e.code + ")" }
-func (e *leadPgErr) SQLState() string { return e.code }
-
-func (c *leadConn) Prepare(string) (driver.Stmt, error) { return nil, errors.New("not supported") }
-func (c *leadConn) Begin() (driver.Tx, error)           { return nil, errors.New("not supported") }
-func (c *leadConn) IsValid() bool {
-	c.s.mu.Lock()
-	defer c.s.mu.Unlock()
-	return !c.dead
-}
-
-func (c *leadConn) Close() error {
-	c.s.mu.Lock()
-	defer c.s.mu.Unlock()
-	c.dead = true
-	c.s.releaseAll(c)
-	return nil
-}
-
-func (c *leadConn) ExecContext(ctx context.Context, q string, _ []driver.NamedValue) (driver.Result, error) {
-	s := c.s
-	key := func() int64 {
-		m := leadKeyRE.FindStringSubmatch(q)
-		if m == nil {
-			return 0
-		}
-		k, _ := strconv.ParseInt(m[1], 10, 64)
-		return k
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if c.dead {
-		return nil, errLeadTerm
-	}
-	switch {
-	case strings.Contains(q, "pg_advisory_lock("):
-		k := key()
-		for s.owner[k] != nil {
-			ch := s.changed
-			s.mu.Unlock()
-			select {
-			case <-ch:
-			case <-ctx.Done():
-				s.mu.Lock()
-				c.dead = true // drivers close the session to interrupt a wait
-				s.releaseAll(c)
-				return nil, driver.ErrBadConn
-			}
-			s.mu.Lock()
-			if c.dead {
-				return nil, errLeadTerm
-			}
-		}
-		s.owner[k] = c
-		return driver.RowsAffected(1), nil
-	case strings.Contains(q, "pg_try_advisory_lock("):
-		k := key()
-		if s.owner[k] != nil {
-			return driver.RowsAffected(0), nil
-		}
-		s.owner[k] = c
-		return driver.RowsAffected(1), nil
-	case strings.Contains(q, "pg_advisory_unlock("):
-		k := key()
-		if s.owner[k] != c {
-			return driver.RowsAffected(0), nil
-		}
-		delete(s.owner, k)
-		close(s.changed)
-		s.changed = make(chan struct{})
-		return driver.RowsAffected(1), nil
-	case strings.Contains(q, "pg_catalog.pg_locks"): // does this session hold the key?
-		m := leadObjidRE.FindStringSubmatch(q)
-		n := int64(0)
-		for k, o := range s.owner {
-			if o == c && m != nil && strconv.FormatUint(uint64(uint32(uint64(k))), 10) == m[1] {
-				n++
-			}
-		}
-		return driver.RowsAffected(n), nil
-	}
-	return nil, errors.New("leadServer: unexpected statement " + q)
-}
-
-func (c *leadConn) QueryContext(ctx context.Context, q string, _ []driver.NamedValue) (driver.Rows, error) {
-	s := c.s
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	switch {
-	case c.dead:
-		return nil, errLeadTerm
-	case q != sqlexec.OwnLocksSQL:
-		return nil, errors.New("leadServer: unexpected query " + q)
-	case s.checkErr != nil:
-		return nil, s.checkErr
-	}
-	r := &leadRows{}
-	for k, o := range s.owner {
-		if o == c {
-			cl, ob, sub := keys.Int64(k).LockTag()
-			r.rows = append(r.rows, []driver.Value{int64(cl), int64(ob), int64(sub), false})
-		}
-	}
-	return r, nil
-}
-
-type leadRows struct{ rows [][]driver.Value }
-
-func (r *leadRows) Columns() []string { return []string{"classid", "objid", "objsubid", "shared"} }
-func (r *leadRows) Close() error      { return nil }
-func (r *leadRows) Next(dest []driver.Value) error {
-	if len(r.rows) == 0 {
-		return io.EOF
-	}
-	copy(dest, r.rows[0])
-	r.rows = r.rows[1:]
-	return nil
-}
 
 // leadProbe is a fn that records its calls and never overlaps itself.
 type leadProbe struct {
@@ -265,7 +59,7 @@ const leadTestInterval = 20 * time.Millisecond
 
 func TestLeadBadInput(t *testing.T) {
 	ctx := context.Background()
-	db := newLeadServer().db(t)
+	db := testkit.NewFakeServer().DB(t)
 	fn := func(context.Context) error { return nil }
 	ok := NewLocker(db, WithHealthCheck(leadTestInterval))
 	defer ok.Close()
@@ -353,8 +147,8 @@ func TestLeadBackoffBounds(t *testing.T) {
 func TestLeadFnReturns(t *testing.T) {
 	errWork := errors.New("work failed")
 	for _, want := range []error{nil, errWork} {
-		srv := newLeadServer()
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		srv := testkit.NewFakeServer()
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		defer l.Close()
 		delay := leadTestInterval + 300*time.Millisecond
 		var elected atomic.Int32
@@ -365,7 +159,7 @@ func TestLeadFnReturns(t *testing.T) {
 			if elected.Load() != 1 {
 				t.Errorf("OnElected called %d times before fn", elected.Load())
 			}
-			if srv.free(7) {
+			if srv.Free(7) {
 				t.Error("fn runs without the lock")
 			}
 			return want
@@ -376,7 +170,7 @@ func TestLeadFnReturns(t *testing.T) {
 		if d := started.Sub(begin); d < delay {
 			t.Errorf("fn started %v after Lead on a free lock, before the start delay %v", d, delay)
 		}
-		if !srv.free(7) {
+		if !srv.Free(7) {
 			t.Error("the lock is still held after Lead returned")
 		}
 	}
@@ -385,8 +179,8 @@ func TestLeadFnReturns(t *testing.T) {
 // ctx ending in each phase ends Lead with ctx's error and nothing held.
 func TestLeadContextEnds(t *testing.T) {
 	t.Run("campaigning", func(t *testing.T) {
-		srv := newLeadServer()
-		db := srv.db(t)
+		srv := testkit.NewFakeServer()
+		db := srv.DB(t)
 		holder := NewLocker(db, WithHealthCheck(leadTestInterval))
 		defer holder.Close()
 		lk, err := holder.Lock(context.Background(), keys.Int64(8))
@@ -394,7 +188,7 @@ func TestLeadContextEnds(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer lk.Unlock(context.Background())
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		defer l.Close()
 		ctx, cancel := context.WithCancel(context.Background())
 		done := goLead(l, ctx, keys.Int64(8), func(context.Context) error { t.Error("fn called"); return nil })
@@ -407,8 +201,8 @@ func TestLeadContextEnds(t *testing.T) {
 		}
 	})
 	t.Run("start delay", func(t *testing.T) {
-		srv := newLeadServer()
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		srv := testkit.NewFakeServer()
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		defer l.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 		defer cancel()
@@ -416,13 +210,13 @@ func TestLeadContextEnds(t *testing.T) {
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("Lead = %v, want context.DeadlineExceeded", err)
 		}
-		if !srv.free(9) {
+		if !srv.Free(9) {
 			t.Fatal("the lock is still held")
 		}
 	})
 	t.Run("fn", func(t *testing.T) {
-		srv := newLeadServer()
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		srv := testkit.NewFakeServer()
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		defer l.Close()
 		p := newLeadProbe()
 		ctx, cancel := context.WithCancel(context.Background())
@@ -432,19 +226,19 @@ func TestLeadContextEnds(t *testing.T) {
 		if err := recv(t, done, "Lead to return"); err != context.Canceled {
 			t.Fatalf("Lead = %v, want fn's context.Canceled as is", err)
 		}
-		if !srv.free(10) {
+		if !srv.Free(10) {
 			t.Fatal("the lock is still held")
 		}
 	})
 	t.Run("backoff", func(t *testing.T) {
-		srv := newLeadServer()
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		srv := testkit.NewFakeServer()
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		defer l.Close()
 		p := newLeadProbe()
 		ctx, cancel := context.WithCancel(context.Background())
 		done := goLead(l, ctx, keys.Int64(11), p.fn(func(cause error) error { return cause }), LeadStartDelay(0), LeadBackoff(time.Hour, time.Hour))
 		recv(t, p.started, "fn to start")
-		srv.terminate(11)
+		srv.Terminate(11)
 		if cause := recv(t, p.causes, "fn's ctx to end"); !errors.Is(cause, ErrLost) {
 			t.Fatalf("cause %v, want ErrLost", cause)
 		}
@@ -459,8 +253,8 @@ func TestLeadContextEnds(t *testing.T) {
 // A lost leadership cancels fn's ctx with ErrLost, calls OnLost once fn has
 // returned, and campaigns again; what fn returns after a loss is the loss.
 func TestLeadLossCampaignsAgain(t *testing.T) {
-	srv := newLeadServer()
-	l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+	srv := testkit.NewFakeServer()
+	l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 	defer l.Close()
 	p := newLeadProbe()
 	losses := make(chan error, 4)
@@ -475,10 +269,10 @@ func TestLeadLossCampaignsAgain(t *testing.T) {
 		}))
 	for round := range 2 {
 		recv(t, p.started, "fn to start")
-		srv.terminate(12)
+		srv.Terminate(12)
 		cause := recv(t, p.causes, "fn's ctx to end")
 		var e *Error
-		if !errors.Is(cause, ErrLost) || !errors.Is(cause, errLeadTerm) || !errors.As(cause, &e) || e.Op != "lead" {
+		if !errors.Is(cause, ErrLost) || !errors.Is(cause, testkit.Terminated) || !errors.As(cause, &e) || e.Op != "lead" {
 			t.Fatalf("round %d: cause %v, want an *Error wrapping ErrLost and the session's end", round, cause)
 		}
 		if err := recv(t, losses, "OnLost"); !errors.Is(err, ErrLost) {
@@ -501,8 +295,8 @@ func TestLeadLossCampaignsAgain(t *testing.T) {
 // A leader whose lock cannot be verified steps down when its lease runs out,
 // before the Locker would call the lock lost, and releases the lock.
 func TestLeadLeaseExpires(t *testing.T) {
-	srv := newLeadServer()
-	l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+	srv := testkit.NewFakeServer()
+	l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 	defer l.Close()
 	p := newLeadProbe()
 	delay := leadTestInterval + 300*time.Millisecond
@@ -516,11 +310,11 @@ func TestLeadLeaseExpires(t *testing.T) {
 		return cause
 	}), LeadStartDelay(delay), LeadBackoff(time.Millisecond, time.Millisecond))
 	recv(t, p.started, "fn to start")
-	srv.failChecks(&leadPgErr{"57014", "canceling statement due to statement timeout"})
+	srv.FailChecks(testkit.PgError{Code: "57014", Message: "canceling statement due to statement timeout"})
 	failing := time.Now()
 	cause := recv(t, p.causes, "fn's ctx to end")
 	after := time.Since(failing)
-	srv.failChecks(nil)
+	srv.FailChecks(nil)
 	if !errors.Is(cause, ErrLost) || !strings.Contains(cause.Error(), "not verified") {
 		t.Fatalf("cause %v, want ErrLost from the lease", cause)
 	}
@@ -528,14 +322,14 @@ func TestLeadLeaseExpires(t *testing.T) {
 		t.Errorf("stepped down %v after the checks began to fail; lease %v", after, lease)
 	}
 	recv(t, p.started, "fn to start again")
-	if srv.free(13) {
+	if srv.Free(13) {
 		t.Fatal("not held while leading")
 	}
 	cancel()
 	if err := recv(t, done, "Lead to return"); err != nil {
 		t.Fatalf("Lead = %v, want fn's nil", err)
 	}
-	if !srv.free(13) {
+	if !srv.Free(13) {
 		t.Fatal("the lock is still held")
 	}
 }
@@ -544,8 +338,8 @@ func TestLeadLeaseExpires(t *testing.T) {
 // ends Lead with ErrClosed; a panicking fn releases the lock.
 func TestLeadCloseAndPanic(t *testing.T) {
 	t.Run("close", func(t *testing.T) {
-		srv := newLeadServer()
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		srv := testkit.NewFakeServer()
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		p := newLeadProbe()
 		var lost atomic.Int32
 		done := goLead(l, context.Background(), keys.Int64(14), p.fn(func(cause error) error { return cause }),
@@ -569,8 +363,8 @@ func TestLeadCloseAndPanic(t *testing.T) {
 		}
 	})
 	t.Run("panic", func(t *testing.T) {
-		srv := newLeadServer()
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		srv := testkit.NewFakeServer()
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		defer l.Close()
 		func() {
 			defer func() {
@@ -580,7 +374,7 @@ func TestLeadCloseAndPanic(t *testing.T) {
 			}()
 			_ = l.Lead(context.Background(), keys.Int64(15), func(context.Context) error { panic("boom") }, LeadStartDelay(0))
 		}()
-		if !srv.free(15) {
+		if !srv.Free(15) {
 			t.Fatal("the lock is still held after fn panicked")
 		}
 	})
@@ -589,14 +383,14 @@ func TestLeadCloseAndPanic(t *testing.T) {
 // Two candidates on one server: terminating the leader hands leadership to
 // the other after the start delay, never while the old fn runs.
 func TestLeadFailoverFake(t *testing.T) {
-	srv := newLeadServer()
+	srv := testkit.NewFakeServer()
 	delay := leadTestInterval + 300*time.Millisecond
 	var running, overlaps atomic.Int32
 	started := make(chan int, 16)
 	ctx, cancel := context.WithCancel(context.Background())
 	var dones []<-chan error
 	for id := range 2 {
-		l := NewLocker(srv.db(t), WithHealthCheck(leadTestInterval))
+		l := NewLocker(srv.DB(t), WithHealthCheck(leadTestInterval))
 		defer l.Close()
 		dones = append(dones, goLead(l, ctx, keys.Int64(16), func(ctx context.Context) error {
 			if running.Add(1) > 1 {
@@ -611,7 +405,7 @@ func TestLeadFailoverFake(t *testing.T) {
 	prev := recv(t, started, "a leader")
 	for range 2 {
 		t0 := time.Now()
-		srv.terminate(16)
+		srv.Terminate(16)
 		next := recv(t, started, "the next leader")
 		if d := time.Since(t0); d < delay {
 			t.Errorf("new leader after %v, before the start delay %v", d, delay)

@@ -5,9 +5,9 @@ import (
 	"errors"
 	"slices"
 	"strconv"
-	"sync"
+	"sync/atomic"
+	"time"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -15,29 +15,58 @@ import (
 // [Locker.LockAll], held through a [Locker]. It holds until [Lock.Unlock],
 // until [Locker.Close], or until it is lost. Its methods are safe for
 // concurrent use.
+//
+// A Lock has two states: held, then ended. It ends once, for one reason,
+// which [Lock.Err] returns: [ErrUnlocked] (Unlock), [ErrClosed] (the
+// Locker's Close) or [ErrLost]. Ending closes [Lock.Done], cancels
+// [Lock.Context] with the reason as its cause, and lets the next caller of
+// the same Locker in.
 type Lock struct {
 	l     *Locker
-	set   sqlexec.Set
-	gkeys []keys.Key // the in-process gates it holds: set.Keys, unnamed
-	s     *session   // the connection it is held on; set once, when granted
-	done  chan struct{}
+	req   request
+	gkeys []keys.Key // the in-process gates it holds: req.Keys, unnamed
+	s     *session   // the connection it is held on; set before the Lock is returned
 
-	stateMu sync.Mutex
-	err     error // nil while held, then ErrUnlocked, ErrClosed or ErrLost
-	cause   error // why it was lost
+	ctx    context.Context // cancelled with the reason when the lock ends
+	cancel context.CancelCauseFunc
+	ending atomic.Pointer[ending] // nil while held
 }
 
-func newLock(l *Locker, set sqlexec.Set, gkeys []keys.Key) *Lock {
-	return &Lock{l: l, set: set, gkeys: gkeys, done: make(chan struct{})}
+// ending is why a lock ended: reason is ErrUnlocked, ErrClosed or ErrLost;
+// cause says why a lock was lost.
+type ending struct{ reason, cause error }
+
+// newLock returns a held lock of req on s. Its context keeps parent's
+// values, not its cancellation.
+func newLock(parent context.Context, l *Locker, req request, gkeys []keys.Key, s *session) *Lock {
+	lk := &Lock{l: l, req: req, gkeys: gkeys, s: s}
+	lk.ctx, lk.cancel = context.WithCancelCause(context.WithoutCancel(parent))
+	return lk
 }
+
+// end moves the lock from held to ended, for reason (and cause, for a
+// loss): it closes Done, cancels the lock's context and leaves its gates.
+// It reports false, and changes nothing, if the lock had already ended.
+// The caller has detached it from its session.
+func (lk *Lock) end(reason, cause error) bool {
+	if !lk.ending.CompareAndSwap(nil, &ending{reason: reason, cause: cause}) {
+		return false
+	}
+	lk.cancel(reason)
+	lk.l.gates.leaveAll(lk.gkeys, lk.req.Shared)
+	return true
+}
+
+// ended returns why the lock ended, or nil while it is held.
+func (lk *Lock) ended() *ending { return lk.ending.Load() }
 
 // Key returns the lock's key, as given to Lock or TryLock. For a lock taken
 // by LockAll it returns the first key in canonical order.
 func (lk *Lock) Key() keys.Key {
-	if lk == nil || len(lk.set.Keys) == 0 {
+	if lk == nil || len(lk.req.Keys) == 0 {
 		return keys.Key{}
 	}
-	return lk.set.Keys[0]
+	return lk.req.Keys[0]
 }
 
 // Keys returns every key the lock holds, deduplicated and in canonical order
@@ -47,13 +76,13 @@ func (lk *Lock) Keys() []keys.Key {
 	if lk == nil {
 		return nil
 	}
-	return slices.Clone(lk.set.Keys)
+	return slices.Clone(lk.req.Keys)
 }
 
 // describe names the lock in logs.
 func (lk *Lock) describe() string {
 	d := lk.Key().String()
-	if n := len(lk.set.Keys); n > 1 {
+	if n := len(lk.req.Keys); n > 1 {
 		d += " and " + strconv.Itoa(n-1) + " more"
 	}
 	return d
@@ -61,7 +90,7 @@ func (lk *Lock) describe() string {
 
 // Done returns a channel that is closed when the lock ends: when it is
 // unlocked (by Unlock, or by the Locker's Close) or when it is lost. After
-// Done is closed, Err says which.
+// Done is closed, Err says which. It is Context().Done().
 //
 // A loss is detected by the Locker's health check, which verifies the lock on
 // its own connection every interval (see [WithHealthCheck]): a terminated
@@ -75,14 +104,38 @@ func (lk *Lock) describe() string {
 // Between the loss and its detection, another process may already hold the
 // lock: make critical sections stop when Done is closed, and check Err
 // before anything irreversible.
+//
+// A nil *Lock's Done is closed.
 func (lk *Lock) Done() <-chan struct{} {
 	if lk == nil {
-		return closedChan
+		c := make(chan struct{})
+		close(c)
+		return c
 	}
-	return lk.done
+	return lk.ctx.Done()
 }
 
-var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+// Context returns a context that is done when the lock ends, with the
+// reason as its cause: context.Cause(ctx) is [ErrLost] when the lock is
+// lost, [ErrUnlocked] after Unlock and [ErrClosed] after the Locker's Close.
+// It carries the values of the context the lock was taken with, not its
+// deadline or cancellation. Run the critical section under it, so that it
+// stops when the lock is lost:
+//
+//	lk, err := locker.Lock(ctx, key)
+//	...
+//	defer lk.Unlock(ctx)
+//	err = work(lk.Context())
+//
+// A nil *Lock's context is done, with cause [ErrNilHandle].
+func (lk *Lock) Context() context.Context {
+	if lk == nil {
+		ctx, cancel := context.WithCancelCause(context.Background())
+		cancel(ErrNilHandle)
+		return ctx
+	}
+	return lk.ctx
+}
 
 // Err returns nil while the lock is held. Once it has ended it returns
 // exactly [ErrUnlocked] (after Unlock), [ErrClosed] (released by the
@@ -91,10 +144,24 @@ func (lk *Lock) Err() error {
 	if lk == nil {
 		return ErrNilHandle
 	}
-	lk.stateMu.Lock()
-	defer lk.stateMu.Unlock()
-	return lk.err
+	if e := lk.ended(); e != nil {
+		return e.reason
+	}
+	return nil
 }
+
+// lost returns the reason and cause of a lock that ended other than by
+// Unlock (lost, or released by Close), or nils.
+func (lk *Lock) lost() (reason, cause error) {
+	if e := lk.ended(); e != nil && e.reason != ErrUnlocked {
+		return e.reason, e.cause
+	}
+	return nil, nil
+}
+
+// verifiedAt returns when the health check that last verified the lock's
+// connection was sent (zero if none has yet).
+func (lk *Lock) verifiedAt() time.Time { return lk.s.verifiedAt() }
 
 // Unlock releases the lock (every key of a LockAll) and, once its
 // connection holds no other lock, gives the connection back to the pool.
@@ -115,7 +182,8 @@ func (lk *Lock) Err() error {
 //     (and loses the other locks that shared the connection, each reported
 //     through its own Done).
 //
-// Unlock on a nil *Lock returns an error wrapping [ErrNilHandle].
+// Unlock on a nil *Lock returns an error wrapping [ErrNilHandle]. Errors
+// have Op "unlock".
 //
 // Cost: one round trip, whatever the number of keys.
 func (lk *Lock) Unlock(ctx context.Context) error {
@@ -126,64 +194,45 @@ func (lk *Lock) Unlock(ctx context.Context) error {
 }
 
 var (
-	errUnconfirmed = errors.New("pglock: the unlock could not be confirmed; the connection was closed, which releases the lock")
-	errNeighbour   = errors.New("pglock: an unlock on the same connection could not be confirmed, so the connection was closed")
+	errUnconfirmed = errors.New("the unlock could not be confirmed; the connection was closed, which releases the lock")
+	errNeighbour   = errors.New("an unlock on the same connection could not be confirmed, so the connection was closed")
 )
 
-// release ends a held lock with reason (ErrUnlocked or ErrClosed).
+// release ends a held lock with reason (ErrUnlocked or ErrClosed): it
+// releases the keys on the lock's connection, then ends the lock. A lock
+// that had already ended is reported (Unlock) or skipped (Close).
 func (lk *Lock) release(ctx context.Context, reason error) error {
-	l, s := lk.l, lk.s
+	s := lk.s
 	s.turn.Lock()
 	defer s.turn.Unlock()
-	switch st := lk.Err(); {
-	case st == nil:
-	case st == reason, reason == ErrClosed:
-		return nil // already done, or ended before Close came to it
-	default:
-		lk.stateMu.Lock()
-		cause := lk.cause
-		lk.stateMu.Unlock()
-		return setError("unlock", lk.set, ErrNotHeld, st, cause)
+	if e := lk.ended(); e != nil {
+		if e.reason == reason || reason == ErrClosed {
+			return nil // already done, or ended before Close came to it
+		}
+		return newError("unlock", lk.req, ErrNotHeld, e.reason, e.cause)
 	}
-	err := unlockSet(ctx, s.conn, lk.set)
+	err := unlockOn(ctx, s.conn, lk.req)
 	switch {
 	case err == nil:
-		l.detach(s, lk)
+		s.detach(lk)
 		lk.end(reason, nil)
-		l.retireIfEmpty(s)
+		s.retireIfEmpty()
 		return nil
 	case errors.Is(err, ErrSessionLost):
-		l.kill(s, err) // ends lk too
-		return setError("unlock", lk.set, ErrNotHeld, ErrLost, err)
+		s.kill(err) // ends lk too
+		return newError("unlock", lk.req, ErrNotHeld, ErrLost, err)
 	case errors.Is(err, ErrNotHeld):
 		// The session is alive but no longer holds (all of) the lock; what
 		// it still held of a set is released now.
-		l.detach(s, lk)
+		s.detach(lk)
 		lk.end(ErrLost, err)
-		l.retireIfEmpty(s)
-		l.log.Warn("pglock: lock was lost before it was unlocked", "key", lk.describe(), "cause", err)
-		return setError("unlock", lk.set, ErrNotHeld, ErrLost, err)
-	default:
-		l.detach(s, lk)
-		lk.end(reason, nil)
-		l.kill(s, join(errNeighbour, err))
-		l.log.Warn("pglock: unlock not confirmed; connection closed", "key", lk.describe(), "error", err)
-		return setError("unlock", lk.set, errUnconfirmed, err)
+		s.retireIfEmpty()
+		lk.l.log.Warn("pglock: lock was lost before it was unlocked", "key", lk.describe(), "cause", err)
+		return newError("unlock", lk.req, ErrNotHeld, ErrLost, err)
 	}
-}
-
-// end records why the lock ended, closes Done and opens its gates. It
-// reports false if the lock had already ended. The caller has detached it
-// from its session.
-func (lk *Lock) end(reason, cause error) bool {
-	lk.stateMu.Lock()
-	if lk.err != nil {
-		lk.stateMu.Unlock()
-		return false
-	}
-	lk.err, lk.cause = reason, cause
-	close(lk.done)
-	lk.stateMu.Unlock()
-	lk.l.gates.leaveAll(lk.gkeys, lk.set.Shared)
-	return true
+	s.detach(lk)
+	lk.end(reason, nil)
+	s.kill(causes(errNeighbour, err))
+	lk.l.log.Warn("pglock: unlock not confirmed; connection closed", "key", lk.describe(), "error", err)
+	return newError("unlock", lk.req, errUnconfirmed, err)
 }

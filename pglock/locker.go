@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -62,12 +62,19 @@ const DefaultMultiplexing = 4
 // network failed) its Done channel is closed and its Err returns [ErrLost];
 // see [Lock.Done] for the exact rules.
 //
+// # Transaction pooling
+//
+// Session locks cannot work through PgBouncer in transaction pooling mode.
+// A Locker checks its pool for that once, in the background, from its first
+// acquisition on (see [WithSessionCheck]).
+//
 // A Locker is safe for concurrent use. Close releases every lock it holds.
 type Locker struct {
 	db       *sql.DB
 	interval time.Duration
 	width    int // shared connections; 0: a connection per lock
 	log      *slog.Logger
+	check    sessionCheck
 
 	gates gates
 
@@ -81,7 +88,7 @@ type Locker struct {
 	changed  chan struct{}         // closed (and replaced) when sessions or opening change
 
 	inflight  sync.WaitGroup // acquisitions under way
-	watchers  sync.WaitGroup // health-check goroutines
+	watchers  sync.WaitGroup // health-check and session-check goroutines
 	closeDone chan struct{}
 }
 
@@ -120,12 +127,13 @@ func WithLogger(logger *slog.Logger) LockerOption {
 }
 
 // NewLocker returns a Locker that takes its connections from db. A nil db
-// gives a Locker whose calls return [ErrNilHandle].
+// gives a Locker whose calls return [ErrNilHandle]. NewLocker sends nothing.
 func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 	l := &Locker{
 		db:        db,
 		interval:  DefaultHealthCheck,
 		width:     DefaultMultiplexing,
+		check:     sessionCheck{enabled: true},
 		sessions:  make(map[*session]struct{}),
 		changed:   make(chan struct{}),
 		closeDone: make(chan struct{}),
@@ -162,21 +170,19 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 //     held, and the call goes on with another one.
 //   - After [Locker.Close], and for a wait that Close interrupts, the error
 //     wraps [ErrClosed].
-//   - When the pool was found to share server sessions between its
-//     connections (PgBouncer in transaction pooling mode), every call
-//     returns [ErrTransactionPooling]: session locks cannot work there. The
-//     first acquisition of a Locker's *sql.DB checks this once (see
-//     [CheckSessionLocks]: two connections, a few statements).
+//   - Once the Locker's session check has proved that its pool shares
+//     server sessions between connections (PgBouncer in transaction pooling
+//     mode), every call returns [ErrTransactionPooling]: session locks
+//     cannot work there (see [WithSessionCheck]).
 //
 // With NoWait, Lock tries once and returns [ErrNotAcquired] when the lock is
-// busy. Shared takes the shared lock.
+// busy. Shared takes the shared lock. Errors have Op "lock".
 //
 // Cost: one round trip when the lock is free, on a shared connection (or on
 // a connection taken from the pool when there is none to share yet). When
 // the lock is busy, the wait takes a connection of its own.
 func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
-	o := collect(opts)
-	return l.acquire(ctx, "lock", []keys.Key{key}, o, !o.noWait)
+	return l.acquire(ctx, "lock", engine.LockerLock, []keys.Key{key}, opts)
 }
 
 // TryLock tries once to take the session-level advisory lock key, without
@@ -184,9 +190,9 @@ func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock,
 // holds the lock, or when another caller of this Locker does (that case
 // costs no round trip). Shared takes the shared lock. Once sent, the
 // statement is allowed to finish even if ctx is cancelled, so its outcome is
-// always known. Cost: one round trip.
+// always known. Errors have Op "trylock". Cost: one round trip.
 func (l *Locker) TryLock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
-	return l.acquire(ctx, "trylock", []keys.Key{key}, collect(opts), false)
+	return l.acquire(ctx, "trylock", engine.LockerTry, []keys.Key{key}, opts)
 }
 
 // LockAll takes the session-level advisory locks of every key in ks, all or
@@ -210,69 +216,25 @@ func (l *Locker) TryLock(ctx context.Context, key keys.Key, opts ...Option) (*Lo
 // [ErrInvalidKey]. NoWait makes it [Locker.TryLockAll]; Shared takes the
 // shared locks.
 func (l *Locker) LockAll(ctx context.Context, ks []keys.Key, opts ...Option) (*Lock, error) {
-	o := collect(opts)
-	return l.acquire(ctx, "lock", ks, o, !o.noWait)
+	return l.acquire(ctx, "lock", engine.LockerLock, ks, opts)
 }
 
 // TryLockAll tries once to take the session-level advisory locks of every
 // key in ks, all or none, without waiting. It returns an error wrapping
 // [ErrNotAcquired] when any of them is busy; it then holds none of them (a
 // key it took is released in the same statement). Keys are handled as by
-// [Locker.LockAll]. Cost: one round trip.
+// [Locker.LockAll]. Errors have Op "trylock". Cost: one round trip.
 func (l *Locker) TryLockAll(ctx context.Context, ks []keys.Key, opts ...Option) (*Lock, error) {
-	return l.acquire(ctx, "trylock", ks, collect(opts), false)
-}
-
-// Do runs fn while holding the session-level advisory lock key, and releases
-// it when fn returns or panics (a panic is propagated after the release).
-// It waits for the lock as [Locker.Lock] does; with NoWait it returns
-// [ErrNotAcquired] instead of waiting, without running fn.
-//
-// fn's ctx is derived from ctx and is cancelled when the lock is lost while
-// fn runs, with [ErrLost] as its cause (context.Cause(ctx) == ErrLost), or
-// when the Locker is closed (cause [ErrClosed]). fn should stop promptly
-// when its ctx is done: another process may already hold the lock.
-//
-// Do returns fn's error. If fn returned nil but the lock was lost while it
-// ran, Do returns an error wrapping [ErrLost] (or [ErrClosed]): the work was
-// not protected to the end. A failed release is returned too, joined after
-// fn's error.
-func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Context) error, opts ...Option) (err error) {
-	if fn == nil {
-		return opError("do", sessionLock(key, collect(opts)), errNilFunc)
-	}
-	lk, err := l.Lock(ctx, key, opts...)
-	if err != nil {
-		return err
-	}
-	fctx, cancel := context.WithCancelCause(ctx)
-	go func() {
-		select {
-		case <-lk.done:
-			cancel(lk.Err())
-		case <-fctx.Done():
-		}
-	}()
-	defer func() {
-		cancel(context.Canceled) // fn has returned; the cause above stays if it came first
-		uerr := lk.Unlock(ctx)
-		switch {
-		case uerr == nil:
-		case err == nil:
-			err = uerr // wraps ErrLost or ErrClosed when the lock ended under fn
-		case !errors.Is(uerr, ErrNotHeld):
-			err = errors.Join(err, uerr)
-		}
-	}()
-	return fn(fctx)
+	return l.acquire(ctx, "trylock", engine.LockerTry, ks, opts)
 }
 
 // Close releases every lock the Locker holds and interrupts the calls that
 // are waiting for one; they return errors wrapping [ErrClosed], as do all
 // later calls. The released locks' Done channels are closed and their Err
 // returns ErrClosed. Close is safe to call concurrently with every other
-// method, returns once nothing is held, and reports releases that failed.
-// Calling it again returns nil. It does not close the *sql.DB.
+// method, returns once nothing is held, and reports releases that failed
+// (errors with Op "unlock", joined). Calling it again returns nil. It does
+// not close the *sql.DB.
 //
 // Cost: one round trip per lock, run concurrently across connections.
 func (l *Locker) Close() error {
@@ -290,7 +252,15 @@ func (l *Locker) Close() error {
 
 	l.stopClosing(ErrClosed)
 	l.inflight.Wait() // an acquisition that wins the race releases its lock itself
+	err := l.releaseAll()
+	l.watchers.Wait()
+	close(l.closeDone)
+	return err
+}
 
+// releaseAll releases every lock, one connection at a time per connection,
+// all connections at once.
+func (l *Locker) releaseAll() error {
 	l.mu.Lock()
 	var groups [][]*Lock
 	for s := range l.sessions {
@@ -308,9 +278,7 @@ func (l *Locker) Close() error {
 		wg    sync.WaitGroup
 	)
 	for _, group := range groups {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for _, lk := range group {
 				if err := lk.release(context.Background(), ErrClosed); err != nil {
 					errMu.Lock()
@@ -318,261 +286,8 @@ func (l *Locker) Close() error {
 					errMu.Unlock()
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
-	l.watchers.Wait()
-	close(l.closeDone)
 	return errors.Join(errs...)
-}
-
-// acquire is Lock, TryLock, LockAll and TryLockAll.
-func (l *Locker) acquire(ctx context.Context, op string, ks []keys.Key, o options, wait bool) (*Lock, error) {
-	set, verr := newSet(ks, o, sqlexec.Session)
-	fail := func(errs ...error) (*Lock, error) { return nil, setError(op, set, errs...) }
-	switch {
-	case l == nil || l.db == nil:
-		return fail(ErrNilHandle)
-	case verr != nil:
-		return fail(verr)
-	case !l.begin():
-		return fail(ErrClosed)
-	}
-	defer l.inflight.Done()
-	if err := ctx.Err(); err != nil {
-		return fail(err)
-	}
-	if err := checkPooling(ctx, l.db); err != nil {
-		return fail(err)
-	}
-
-	// actx is ctx, also ended by Close.
-	actx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	defer context.AfterFunc(l.closing, func() { cancel(ErrClosed) })()
-
-	gkeys := make([]keys.Key, len(set.Keys))
-	for i, k := range set.Keys {
-		gkeys[i] = k.Unnamed()
-	}
-	in, err := l.gates.enterAll(actx, gkeys, o.shared, wait)
-	switch {
-	case err != nil:
-		return fail(l.interrupted(ctx, err))
-	case !in:
-		return fail(ErrNotAcquired)
-	}
-	lk, err := l.take(actx, set, gkeys, wait)
-	if err != nil {
-		l.gates.leaveAll(gkeys, o.shared)
-		if !errors.Is(err, ErrNotAcquired) {
-			err = l.interrupted(ctx, err)
-		}
-		return nil, explain(ctx, o, l.db, set, setError(op, set, err))
-	}
-
-	l.mu.Lock()
-	closed := l.closed
-	l.mu.Unlock()
-	if closed {
-		if rerr := lk.release(context.Background(), ErrClosed); rerr != nil {
-			return fail(ErrClosed, rerr)
-		}
-		return fail(ErrClosed)
-	}
-	return lk, nil
-}
-
-// take acquires set for a caller that has passed its gates: first by a try
-// on a shared connection, then, if it is busy and the call may wait (or there
-// is no connection to share), on a connection of its own.
-func (l *Locker) take(ctx context.Context, set sqlexec.Set, gkeys []keys.Key, wait bool) (*Lock, error) {
-	for {
-		s, counted, changed := l.pick(gkeys)
-		switch {
-		case s != nil:
-			lk, err := l.tryShared(ctx, s, set, gkeys)
-			switch {
-			case lk != nil:
-				return lk, nil
-			case err == nil && !wait:
-				return nil, ErrNotAcquired
-			case err == nil:
-				// Busy: wait for it on a connection of its own.
-				return l.dedicated(ctx, set, gkeys, wait, false)
-			case errors.Is(err, ErrSessionLost) && ended(ctx) == nil:
-				continue // that connection is gone (and reported); try again
-			default:
-				return nil, err
-			}
-		case changed != nil:
-			select {
-			case <-changed:
-			case <-ctx.Done():
-				return nil, context.Cause(ctx)
-			}
-		default:
-			return l.dedicated(ctx, set, gkeys, wait, counted)
-		}
-	}
-}
-
-// pick chooses where to take a set of keys (gkeys, unnamed):
-//   - a shared connection that holds none of the keys (reserved: pending);
-//   - or none, to open a new one (counted: it will be shared, and counts
-//     against the multiplexing width while it opens);
-//   - or a channel to wait on, when the width is reached by connections that
-//     are still opening.
-func (l *Locker) pick(gkeys []keys.Key) (s *session, counted bool, changed chan struct{}) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.width <= 0 {
-		return nil, false, nil
-	}
-	var best *session
-	for c := range l.sessions {
-		if c.gone || c.holdsAny(gkeys) {
-			continue
-		}
-		if best == nil || c.pending < best.pending || (c.pending == best.pending && len(c.locks) > len(best.locks)) {
-			best = c
-		}
-	}
-	switch {
-	case best != nil && best.pending == 0:
-	case len(l.sessions)+l.opening < l.width && !l.poolFull():
-		l.opening++
-		return nil, true, nil
-	case best != nil:
-	case l.opening > 0:
-		return nil, false, l.changed
-	default:
-		return nil, false, nil // every shared connection holds one of the keys
-	}
-	best.pending++
-	return best, false, nil
-}
-
-// poolFull reports whether the pool has reached SetMaxOpenConns, so that a
-// new connection would have to wait for one to be given back.
-func (l *Locker) poolFull() bool {
-	st := l.db.Stats()
-	return st.MaxOpenConnections > 0 && st.OpenConnections >= st.MaxOpenConnections
-}
-
-// notify wakes the acquisitions waiting in pick. The caller holds l.mu.
-func (l *Locker) notify() {
-	close(l.changed)
-	l.changed = make(chan struct{})
-}
-
-// tryShared tries set, without waiting, on the shared connection s, which
-// pick reserved. It returns the lock, or nil and a nil error when a key is
-// busy.
-func (l *Locker) tryShared(ctx context.Context, s *session, set sqlexec.Set, gkeys []keys.Key) (*Lock, error) {
-	s.turn.Lock()
-	defer s.turn.Unlock()
-	l.mu.Lock()
-	gone := s.gone
-	l.mu.Unlock()
-	if gone {
-		l.unreserve(s)
-		return nil, join(ErrSessionLost, errSharedGone)
-	}
-	ok, err := attempt{x: s.conn, set: set, discard: func() { discardConn(s.conn) }}.run(ctx)
-	if err != nil && errors.Is(err, ErrSessionLost) {
-		l.kill(s, err)
-	}
-	if err != nil || !ok {
-		l.unreserve(s)
-		return nil, err
-	}
-	lk := newLock(l, set, gkeys)
-	l.mu.Lock()
-	s.pending--
-	s.attach(lk)
-	l.mu.Unlock()
-	return lk, nil
-}
-
-var errSharedGone = errors.New("the shared connection was closed")
-
-// dedicated takes set on a connection of its own from the pool, waiting if
-// wait is set; once granted, the connection joins the shared ones. counted
-// says pick counted it as opening.
-func (l *Locker) dedicated(ctx context.Context, set sqlexec.Set, gkeys []keys.Key, wait, counted bool) (*Lock, error) {
-	opened := func(s *session) {
-		l.mu.Lock()
-		if counted {
-			l.opening--
-		}
-		if s != nil {
-			l.sessions[s] = struct{}{}
-		}
-		if counted || s != nil {
-			l.notify()
-		}
-		l.mu.Unlock()
-	}
-	conn, err := l.db.Conn(ctx)
-	if err != nil {
-		opened(nil)
-		if sqlexec.SQLState(err) == sqlexec.CodeOutOfSharedMemory {
-			// A new backend needs lock-table room to start, too.
-			err = join(ErrLockTableFull, err)
-		}
-		return nil, err
-	}
-	ok, err := attempt{x: conn, set: set, wait: wait, discard: func() { discardConn(conn) }}.run(ctx)
-	switch {
-	case err != nil:
-		opened(nil)
-		if errors.Is(err, ErrSessionLost) {
-			discardConn(conn)
-		} else {
-			_ = conn.Close() // settled: this session holds no lock
-		}
-		if ended(ctx) != nil {
-			// The driver closed the session to interrupt the wait. It was
-			// this call's own and held nothing else: not news to the caller.
-			err = without(err, ErrSessionLost)
-		}
-		return nil, err
-	case !ok:
-		opened(nil)
-		_ = conn.Close() // the try took nothing
-		return nil, ErrNotAcquired
-	}
-	s := newSession(l, conn)
-	lk := newLock(l, set, gkeys)
-	s.attach(lk)
-	opened(s)
-	l.watchers.Add(1)
-	go s.watch(l.interval)
-	return lk, nil
-}
-
-// begin registers an acquisition, unless the Locker is closed.
-func (l *Locker) begin() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
-		return false
-	}
-	l.inflight.Add(1)
-	return true
-}
-
-// interrupted explains a failed acquisition: when Close ended it, ErrClosed
-// comes first; when ctx ended it, ctx's error is always among the causes
-// (a dial cut short by a deadline reports only an i/o timeout, say).
-func (l *Locker) interrupted(ctx context.Context, err error) error {
-	if cerr := ended(ctx); cerr != nil {
-		return join(cerr, err)
-	}
-	switch {
-	case l.closing.Err() != nil:
-		return join(ErrClosed, err)
-	}
-	return err
 }

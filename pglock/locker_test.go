@@ -8,7 +8,8 @@ import (
 
 	"github.com/DATA-DOG/go-sqlmock"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/pgsql"
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -30,7 +31,7 @@ func newMockLocker(t *testing.T, opts ...pglock.LockerOption) (*pglock.Locker, s
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	l := pglock.NewLocker(db, opts...)
+	l := pglock.NewLocker(db, append([]pglock.LockerOption{pglock.WithSessionCheck(false)}, opts...)...)
 	t.Cleanup(func() { _ = l.Close() })
 	return l, mock
 }
@@ -69,7 +70,7 @@ func TestLockerTypedErrors(t *testing.T) {
 		want   error
 	}{
 		{"deadlock", errDeadlock, pglock.ErrDeadlock},
-		{"lock table full", &pgErr{"53200", "out of shared memory"}, pglock.ErrLockTableFull},
+		{"lock table full", testkit.TableFull, pglock.ErrLockTableFull},
 		{"session's own lock_timeout", errLockTimeout, pglock.ErrLockTimeout},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -110,12 +111,12 @@ func TestLockerUnlockFindsLoss(t *testing.T) {
 func TestLockerHealthCheckRetries(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(20*time.Millisecond))
-	canceled := &pgErr{"57014", "canceling statement due to user request"}
+	canceled := testkit.Canceled
 	mock.ExpectExec(lock42).WillReturnResult(rows(1))
-	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnError(canceled)
-	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnError(canceled)
-	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnRows(ownLocks(keys.Int64(42)))
-	mock.ExpectQuery(sqlexec.OwnLocksSQL).WillReturnError(errTerminated)
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(canceled)
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(canceled)
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(keys.Int64(42)))
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(errTerminated)
 	lk, err := l.Lock(ctx, keys.Int64(42))
 	if err != nil {
 		t.Fatal(err)
@@ -143,13 +144,14 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 func TestLockerMultiplexingSQL(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
-	set := sqlexec.Set{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}}
+	set := pgsql.Request{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}}
+	one := func(k int64) pgsql.Request { return pgsql.Request{Keys: []keys.Key{keys.Int64(k)}} }
 	mock.ExpectExec(lock42).WillReturnResult(rows(1))
-	mock.ExpectExec(sqlexec.Lock{Key: keys.Int64(43)}.TryLockSQL()).WillReturnResult(rows(1))
-	mock.ExpectExec(sqlexec.Lock{Key: keys.Int64(44)}.TryLockSQL()).WillReturnResult(rows(0))
-	mock.ExpectExec(set.TryLockSQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(one(43).TrySQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(one(44).TrySQL()).WillReturnResult(rows(0))
+	mock.ExpectExec(set.TrySQL()).WillReturnResult(rows(1))
 	mock.ExpectExec(unlock42).WillReturnResult(rows(1))
-	mock.ExpectExec(sqlexec.Lock{Key: keys.Int64(43)}.UnlockSQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(one(43).UnlockSQL()).WillReturnResult(rows(1))
 	mock.ExpectExec(set.UnlockSQL()).WillReturnResult(rows(2))
 
 	a, err := l.Lock(ctx, keys.Int64(42))

@@ -1,24 +1,29 @@
 package pglock
 
-// Option changes how one lock call behaves.
-type Option func(*options)
+import (
+	"github.com/pglocks/pglocks/internal/engine"
+	"github.com/pglocks/pglocks/internal/pgsql"
+	"github.com/pglocks/pglocks/keys"
+)
 
-type options struct {
-	shared  bool
-	noWait  bool
-	holders bool
-}
+// Option changes how one lock call behaves: [Shared], [NoWait],
+// [ReportHolders]. A nil Option is ignored.
+type Option func(*request)
+
+// request is the description of a lock call, which options change.
+type request = pgsql.Request
 
 // Shared takes, tests or releases the shared lock instead of the exclusive
 // one. Shared holders coexist; an exclusive request waits for all of them,
 // and a waiting exclusive request makes later shared requests wait too.
 // UnlockConn must be given Shared to release a shared lock.
-func Shared() Option { return func(o *options) { o.shared = true } }
+func Shared() Option { return func(r *request) { r.Shared = true } }
 
 // NoWait makes a waiting call try once instead: WithLock runs fn with
-// acquired == false when the lock is busy, and LockConn and LockTx return
-// ErrNotAcquired. TryLockConn and TryLockTx never wait, with or without it.
-func NoWait() Option { return func(o *options) { o.noWait = true } }
+// acquired == false when the lock is busy, and LockConn, LockTx, LockAllTx,
+// Locker.Lock and Locker.LockAll return ErrNotAcquired. TryLockConn,
+// TryLockTx and the Locker's tries never wait, with or without it.
+func NoWait() Option { return func(r *request) { r.Try = true } }
 
 // ReportHolders makes a lock call that fails because the lock is busy (a try,
 // NoWait, or a deadline that expired while waiting) look up who holds it, and
@@ -28,15 +33,25 @@ func NoWait() Option { return func(o *options) { o.noWait = true } }
 // returned without holders. It has no effect on success. It works with the
 // calls that report a busy lock as an error: LockConn, LockTx, LockAllTx
 // and a Locker's Lock, TryLock, LockAll and TryLockAll (TryLockConn and
-// TryLockTx report it as false).
-func ReportHolders() Option { return func(o *options) { o.holders = true } }
+// TryLockTx report it as false, and WithLock runs fn).
+func ReportHolders() Option { return func(r *request) { r.Report = true } }
 
-func collect(opts []Option) options {
-	var o options
+// newRequest returns call's request on ks with opts, and whether ks names
+// a lock.
+func newRequest(call engine.Call, ks []keys.Key, opts []Option) (request, bool) {
+	var o request
 	for _, opt := range opts {
 		if opt != nil {
 			opt(&o)
 		}
 	}
-	return o
+	return call.Request(ks, o)
+}
+
+// invalid is the error of a request whose keys name no lock.
+func invalid(op string, req request) error {
+	if len(req.Keys) == 0 {
+		return newError(op, req, ErrInvalidKey, errNoKeys)
+	}
+	return newError(op, req, ErrInvalidKey)
 }

@@ -12,23 +12,18 @@ import (
 
 	"github.com/DATA-DOG/go-sqlmock"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
 
-// pgErr is a server error as both drivers expose it: through SQLState().
-type pgErr struct{ code, msg string }
-
-func (e *pgErr) Error() string    { return e.msg + " (SQLSTATE " + e.code + ")" }
-func (e *pgErr) SQLState() string { return e.code }
-
 var (
-	errLockTimeout = &pgErr{"55P03", "canceling statement due to lock timeout"}
-	errDeadlock    = &pgErr{"40P01", "deadlock detected"}
-	errAborted     = &pgErr{"25P02", "current transaction is aborted"}
-	errTerminated  = &pgErr{"57P01", "terminating connection due to administrator command"}
-	errSyntax      = &pgErr{"42601", "syntax error"}
-	errCanceled    = &pgErr{"57014", "canceling statement due to user request"}
+	errLockTimeout = testkit.LockTimeout
+	errDeadlock    = testkit.Deadlock
+	errAborted     = testkit.Aborted
+	errTerminated  = testkit.Terminated
+	errSyntax      = testkit.Syntax
+	errCanceled    = testkit.Canceled
 )
 
 const (

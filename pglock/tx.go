@@ -4,7 +4,7 @@ import (
 	"context"
 	"database/sql"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -21,7 +21,9 @@ import (
 //
 //   - Deadline: the wait is bounded on the server by lock_timeout. On expiry
 //     the error wraps context.DeadlineExceeded, tx is still usable, and its
-//     lock_timeout is what it was before.
+//     lock_timeout is what it was before. Note that database/sql rolls a
+//     transaction back when the ctx given to BeginTx ends: to keep using tx
+//     after a timed-out LockTx, put the deadline on LockTx's ctx only.
 //   - Cancellation: the drivers' default way to interrupt a waiting statement
 //     is to close the session, which ends tx; the error then wraps
 //     context.Canceled and ErrSessionLost. (pgx configured with
@@ -32,16 +34,13 @@ import (
 //     held before the call, so roll it back to let the other party through.
 //
 // With NoWait, LockTx tries once and returns ErrNotAcquired if the lock is
-// busy. Shared takes the shared lock.
+// busy. Shared takes the shared lock. Errors have Op "lock".
 //
 // Cost: one round trip when the lock is free, with or without a deadline (the
 // savepoint travels in the same message); a failed wait costs one more.
 func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
-	o := collect(opts)
-	ok, l, err := lockTx(ctx, tx, key, o, !o.noWait)
-	if err = mustAcquire(ok, l, err); err != nil && tx != nil {
-		return explain(ctx, o, tx, setOf(l), err)
-	}
+	req, ok := newRequest(engine.LockTx, []keys.Key{key}, opts)
+	_, err := lockOn(ctx, "lock", tx, req, ok, true)
 	return err
 }
 
@@ -49,16 +48,31 @@ func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error
 // waiting. It returns true when the transaction now holds the lock and false
 // when another session holds it. A failure to take a busy lock does not abort
 // tx. Like TryLockConn, once sent the statement is allowed to finish even if
-// ctx is cancelled. Cost: one round trip.
+// ctx is cancelled. Errors have Op "trylock". Cost: one round trip.
 func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (bool, error) {
-	ok, _, err := lockTx(ctx, tx, key, collect(opts), false)
-	return ok, err
+	req, ok := newRequest(engine.TryLockTx, []keys.Key{key}, opts)
+	return lockOn(ctx, "trylock", tx, req, ok, false)
 }
 
-func lockTx(ctx context.Context, tx *sql.Tx, key keys.Key, o options, wait bool) (bool, sqlexec.Lock, error) {
-	return single(tx, xactLock(key, o), wait).take(ctx, tx == nil)
-}
-
-func xactLock(key keys.Key, o options) sqlexec.Lock {
-	return sqlexec.Lock{Key: key, Shared: o.shared, Scope: sqlexec.Xact}
+// LockAllTx takes transaction-level advisory locks on every key of ks in tx,
+// all or none, waiting until all are granted. They are released when tx
+// commits or rolls back.
+//
+// The keys are deduplicated and taken in the canonical order of
+// [keys.Canonical] (bigint keys, then pair keys, each ascending), in one
+// statement: one round trip when they are free. Two callers that take
+// overlapping sets with LockAllTx or [Locker.LockAll] never deadlock each
+// other.
+//
+// The statement runs inside SAVEPOINT pglocks_wait, so a failure (deadline,
+// deadlock, cancel request) rolls back to it, which releases every lock the
+// call took, and tx stays usable. A ctx deadline bounds the whole call on the
+// server. A nil error means tx holds every key; any error means this call
+// left none of them held. Errors are as for [LockTx], and carry the keys in
+// [Error.Keys]. With NoWait it tries once and returns [ErrNotAcquired] when
+// any key is busy. An empty ks, or a zero key in it, returns [ErrInvalidKey].
+func LockAllTx(ctx context.Context, tx *sql.Tx, ks []keys.Key, opts ...Option) error {
+	req, ok := newRequest(engine.LockAllTx, ks, opts)
+	_, err := lockOn(ctx, "lock", tx, req, ok, true)
+	return err
 }

@@ -3,20 +3,15 @@ package pglock
 import (
 	"context"
 	"database/sql"
-	"errors"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
 )
-
-// Executor is the small interface that *sql.DB, *sql.Conn and *sql.Tx
-// satisfy. WithLock accepts exactly those three types.
-type Executor = sqlexec.Executor
 
 // WithLock runs fn while holding the advisory lock key: django-pglocks'
 // advisory_lock(lock_id, shared, wait, using) for Go.
 //
-// The kind of x chooses the lock:
+// The type of h chooses the lock:
 //
 //   - *sql.Tx: a transaction lock (LockTx). It is released when the
 //     transaction commits or rolls back, not when fn returns, so that nothing
@@ -28,12 +23,11 @@ type Executor = sqlexec.Executor
 //     back to the pool only when the unlock is confirmed; otherwise it is
 //     closed, which releases the lock on the server. fn should use its own
 //     queries through db as usual; the lock's connection is not exposed.
-//     When db is found to share server sessions between its connections
-//     (PgBouncer in transaction pooling mode; checked once per *sql.DB, see
-//     [CheckSessionLocks]), it returns [ErrTransactionPooling] instead.
 //
-// Any other Executor, including a nil one, returns ErrUnsupportedExecutor or
-// ErrNilHandle.
+// Other handles do not compile. With sqlx, pass db.DB or tx.Tx (the
+// *sql.DB and *sql.Tx a *sqlx.DB and *sqlx.Tx embed); with GORM, the *sql.DB
+// from db.DB(). A nil handle, a nil fn or the zero key returns an error
+// (ErrNilHandle, ErrInvalidKey) without running fn.
 //
 // By default WithLock waits for the lock and runs fn with acquired == true.
 // With NoWait it tries once and always runs fn, telling it whether the lock
@@ -44,89 +38,90 @@ type Executor = sqlexec.Executor
 //
 // WithLock returns fn's error. If releasing the lock fails, that error is
 // returned too (joined after fn's). A panic in fn is propagated after the
-// lock is released.
+// lock is released. Errors of the acquisition have Op "lock", of the release
+// "unlock".
+//
+// Session locks cannot work through PgBouncer in transaction pooling mode:
+// call [CheckSessionLocks] at startup, or use a *sql.Tx there. WithLock
+// does not check on each call.
 //
 // Over a *sql.DB every call uses its own connection, so a WithLock nested in
 // another one's fn waits on a second session. Two goroutines nesting crossed
 // keys that way deadlock inside your process, where PostgreSQL cannot detect
 // it; nest on one *sql.Conn or *sql.Tx to get ErrDeadlock instead.
-func WithLock(ctx context.Context, x Executor, key keys.Key, fn func(ctx context.Context, acquired bool) error, opts ...Option) error {
-	o := collect(opts)
-	wait := !o.noWait
-	if fn == nil {
-		l := sessionLock(key, o)
-		if _, ok := x.(*sql.Tx); ok {
-			l = xactLock(key, o)
-		}
-		return opError("lock", l, errNilFunc)
-	}
-	switch h := x.(type) {
+func WithLock[H Handle](ctx context.Context, h H, key keys.Key, fn func(ctx context.Context, acquired bool) error, opts ...Option) error {
+	switch x := any(h).(type) {
 	case *sql.Tx:
-		ok, _, err := lockTx(ctx, h, key, o, wait)
-		if err != nil {
-			return err
-		}
-		return fn(ctx, ok)
+		return withTx(ctx, x, key, fn, opts)
 	case *sql.Conn:
-		ok, l, err := lockConn(ctx, h, key, o, wait)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return fn(ctx, false)
-		}
-		return runLocked(ctx, h, l, fn, nil)
-	case *sql.DB:
-		if h == nil {
-			return opError("lock", sessionLock(key, o), ErrNilHandle)
-		}
-		if err := check(false, key); err != nil {
-			return opError("lock", sessionLock(key, o), err)
-		}
-		if err := checkPooling(ctx, h); err != nil {
-			return opError("lock", sessionLock(key, o), err)
-		}
-		conn, err := h.Conn(ctx)
-		if err != nil {
-			return opError("lock", sessionLock(key, o), ended(ctx), err)
-		}
-		ok, l, err := lockConn(ctx, conn, key, o, wait)
-		if err != nil || !ok {
-			// Nothing is held: acquisition errors are settled before they are
-			// returned, and an unsettled session has already been discarded.
-			_ = conn.Close()
-			if err != nil {
-				return err
-			}
-			return fn(ctx, false)
-		}
-		return runLocked(ctx, conn, l, fn, func(unlockErr error) {
-			if unlockErr != nil {
-				discardConn(conn) // it may still hold the lock
-				return
-			}
-			_ = conn.Close() // back to the pool, holding nothing
-		})
-	case nil:
-		return opError("lock", sessionLock(key, o), ErrNilHandle)
-	default:
-		return opError("lock", sessionLock(key, o), ErrUnsupportedExecutor)
+		return withConn(ctx, x, key, fn, opts, nil)
 	}
+	return withDB(ctx, any(h).(*sql.DB), key, fn, opts)
 }
 
-var errNilFunc = errors.New("pglock: nil fn")
+// withTx is WithLock on a *sql.Tx.
+func withTx(ctx context.Context, tx *sql.Tx, key keys.Key, fn func(context.Context, bool) error, opts []Option) error {
+	req, ok := newRequest(engine.WithLockTx, []keys.Key{key}, opts)
+	if fn == nil {
+		return newError("lock", req, ErrNilHandle, errNilFunc)
+	}
+	held, err := lockOn(ctx, "lock", tx, req, ok, false)
+	if err != nil {
+		return err
+	}
+	return fn(ctx, held)
+}
 
-// runLocked runs fn while conn holds l, then releases l even if fn panics.
-// done, if set, is told the unlock's result.
-func runLocked(ctx context.Context, conn *sql.Conn, l sqlexec.Lock, fn func(context.Context, bool) error, done func(error)) (err error) {
-	defer func() {
-		uerr := unlock(ctx, conn, l)
+// withConn is WithLock on a *sql.Conn. done, if set, is told whether the
+// release was confirmed.
+func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option, done func(bool)) (err error) {
+	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
+	if fn == nil {
+		return newError("lock", req, ErrNilHandle, errNilFunc)
+	}
+	held, err := lockOn(ctx, "lock", conn, req, ok, false)
+	if err != nil || !held {
 		if done != nil {
-			done(uerr)
+			done(true) // nothing is held: an unsettled session was discarded
+		}
+		if err != nil {
+			return err
+		}
+		return fn(ctx, false)
+	}
+	defer func() {
+		uerr := unlockOn(ctx, conn, req)
+		if done != nil {
+			done(uerr == nil)
 		}
 		if uerr != nil {
-			err = errors.Join(err, opError("unlock", l, uerr))
+			err = causes(err, newError("unlock", req, uerr))
 		}
 	}()
 	return fn(ctx, true)
+}
+
+// withDB is WithLock on a *sql.DB: withConn on a connection of the pool,
+// given back only once nothing is held on it, and closed otherwise.
+func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Context, bool) error, opts []Option) error {
+	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
+	switch {
+	case db == nil:
+		return newError("lock", req, ErrNilHandle)
+	case fn == nil:
+		return newError("lock", req, ErrNilHandle, errNilFunc)
+	case !ok:
+		return invalid("lock", req)
+	}
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return newError("lock", req, engine.Ended(ctx), err)
+	}
+	return withConn(ctx, conn, key, fn, opts, func(released bool) {
+		if released {
+			_ = conn.Close() // back to the pool, holding nothing
+			return
+		}
+		engine.Discard(conn) // it may still hold the lock
+	})
 }

@@ -65,11 +65,14 @@
 //
 // # Staying in step with pglock
 //
-// The statements come from the package that builds what pglock sends, and
-// the options are read by running pglock itself on an in-memory connection,
-// so the helpers cannot drift from the library. This package's tests run
-// every real call against a mock primed by its helper, for every outcome and
-// option, with and without a deadline, and fail if one statement differs.
+// The helpers do not restate pglock's decisions. Each builds the call's
+// request with the same builder pglock uses, then runs pglock's own
+// acquisition plan (the code that decides, after each answer, which
+// statement comes next) against a simulated server that answers as
+// PostgreSQL would for the chosen Outcome; the statements the plan sends are
+// the expectations. This package's tests also run every real call against a
+// mock primed by its helper, for every outcome and option, with and without
+// a deadline, and fail if one statement differs.
 //
 // # Locker
 //

@@ -238,5 +238,5 @@ func Example_locker() {
 	// Output:
 	// <nil>
 	// pglock: lock name:reindex (session): lock not acquired: held by another session
-	// stopped before batch 0: pglock: lock lost true
+	// stopped before batch 0: lock lost true
 }

@@ -5,7 +5,7 @@ import (
 
 	"github.com/DATA-DOG/go-sqlmock"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/pgsql"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -20,7 +20,7 @@ func ExpectHolders(mock sqlmock.Sqlmock, key keys.Key, hs []pglock.Holder) {
 	if key.IsZero() {
 		return
 	}
-	mock.ExpectQuery(exact(sqlexec.HoldersSQL(key))).WithoutArgs().WillReturnRows(holderRows(key, hs))
+	mock.ExpectQuery(exact(pgsql.HoldersSQL(key))).WithoutArgs().WillReturnRows(holderRows(key, hs))
 }
 
 // ExpectList registers the query pglock.List(ctx, x) sends, answered with
@@ -29,10 +29,10 @@ func ExpectHolders(mock sqlmock.Sqlmock, key keys.Key, hs []pglock.Holder) {
 // [ExpectHolders]; a zero Key is an error of the test, and List fails on it
 // as on an undecodable pg_locks row.
 func ExpectList(mock sqlmock.Sqlmock, hs []pglock.Holder) {
-	mock.ExpectQuery(exact(sqlexec.HoldersSQL())).WithoutArgs().WillReturnRows(holderRows(keys.Key{}, hs))
+	mock.ExpectQuery(exact(pgsql.HoldersSQL())).WithoutArgs().WillReturnRows(holderRows(keys.Key{}, hs))
 }
 
-// holderRows renders hs as the rows of sqlexec.HoldersSQL.
+// holderRows renders hs as the rows of pgsql.HoldersSQL.
 func holderRows(key keys.Key, hs []pglock.Holder) *sqlmock.Rows {
 	rows := sqlmock.NewRows(holdersColumns)
 	for _, h := range hs {

@@ -5,7 +5,7 @@ import (
 
 	"github.com/DATA-DOG/go-sqlmock"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -71,32 +71,20 @@ func (o Outcome) String() string {
 	return "Outcome(" + strconv.Itoa(int(o)) + ")"
 }
 
-var (
-	lockConnCall    = call{name: "ExpectLockConn", wait: true, explain: true}
-	tryLockConnCall = call{name: "ExpectTryLockConn"}
-	lockTxCall      = call{name: "ExpectLockTx", wait: true, explain: true}
-	tryLockTxCall   = call{name: "ExpectTryLockTx"}
-	lockAllTxCall   = call{name: "ExpectLockAllTx", wait: true, explain: true}
-	withLockCall    = call{name: "ExpectWithLock", wait: true}
-	withLockTxCall  = call{name: "ExpectWithLockTx", wait: true}
-)
-
-// register registers c's statements for set and out, then, when fn runs
-// (Acquired and Busy), fn's expectations and, if unlock is set and the lock
-// was acquired, the unlock. A zero key registers nothing: pglock sends
-// nothing for it.
-func register(mock sqlmock.Sqlmock, c call, ks []keys.Key, scope sqlexec.Scope, out Outcome, opts []pglock.Option, fn func(), unlock bool) {
-	set := sqlexec.Set{Keys: keys.Canonical(ks), Scope: scope}
-	if len(set.Keys) == 0 || set.Keys[0].IsZero() {
+// register registers the statements of call on ks for out, then, when fn
+// runs (Acquired and Busy), fn's expectations and, if unlock is set and the
+// lock was acquired, the unlock. Keys that name no lock register nothing:
+// pglock sends nothing for them.
+func register(mock sqlmock.Sqlmock, name string, call engine.Call, ks []keys.Key, out Outcome, opts []pglock.Option, fn func(), unlock bool) {
+	req, ok := call.Request(ks, options(opts))
+	if !ok {
 		return
 	}
-	o, err := decode(opts)
-	if err != nil {
-		expectInvalid(mock, err)
-		return
+	err := validate(name, req, out)
+	var steps []step
+	if err == nil {
+		steps, err = script(req, out)
 	}
-	set.Shared = o.shared
-	steps, err := plan(c, set, o, out)
 	if err != nil {
 		expectInvalid(mock, err)
 		return
@@ -109,7 +97,7 @@ func register(mock sqlmock.Sqlmock, c call, ks []keys.Key, scope sqlexec.Scope, 
 		fn()
 	}
 	if unlock && out == Acquired {
-		expect(mock, []step{{pattern: exact(set.UnlockSQL()), rows: int64(len(set.Keys))}})
+		expect(mock, []step{{pattern: exact(req.UnlockSQL()), rows: int64(len(req.Keys))}})
 	}
 }
 
@@ -122,21 +110,21 @@ func register(mock sqlmock.Sqlmock, c call, ks []keys.Key, scope sqlexec.Scope, 
 // holders: the helper answers with one session, [HolderPID] (named
 // [HolderApplicationName]).
 func ExpectLockConn(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
-	register(mock, lockConnCall, []keys.Key{key}, sqlexec.Session, out, opts, nil, false)
+	register(mock, "ExpectLockConn", engine.LockConn, []keys.Key{key}, out, opts, nil, false)
 }
 
 // ExpectTryLockConn registers the statements pglock.TryLockConn(ctx, conn,
 // key, opts...) sends, answered so that it ends with out: Acquired (true),
 // Busy (false), LockTableFull or SessionLost (an error).
 func ExpectTryLockConn(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
-	register(mock, tryLockConnCall, []keys.Key{key}, sqlexec.Session, out, opts, nil, false)
+	register(mock, "ExpectTryLockConn", engine.TryLockConn, []keys.Key{key}, out, opts, nil, false)
 }
 
 // ExpectUnlockConn registers the statement pglock.UnlockConn(ctx, conn, key,
 // opts...) sends, answered as when the session held the lock: UnlockConn
 // returns nil. Pass pglock.Shared() for a shared lock, as UnlockConn needs.
 func ExpectUnlockConn(mock sqlmock.Sqlmock, key keys.Key, opts ...pglock.Option) {
-	expectUnlock(mock, "ExpectUnlockConn", key, opts, 1)
+	expectUnlock(mock, key, opts, 1)
 }
 
 // ExpectUnlockConnNotHeld registers the statement pglock.UnlockConn(ctx,
@@ -144,20 +132,15 @@ func ExpectUnlockConn(mock sqlmock.Sqlmock, key keys.Key, opts ...pglock.Option)
 // lock (it was lost, or never taken): UnlockConn returns an error wrapping
 // pglock.ErrNotHeld.
 func ExpectUnlockConnNotHeld(mock sqlmock.Sqlmock, key keys.Key, opts ...pglock.Option) {
-	expectUnlock(mock, "ExpectUnlockConnNotHeld", key, opts, 0)
+	expectUnlock(mock, key, opts, 0)
 }
 
-func expectUnlock(mock sqlmock.Sqlmock, name string, key keys.Key, opts []pglock.Option, rows int64) {
-	if key.IsZero() {
+func expectUnlock(mock sqlmock.Sqlmock, key keys.Key, opts []pglock.Option, rows int64) {
+	req, ok := engine.UnlockConn.Request([]keys.Key{key}, options(opts))
+	if !ok {
 		return
 	}
-	o, err := decode(opts)
-	if err != nil {
-		expectInvalid(mock, err)
-		return
-	}
-	l := sqlexec.Lock{Key: key, Shared: o.shared, Scope: sqlexec.Session}
-	expect(mock, []step{{pattern: exact(l.UnlockSQL()), rows: rows}})
+	expect(mock, []step{{pattern: exact(req.UnlockSQL()), rows: rows}})
 }
 
 // ExpectLockTx registers the statements pglock.LockTx(ctx, tx, key, opts...)
@@ -166,7 +149,7 @@ func expectUnlock(mock sqlmock.Sqlmock, name string, key keys.Key, opts []pglock
 // on the server: expect its further statements as usual. Register the
 // transaction's mock.ExpectBegin() first, as usual.
 func ExpectLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
-	register(mock, lockTxCall, []keys.Key{key}, sqlexec.Xact, out, opts, nil, false)
+	register(mock, "ExpectLockTx", engine.LockTx, []keys.Key{key}, out, opts, nil, false)
 }
 
 // ExpectTryLockTx registers the statements pglock.TryLockTx(ctx, tx, key,
@@ -174,7 +157,7 @@ func ExpectLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pgloc
 // (false), LockTableFull or SessionLost (an error; a failed try aborts the
 // transaction, as on the server).
 func ExpectTryLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pglock.Option) {
-	register(mock, tryLockTxCall, []keys.Key{key}, sqlexec.Xact, out, opts, nil, false)
+	register(mock, "ExpectTryLockTx", engine.TryLockTx, []keys.Key{key}, out, opts, nil, false)
 }
 
 // ExpectLockAllTx registers the statements pglock.LockAllTx(ctx, tx, ks,
@@ -183,7 +166,7 @@ func ExpectTryLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, opts ...pg
 // them. An empty ks, or one with a zero key, registers nothing: LockAllTx
 // sends nothing for it.
 func ExpectLockAllTx(mock sqlmock.Sqlmock, ks []keys.Key, out Outcome, opts ...pglock.Option) {
-	register(mock, lockAllTxCall, ks, sqlexec.Xact, out, opts, nil, false)
+	register(mock, "ExpectLockAllTx", engine.LockAllTx, ks, out, opts, nil, false)
 }
 
 // ExpectWithLock registers what pglock.WithLock(ctx, x, key, fn, opts...)
@@ -203,7 +186,7 @@ func ExpectLockAllTx(mock sqlmock.Sqlmock, ks []keys.Key, out Outcome, opts ...p
 // With a *sql.DB, WithLock takes a connection from the pool, which a mock
 // made by sqlmock.New provides without an expectation.
 func ExpectWithLock(mock sqlmock.Sqlmock, key keys.Key, out Outcome, fn func(), opts ...pglock.Option) {
-	register(mock, withLockCall, []keys.Key{key}, sqlexec.Session, out, opts, fn, true)
+	register(mock, "ExpectWithLock", engine.WithLock, []keys.Key{key}, out, opts, fn, true)
 }
 
 // ExpectWithLockTx registers what pglock.WithLock(ctx, tx, key, fn, opts...)
@@ -213,5 +196,5 @@ func ExpectWithLock(mock sqlmock.Sqlmock, key keys.Key, out Outcome, fn func(), 
 // the transaction ends, so expect the code's COMMIT or ROLLBACK after it, as
 // usual.
 func ExpectWithLockTx(mock sqlmock.Sqlmock, key keys.Key, out Outcome, fn func(), opts ...pglock.Option) {
-	register(mock, withLockTxCall, []keys.Key{key}, sqlexec.Xact, out, opts, fn, false)
+	register(mock, "ExpectWithLockTx", engine.WithLockTx, []keys.Key{key}, out, opts, fn, false)
 }

@@ -9,9 +9,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/pglocks/pglocks/internal/pgxcancel"
 )
 
 // defaultConnectTimeout bounds connecting when neither --connect-timeout nor
@@ -64,9 +64,7 @@ func open(ctx context.Context, e env, g *globals, app string, force bool) (*sql.
 	// the lock after pglock has gone. pgx's default would only close the
 	// socket, which a backend blocked on a lock does not notice until the
 	// lock is granted.
-	cfg.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
-		return &pgconn.CancelRequestContextWatcherHandler{Conn: c, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
-	}
+	pgxcancel.Use(cfg)
 	db := stdlib.OpenDB(*cfg)
 	pctx, cancel := context.WithTimeout(ctx, cfg.ConnectTimeout+time.Second)
 	defer cancel()

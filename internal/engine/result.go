@@ -1,0 +1,82 @@
+package engine
+
+import (
+	"context"
+	"errors"
+
+	"github.com/pglocks/pglocks/internal/pgsql"
+)
+
+// Failure says how a failed acquisition is explained to the caller.
+type Failure uint8
+
+const (
+	// NoFailure: granted, or busy.
+	NoFailure Failure = iota
+	// NotRun: nothing reached the server (a closed *sql.Conn or *sql.Tx, an
+	// aborted transaction, a context already done). The error is Err alone.
+	NotRun
+	// Classify: nothing is held and the session is alive; the error is
+	// explained from Err's SQLSTATE (deadlock, lock_timeout, full lock
+	// table) and the context.
+	Classify
+	// Lost: the session is gone, or (with Discard) must be closed because
+	// the outcome could not be settled. Nothing is held.
+	Lost
+	// Plain: the outcome could not be settled on a transaction, whose
+	// connection is the caller's to keep or drop; Err and Check say why.
+	Plain
+)
+
+// Result is the outcome of a plan.
+type Result struct {
+	Granted bool // every key is held
+	Busy    bool // a try found a key busy; nothing is held
+
+	Failure Failure // why nothing is held, when neither Granted nor Busy
+	// Discard says the session's outcome could not be settled: close the
+	// connection, so that the server releases whatever it holds.
+	Discard bool
+
+	Err   error // the acquiring statement's error
+	Ctx   error // the caller's context error, when it ended the acquiring statement
+	Check error // a settling statement's error, when it matters
+
+	// Timed says the wait was bounded on the server by a lock_timeout
+	// taken from the caller's deadline. Set by Run.
+	Timed bool
+
+	// Holders lists who holds the keys, when the request asked for them
+	// (Report) and Explains. Set by Run; nil if the lookup failed.
+	Holders []Holder
+}
+
+// Explains reports whether the outcome is one that a holders lookup
+// explains: a busy lock, or a wait that lock_timeout or the caller's
+// deadline ended, on a session that is still alive.
+func (r Result) Explains() bool {
+	if r.Busy {
+		return true
+	}
+	if r.Granted || r.Failure == Lost || r.Failure == NotRun {
+		return false
+	}
+	return pgsql.SQLState(r.Err) == pgsql.CodeLockNotAvailable ||
+		errors.Is(r.Ctx, context.DeadlineExceeded) || errors.Is(r.Err, context.DeadlineExceeded)
+}
+
+// notRun reports whether err proves that no lock function ran: the call never
+// reached the server, or the server rejected the first statement because the
+// caller's transaction was already aborted (SQLSTATE 25P02). No settling is
+// needed, and the caller's connection must not be touched.
+func notRun(err error) bool {
+	return pgsql.NeverSent(err) || pgsql.SQLState(err) == pgsql.CodeInFailedSQLTx
+}
+
+// ranInSavepoint reports whether err proves that a transaction-scope
+// statement reached the server and failed there, inside the savepoint it
+// made: the server's own error (a SQLSTATE), or the session's loss. Anything
+// else, a context error above all, proves neither.
+func ranInSavepoint(err error) bool {
+	return pgsql.SQLState(err) != "" || pgsql.IsSessionLost(err)
+}

@@ -1,0 +1,72 @@
+package engine
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"time"
+
+	"github.com/pglocks/pglocks/internal/pgsql"
+	"github.com/pglocks/pglocks/keys"
+)
+
+// HeldKey is one advisory lock granted to a session, as pg_locks shows it.
+type HeldKey struct {
+	Key    keys.Key // unnamed
+	Shared bool
+}
+
+// OwnLocks lists the advisory locks granted to conn's session: a Locker's
+// health check, one statement whatever the number of locks. It is shielded
+// from cancellation and bounded by SettleTimeout. Rows that are not a key
+// pglocks takes are skipped.
+func OwnLocks(conn *sql.Conn) (map[HeldKey]bool, error) {
+	ctx, cancel := Shield(context.Background())
+	defer cancel()
+	rows, err := conn.QueryContext(ctx, pgsql.OwnLocksSQL)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	held := make(map[HeldKey]bool)
+	for rows.Next() {
+		var (
+			classid, objid int64
+			objsubid       int
+			shared         bool
+		)
+		if err := rows.Scan(&classid, &objid, &objsubid, &shared); err != nil {
+			return nil, err
+		}
+		if k, err := DecodeTag(classid, objid, objsubid); err == nil {
+			held[HeldKey{k, shared}] = true
+		}
+	}
+	return held, rows.Err()
+}
+
+// discardWait bounds how long Discard waits for the close.
+const discardWait = 2 * time.Second
+
+// Discard closes conn's underlying connection instead of returning it to
+// the pool: database/sql closes a connection whose Raw callback reports
+// driver.ErrBadConn. The server then ends the session and releases its locks.
+//
+// It waits at most discardWait. database/sql cannot close a *sql.Conn while
+// a *sql.Tx begun on it is open (LockConn misused inside a transaction):
+// the close then happens, in the background, when that transaction ends,
+// and the caller is not blocked until then.
+func Discard(conn *sql.Conn) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+		_ = conn.Close()
+	}()
+	t := time.NewTimer(discardWait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+	}
+}

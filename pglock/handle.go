@@ -1,0 +1,78 @@
+package pglock
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+
+	"github.com/pglocks/pglocks/internal/engine"
+	"github.com/pglocks/pglocks/internal/pgsql"
+)
+
+// Handle is the set of database/sql handles pglock takes locks through:
+// *sql.DB, *sql.Conn and *sql.Tx. It constrains [WithLock], [Holders] and
+// [List], so that anything else is rejected at compile time. Frameworks hand
+// these out: sqlx's *sqlx.DB and *sqlx.Tx embed them (pass db.DB, tx.Tx),
+// and GORM's db.DB() returns the *sql.DB.
+type Handle interface {
+	*sql.DB | *sql.Conn | *sql.Tx
+}
+
+var (
+	errNilFunc = errors.New("nil fn")
+	errNoKeys  = errors.New("no keys given")
+)
+
+// lockOn takes req, for op, on the caller's connection or transaction h,
+// whose keys were validated into valid. It returns true when the lock is
+// held, and false with a nil error when a try found it busy and busy is
+// not an error for the call (TryLockConn, TryLockTx, WithLock); otherwise
+// busy is ErrNotAcquired. Any error means this call left nothing held and
+// h usable, unless the error wraps ErrSessionLost. A *sql.Conn whose outcome
+// could not be settled is closed, which releases whatever it held.
+func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool) (bool, error) {
+	switch {
+	case h == nil:
+		return false, newError(op, req, ErrNilHandle)
+	case !valid:
+		return false, invalid(op, req)
+	}
+	r := engine.Run(ctx, any(h).(engine.Handle), req)
+	if conn, ok := any(h).(*sql.Conn); ok && r.Discard {
+		engine.Discard(conn)
+	}
+	switch {
+	case r.Granted:
+		return true, nil
+	case r.Busy && !busyIsErr:
+		return false, nil
+	}
+	return false, acquireError(op, req, r)
+}
+
+// acquireError is the error of an acquisition that did not take the lock.
+func acquireError(op string, req request, r engine.Result) *Error {
+	var e *Error
+	if r.Busy {
+		e = newError(op, req, ErrNotAcquired)
+	} else {
+		e = newError(op, req, failure(r)...)
+	}
+	e.Holders = holders(r.Holders)
+	return e
+}
+
+// unlockOn releases one hold of each of req's session locks on h, shielded
+// from ctx. It returns the causes of a failure: ErrNotHeld when the session
+// did not hold every key (it released those it held), and ErrSessionLost
+// when the session is gone.
+func unlockOn(ctx context.Context, h engine.Handle, req request) error {
+	n, err := engine.Release(ctx, h, req)
+	switch {
+	case err == nil && n < int64(len(req.Keys)):
+		return ErrNotHeld
+	case err != nil && !pgsql.NeverSent(err) && pgsql.IsSessionLost(err):
+		return causes(ErrSessionLost, err)
+	}
+	return err
+}
