@@ -1,4 +1,4 @@
-# pglocks: `make test` runs everything; `make demo` shows two workers contending.
+# pglocks: `make test` runs everything; `make demo` shows three workers contending.
 SHELL := /bin/bash
 
 LOCAL_DSN := postgres://postgres@127.0.0.1:5432/test?sslmode=disable
@@ -25,6 +25,8 @@ GO ?= go
 test: vet
 	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then echo "PGLOCKS_TEST_DSN=$$PGLOCKS_TEST_DSN"; \
 	  else echo "no PostgreSQL on 127.0.0.1:5432 and PGLOCKS_TEST_DSN unset: integration tests will try dockertest, then fail"; fi
+	@if [ -z "$$PGLOCKS_TEST_PGBOUNCER_DSN" ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then \
+	  echo "SKIPPED the PgBouncer tests: no pgbouncer binary and PGLOCKS_TEST_PGBOUNCER_DSN unset (apt-get install -y pgbouncer; .ci/run does)"; fi
 	$(GO) test -race -count=1 -parallel 8 -timeout 20m ./...
 	@# The benchmarks module (its own go.mod: goose, golang-migrate): key
 	@# interop tests and one run of every benchmark body, no timing.
@@ -42,7 +44,7 @@ vet:
 
 ## unit: the tests that need no database
 unit:
-	$(GO) test -race -count=1 ./keys ./internal/...
+	$(GO) test -race -count=1 ./keys ./pglock ./pglocktest ./internal/...
 
 ## fuzz: run each fuzz target for a while
 fuzz:

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/pglock"
 )
 
@@ -38,7 +39,7 @@ func BenchmarkLockerHeld(b *testing.B) {
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					for j := range locks {
-						lk, err := f.l.Lock(ctx, uniqueKey())
+						lk, err := f.l.Lock(ctx, testkit.UniqueKey())
 						if err != nil {
 							b.Fatal(err)
 						}

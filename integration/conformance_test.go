@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -41,7 +42,7 @@ func holdKey(t testing.TB, db *sql.DB, key keys.Key) *rawHolder {
 func contended(t testing.TB, driver string, p path) (*sql.DB, keys.Key, *rawHolder, session) {
 	t.Helper()
 	db := openDB(t, driver)
-	key := uniqueKey()
+	key := testkit.UniqueKey()
 	h := holdKey(t, db, key)
 	return db, key, h, p.open(t, db)
 }
@@ -82,7 +83,7 @@ func TestAcquireRelease(t *testing.T) {
 	forEach(t, func(t *testing.T, driver string, p path) {
 		db := openDB(t, driver)
 		for _, shared := range []bool{false, true} {
-			for _, key := range []keys.Key{uniqueKey(), keys.Pair(int32(keySeq.Add(1)), -7), keys.String(t.Name())} {
+			for _, key := range []keys.Key{testkit.UniqueKey(), keys.Pair(int32(keySeq.Add(1)), -7), keys.String(t.Name())} {
 				s := p.open(t, db)
 				var opts []pglock.Option
 				if shared {
@@ -132,7 +133,7 @@ func TestDeadline(t *testing.T) {
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
 		_, key, h, s := contended(t, driver, p)
-		other := uniqueKey()
+		other := testkit.UniqueKey()
 		pooled := s.pid() == 0
 		if !pooled {
 			if s.scope() == "session" {
@@ -269,7 +270,7 @@ func TestDeadlock(t *testing.T) {
 				t.Skip("no single session holds one lock while waiting for another")
 			}
 			db := openDB(t, driver)
-			a, b := uniqueKey(), uniqueKey()
+			a, b := testkit.UniqueKey(), testkit.UniqueKey()
 			s := [2]session{p.open(t, db), p.open(t, db)}
 			if err := s[0].lock(context.Background(), a); err != nil {
 				t.Fatal(err)
@@ -320,7 +321,7 @@ func TestSharedExclusive(t *testing.T) {
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
 		db := openDB(t, driver)
-		key := uniqueKey()
+		key := testkit.UniqueKey()
 		r1, r2, w := p.open(t, db), p.open(t, db), p.open(t, db)
 		for _, r := range []session{r1, r2} {
 			if err := r.lock(context.Background(), key, pglock.Shared()); err != nil {
@@ -362,7 +363,7 @@ func TestPairAndInt64Disjoint(t *testing.T) {
 	obs := newObserver(t)
 	forEach(t, func(t *testing.T, driver string, p path) {
 		db := openDB(t, driver)
-		big := uniqueKey()
+		big := testkit.UniqueKey()
 		c, o, _ := big.LockTag()
 		pair := keys.Pair(int32(c), int32(o)) // same classid and objid, objsubid 2
 		s1, s2 := p.open(t, db), p.open(t, db)

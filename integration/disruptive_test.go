@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -47,7 +48,7 @@ func TestDisruptiveServerRestart(t *testing.T) {
 		f := newLocker(t, d, pglock.WithHealthCheck(interval))
 		fixtures[d] = f
 		for i := 0; i < 3; i++ {
-			lk, err := f.l.Lock(ctx, uniqueKey())
+			lk, err := f.l.Lock(ctx, testkit.UniqueKey())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -79,7 +80,7 @@ func TestDisruptiveServerRestart(t *testing.T) {
 		deadline := time.Now().Add(30 * time.Second)
 		for {
 			lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			lk, err = f.l.Lock(lctx, uniqueKey())
+			lk, err = f.l.Lock(lctx, testkit.UniqueKey())
 			cancel()
 			if err == nil {
 				break
@@ -113,7 +114,7 @@ func TestDisruptiveLockTableFull(t *testing.T) {
 			f := newLocker(t, d)
 			cold := newLocker(t, d) // must connect while the table is full
 			// Warm f's pool, so that its Lock fails in the lock statement.
-			warm, err := f.l.Lock(ctx, uniqueKey())
+			warm, err := f.l.Lock(ctx, testkit.UniqueKey())
 			if err != nil {
 				t.Fatal(err)
 			}

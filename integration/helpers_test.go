@@ -4,13 +4,13 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
-	"net/url"
 	"os"
 	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -29,25 +29,7 @@ func openDB(t testing.TB, driver string) *sql.DB {
 	return db
 }
 
-func withApp(dsn, app string) string { return withParams(dsn, "application_name", app) }
-
-// withParams sets connection parameters (name, value, ...) in dsn; both
-// drivers pass unknown ones to the server as settings.
-func withParams(dsn string, kv ...string) string {
-	u, err := url.Parse(dsn)
-	if err != nil || u.Scheme == "" {
-		for i := 0; i+1 < len(kv); i += 2 {
-			dsn += " " + kv[i] + "=" + kv[i+1]
-		}
-		return dsn
-	}
-	q := u.Query()
-	for i := 0; i+1 < len(kv); i += 2 {
-		q.Set(kv[i], kv[i+1])
-	}
-	u.RawQuery = q.Encode()
-	return u.String()
-}
+func withApp(dsn, app string) string { return testkit.WithParams(dsn, "application_name", app) }
 
 // conn pins a connection, closed at the end of the test.
 func conn(t testing.TB, db *sql.DB) *sql.Conn {
@@ -177,12 +159,8 @@ func pidOf(t testing.TB, x interface {
 	return pid
 }
 
-// keySeq hands out keys unique to this test run, so tests never share locks.
+// keySeq numbers pair keys unique to this test run.
 var keySeq atomic.Int64
-
-func uniqueKey() keys.Key {
-	return keys.Int64(time.Now().UnixNano()&^0xffffff | keySeq.Add(1)&0xffffff)
-}
 
 // showSetting returns a GUC's current value on x.
 func showSetting(t testing.TB, x interface {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -121,7 +122,7 @@ func TestInspection(t *testing.T) {
 			}
 
 			// Shared locks: two holders, in pid order.
-			shared := uniqueKey()
+			shared := testkit.UniqueKey()
 			other := conn(t, inspectPool(t, driver, app, ""))
 			otherPID := pidOf(t, other)
 			for _, c := range []*sql.Conn{holder, other} {
@@ -149,7 +150,7 @@ func TestInspection(t *testing.T) {
 
 			// A waiter: not granted, with the time it started waiting, after
 			// the holder.
-			contended := uniqueKey()
+			contended := testkit.UniqueKey()
 			if err := pglock.LockConn(ctx, holder, contended); err != nil {
 				t.Fatal(err)
 			}
@@ -207,7 +208,7 @@ func TestInspection(t *testing.T) {
 			}
 			defer tx.Rollback()
 			txPID := pidOf(t, tx)
-			xkey := uniqueKey()
+			xkey := testkit.UniqueKey()
 			if err := pglock.LockTx(ctx, tx, xkey); err != nil {
 				t.Fatal(err)
 			}
@@ -228,7 +229,7 @@ func TestInspection(t *testing.T) {
 			otherDB := inspectPool(t, driver, run+"-otherdb", "postgres")
 			elsewhere := conn(t, otherDB)
 			elsewherePID := pidOf(t, elsewhere)
-			foreign := uniqueKey()
+			foreign := testkit.UniqueKey()
 			if err := pglock.LockConn(ctx, elsewhere, foreign); err != nil {
 				t.Fatal(err)
 			}

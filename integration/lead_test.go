@@ -9,7 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/pgsql"
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -50,7 +51,7 @@ type leadRig struct {
 func newLeadRig(t *testing.T, driver string, n int, interval time.Duration, opts ...pglock.LeadOption) *leadRig {
 	r := &leadRig{
 		t:        t,
-		key:      keys.String("lead-test:" + uniqueKey().String()),
+		key:      keys.String("lead-test:" + testkit.UniqueKey().String()),
 		events:   make(chan leadEvent, 256),
 		lastExit: map[int]leadEvent{},
 		opts:     opts,
@@ -292,9 +293,9 @@ func TestLeadLeaseUnverified(t *testing.T) {
 
 		// From now on the leader's checks fail without reaching the server,
 		// and its backend is terminated: it holds nothing, and cannot know.
-		leader.f.fc.inject(func(q string) error {
-			if q == sqlexec.OwnLocksSQL {
-				return &pgError{"57014", "canceling statement due to statement timeout"}
+		leader.f.fc.Inject(func(q string) error {
+			if q == pgsql.OwnLocksSQL {
+				return testkit.PgError{Code: "57014", Message: "canceling statement due to statement timeout"}
 			}
 			return nil
 		})
@@ -303,7 +304,7 @@ func TestLeadLeaseUnverified(t *testing.T) {
 		next := r.nextStart(interval+10*time.Second, "after the unverifiable leader's backend was terminated")
 		r.checkOne()
 		exit := r.exitOf(e.id, e.at, 5*time.Second)
-		leader.f.fc.inject(nil)
+		leader.f.fc.Inject(nil)
 		if !errors.Is(exit.cause, pglock.ErrLost) || !strings.Contains(exit.cause.Error(), "not verified") {
 			t.Fatalf("the old leader's fn ctx ended with cause %v, want ErrLost from the lease", exit.cause)
 		}

@@ -4,7 +4,7 @@ import (
 	"context"
 	"testing"
 
-	"github.com/pglocks/pglocks/internal/trace"
+	"github.com/pglocks/pglocks/internal/testkit"
 )
 
 // TestLockerRace is the core contract for Locker.Lock: deadlines and
@@ -16,8 +16,6 @@ import (
 //   - an error: nobody holds the key (a session the driver closed may show
 //     it for a moment), and no pooled connection stays pinned.
 func TestLockerRace(t *testing.T) {
-	before := trace.Read()
-	t.Cleanup(func() { t.Logf("settling, all drivers: %+v", trace.Read().Sub(before)) })
 	for _, driver := range drivers {
 		trials := raceTrials(t)
 		if driver == "pgx-cancelrequest" {
@@ -34,7 +32,7 @@ func TestLockerRace(t *testing.T) {
 				// (3-10 ms) can be shorter than opening a connection under
 				// -race, and a cancelled wait closes its connection.
 				f.warm(t)
-				key := uniqueKey()
+				key := testkit.UniqueKey()
 				ctx, cancel, released := startTrial(t, holder, key, i%2 == 1)
 				lk, err := f.l.Lock(ctx, key)
 				cancel()
@@ -61,7 +59,7 @@ func TestLockerRace(t *testing.T) {
 					t.Fatalf("trial %d: unexpected error %v", i, err)
 				}
 			}
-			t.Logf("%d trials: %v; %d connections opened", trials, st, f.fc.connects.Load())
+			t.Logf("%d trials: %v; %d connections opened", trials, st, f.fc.Connects())
 			if st.ok == 0 {
 				t.Logf("pool: %+v", f.db.Stats())
 			}

@@ -16,51 +16,24 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
-	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/lib/pq"
 	"github.com/ory/dockertest/v3"
+	"github.com/pglocks/pglocks/internal/testkit"
 )
 
 // dsn is the server under test, set by TestMain.
 var dsn string
 
-// drivers are the database/sql drivers every behaviour is proved with:
-//   - postgres: lib/pq;
-//   - pgx: pgx/v5/stdlib with its defaults;
-//   - pgx-cancelrequest: pgx/v5/stdlib configured to interrupt a statement
-//     with a protocol CancelRequest instead of closing the connection, the
-//     one configuration in which a driver lets a cancelled wait keep its
-//     session (see openPool).
-var drivers = []string{"postgres", "pgx", "pgx-cancelrequest"}
+// drivers are the database/sql drivers every behaviour is proved with (see
+// testkit.Drivers).
+var drivers = testkit.Drivers()
 
 // openPool opens a database/sql pool for one of drivers.
-func openPool(driver, dsn string) (*sql.DB, error) {
-	c, err := connector(driver, dsn)
-	if err != nil {
-		return nil, err
-	}
-	return sql.OpenDB(c), nil
-}
+func openPool(driver, dsn string) (*sql.DB, error) { return testkit.Open(driver, dsn) }
 
 // connector returns the driver.Connector that sql.Open would use for one of
 // drivers.
 func connector(driver, dsn string) (sqldriver.Connector, error) {
-	if driver == "postgres" {
-		return pq.NewConnector(dsn)
-	}
-	cfg, err := pgx.ParseConfig(dsn)
-	if err != nil {
-		return nil, err
-	}
-	if driver == "pgx-cancelrequest" {
-		cfg.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
-			return &pgconn.CancelRequestContextWatcherHandler{Conn: c, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
-		}
-	}
-	return stdlib.GetConnector(*cfg), nil
+	return testkit.Connector(driver, dsn)
 }
 
 const noDatabase = `integration tests need PostgreSQL and found none.

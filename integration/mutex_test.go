@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -85,7 +86,7 @@ func TestMutualExclusion(t *testing.T) {
 			t.Run(driver+"/"+l.name, func(t *testing.T) {
 				db := openDB(t, driver)
 				db.SetMaxOpenConns(2 * workers)
-				key := uniqueKey()
+				key := testkit.UniqueKey()
 				iterations := iterations
 				if l.half {
 					iterations /= 2

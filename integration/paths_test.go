@@ -209,11 +209,26 @@ func (s *scopedSession) pid() int {
 	return s.p
 }
 
-func (s *scopedSession) x() pglock.Executor {
+// execer is what *sql.DB and *sql.Conn have in common for the tests' own
+// statements.
+type execer interface {
+	ExecContext(context.Context, string, ...any) (sql.Result, error)
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}
+
+func (s *scopedSession) x() execer {
 	if s.c != nil {
 		return s.c
 	}
 	return s.db
+}
+
+// withLock is pglock.WithLock on s's connection, or on its pool.
+func (s *scopedSession) withLock(ctx context.Context, key keys.Key, fn func(context.Context, bool) error, opts ...pglock.Option) error {
+	if s.c != nil {
+		return pglock.WithLock(ctx, s.c, key, fn, opts...)
+	}
+	return pglock.WithLock(ctx, s.db, key, fn, opts...)
 }
 
 // start runs WithLock in a goroutine and returns once fn runs or WithLock
@@ -223,7 +238,7 @@ func (s *scopedSession) start(ctx context.Context, key keys.Key, opts []pglock.O
 	sc := &scoped{release: make(chan struct{}), done: make(chan error, 1)}
 	entered := make(chan bool, 1)
 	go func() {
-		sc.done <- pglock.WithLock(ctx, s.x(), key, func(ctx context.Context, acquired bool) error {
+		sc.done <- s.withLock(ctx, key, func(ctx context.Context, acquired bool) error {
 			entered <- acquired
 			if acquired {
 				<-sc.release

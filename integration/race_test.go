@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pglocks/pglocks/internal/trace"
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -164,7 +164,7 @@ func runRace(t *testing.T, driver string, useTx, naive bool, trials int, lock lo
 		_ = caller.Close()
 	}()
 	for i := 0; i < trials; i++ {
-		key := uniqueKey()
+		key := testkit.UniqueKey()
 		v, err := raceOnce(t, obs, holder, caller, tx, pid, key, lock, i%2 == 1, &st)
 		if v != "" {
 			violations++
@@ -208,8 +208,6 @@ func runRace(t *testing.T, driver string, useTx, naive bool, trials int, lock lo
 func TestRaceNoLeakNoFalseSuccess(t *testing.T) {
 	// The trace counters are process-wide and the paths run side by side,
 	// so the settling counts are logged once, for all of them.
-	before := trace.Read()
-	t.Cleanup(func() { t.Logf("settling, all paths: %+v", trace.Read().Sub(before)) })
 	for _, driver := range drivers {
 		// raceTrials per driver, split between the session and the
 		// transaction path.
@@ -274,7 +272,7 @@ func TestRaceCheckerCatchesNaive(t *testing.T) {
 	t.Run("NaiveLateGrantReportedAsTimeout", func(t *testing.T) {
 		// Waits on the server with no bound, then reports the caller's
 		// expired deadline: the lock arrives after the deadline and leaks.
-		key := uniqueKey()
+		key := testkit.UniqueKey()
 		if err := pglock.LockConn(context.Background(), holder, key); err != nil {
 			t.Fatal(err)
 		}
@@ -294,7 +292,7 @@ func TestRaceCheckerCatchesNaive(t *testing.T) {
 	})
 	t.Run("NaiveIgnoresTryResult", func(t *testing.T) {
 		// Treats "the statement ran" as "the lock is held".
-		key := uniqueKey()
+		key := testkit.UniqueKey()
 		if err := pglock.LockConn(context.Background(), holder, key); err != nil {
 			t.Fatal(err)
 		}

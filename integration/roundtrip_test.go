@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/pglocks/pglocks/internal/pgproxy"
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/pglock"
 )
 
@@ -46,7 +47,9 @@ func TestRoundTrips(t *testing.T) {
 			defer db.Close()
 			db.SetMaxIdleConns(4)
 			c := conn(t, db)
-			locker := pglock.NewLocker(db, pglock.WithHealthCheck(0)) // no checks while timing
+			// No health checks and no session check while counting: they run on
+			// their own schedule and connections.
+			locker := pglock.NewLocker(db, pglock.WithHealthCheck(0), pglock.WithSessionCheck(false))
 			defer locker.Close()
 			long := func() (context.Context, context.CancelFunc) {
 				return context.WithTimeout(context.Background(), time.Minute)
@@ -60,7 +63,7 @@ func TestRoundTrips(t *testing.T) {
 				}
 				return int(proxy.Turns() - before)
 			}
-			key := uniqueKey()
+			key := testkit.UniqueKey()
 			hundred := keyRange(100)
 			// each op returns the round trips of the measured part only
 			cases := []struct {
@@ -129,7 +132,7 @@ func TestRoundTrips(t *testing.T) {
 					return timeOp(lk.Unlock)
 				}},
 				{"Locker.Lock on a shared connection", 1, func() int {
-					first, err := locker.Lock(context.Background(), uniqueKey())
+					first, err := locker.Lock(context.Background(), testkit.UniqueKey())
 					if err != nil {
 						t.Fatal(err)
 					}

@@ -11,7 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pglocks/pglocks/internal/sqlexec"
+	"github.com/pglocks/pglocks/internal/pgsql"
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -43,7 +44,7 @@ func (o *observer) heldByApp(t testing.TB, key keys.Key, app string) bool {
 func keyRange(n int) []keys.Key {
 	ks := make([]keys.Key, n)
 	for i := range ks {
-		ks[i] = uniqueKey()
+		ks[i] = testkit.UniqueKey()
 	}
 	return ks
 }
@@ -51,8 +52,8 @@ func keyRange(n int) []keys.Key {
 // countChecks counts the Locker's health checks through its connector.
 func countChecks(f *lockerFixture) *atomic.Int64 {
 	var n atomic.Int64
-	f.fc.inject(func(q string) error {
-		if q == sqlexec.OwnLocksSQL {
+	f.fc.Inject(func(q string) error {
+		if q == pgsql.OwnLocksSQL {
 			n.Add(1)
 		}
 		return nil
@@ -109,7 +110,7 @@ func TestLockerMultiplexing(t *testing.T) {
 		checks := countChecks(f)
 		time.Sleep(window)
 		got := checks.Load()
-		f.fc.inject(nil)
+		f.fc.Inject(nil)
 		limit := int64(conns) * (int64(window/interval) + 2)
 		t.Logf("%d locks acquired by %d goroutines in %v on %d connection(s); %d health checks in %v at %v (limit %d)",
 			n, workers, took.Round(time.Millisecond), conns, got, window, interval, limit)
@@ -144,7 +145,7 @@ func TestLockerWithoutMultiplexing(t *testing.T) {
 		locks := make([]*pglock.Lock, n)
 		pids := map[int]bool{}
 		for i := range locks {
-			lk, err := f.l.Lock(ctx, uniqueKey())
+			lk, err := f.l.Lock(ctx, testkit.UniqueKey())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -192,7 +193,7 @@ func TestLockerSharedConnectionLoss(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				for i := w; i < n; i += 8 {
-					lk, err := f.l.Lock(ctx, uniqueKey())
+					lk, err := f.l.Lock(ctx, testkit.UniqueKey())
 					if err != nil {
 						t.Error(err)
 						return
@@ -262,11 +263,11 @@ func TestLockerWaitDoesNotBlockShared(t *testing.T) {
 		obs := newObserver(t)
 		f := newLocker(t, driver)
 		other := conn(t, openDB(t, driver))
-		busy := uniqueKey()
+		busy := testkit.UniqueKey()
 		if err := pglock.LockConn(ctx, other, busy); err != nil {
 			t.Fatal(err)
 		}
-		held, err := f.l.Lock(ctx, uniqueKey()) // a shared connection exists
+		held, err := f.l.Lock(ctx, testkit.UniqueKey()) // a shared connection exists
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -284,7 +285,7 @@ func TestLockerWaitDoesNotBlockShared(t *testing.T) {
 		// instead of hanging it.
 		for i := 0; i < 50; i++ {
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			lk, err := f.l.Lock(cctx, uniqueKey())
+			lk, err := f.l.Lock(cctx, testkit.UniqueKey())
 			cancel()
 			if err != nil {
 				t.Fatalf("a Lock while another call waits: %v", err)
@@ -603,7 +604,7 @@ func TestReportHolders(t *testing.T) {
 		holderDB, _, holderApp := openFaulty(t, driver)
 		holder := conn(t, holderDB)
 		holderPID := pidOf(t, holder)
-		key := uniqueKey()
+		key := testkit.UniqueKey()
 		if err := pglock.LockConn(ctx, holder, key); err != nil {
 			t.Fatal(err)
 		}

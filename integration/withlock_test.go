@@ -6,6 +6,7 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
 )
@@ -18,16 +19,25 @@ func TestWithLockSemantics(t *testing.T) {
 			c := conn(t, db)
 			pid := pidOf(t, c)
 
+			// WithLock over the *sql.Conn, then over the *sql.DB.
+			withLocks := []func(context.Context, keys.Key, func(context.Context, bool) error, ...pglock.Option) error{
+				func(ctx context.Context, key keys.Key, fn func(context.Context, bool) error, opts ...pglock.Option) error {
+					return pglock.WithLock(ctx, c, key, fn, opts...)
+				},
+				func(ctx context.Context, key keys.Key, fn func(context.Context, bool) error, opts ...pglock.Option) error {
+					return pglock.WithLock(ctx, db, key, fn, opts...)
+				},
+			}
 			t.Run("panic releases and re-panics", func(t *testing.T) {
-				for _, x := range []pglock.Executor{c, db} {
-					key := uniqueKey()
+				for _, withLock := range withLocks {
+					key := testkit.UniqueKey()
 					func() {
 						defer func() {
 							if r := recover(); r != "boom" {
 								t.Fatalf("recovered %v, want the original panic", r)
 							}
 						}()
-						_ = pglock.WithLock(context.Background(), x, key, func(context.Context, bool) error {
+						_ = withLock(context.Background(), key, func(context.Context, bool) error {
 							if len(obs.holders(t, key)) != 1 {
 								t.Error("fn runs without the lock")
 							}
@@ -42,9 +52,9 @@ func TestWithLockSemantics(t *testing.T) {
 
 			t.Run("fn error is returned and the lock released", func(t *testing.T) {
 				sentinel := errors.New("fn failed")
-				for _, x := range []pglock.Executor{c, db} {
-					key := uniqueKey()
-					err := pglock.WithLock(context.Background(), x, key, func(context.Context, bool) error { return sentinel })
+				for _, withLock := range withLocks {
+					key := testkit.UniqueKey()
+					err := withLock(context.Background(), key, func(context.Context, bool) error { return sentinel })
 					if !errors.Is(err, sentinel) {
 						t.Fatalf("WithLock = %v, want fn's error", err)
 					}
@@ -56,7 +66,7 @@ func TestWithLockSemantics(t *testing.T) {
 
 			t.Run("tx lock lasts until COMMIT or ROLLBACK", func(t *testing.T) {
 				for _, end := range []string{"commit", "rollback"} {
-					key := uniqueKey()
+					key := testkit.UniqueKey()
 					tx, err := c.BeginTx(context.Background(), nil)
 					if err != nil {
 						t.Fatal(err)
@@ -82,11 +92,11 @@ func TestWithLockSemantics(t *testing.T) {
 			})
 
 			t.Run("NoWait runs fn with acquired=false on a busy key", func(t *testing.T) {
-				key := uniqueKey()
+				key := testkit.UniqueKey()
 				h := holdKey(t, db, key)
-				for _, x := range []pglock.Executor{c, db} {
+				for _, withLock := range withLocks {
 					ran, got := false, true
-					err := pglock.WithLock(context.Background(), x, key, func(_ context.Context, acquired bool) error {
+					err := withLock(context.Background(), key, func(_ context.Context, acquired bool) error {
 						ran, got = true, acquired
 						return nil
 					}, pglock.NoWait())
@@ -103,7 +113,7 @@ func TestWithLockSemantics(t *testing.T) {
 				pool := openDB(t, driver)
 				pool.SetMaxOpenConns(1)
 				for i := 0; i < 20; i++ {
-					key := uniqueKey()
+					key := testkit.UniqueKey()
 					if err := pglock.WithLock(context.Background(), pool, key, func(context.Context, bool) error { return nil }); err != nil {
 						t.Fatal(err)
 					}
@@ -145,7 +155,7 @@ func TestBadInput(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer liveTx.Rollback()
-			key := uniqueKey()
+			key := testkit.UniqueKey()
 			fn := func(context.Context, bool) error { t.Error("fn ran"); return nil }
 			var nilConn *sql.Conn
 			var nilTx *sql.Tx
@@ -160,11 +170,9 @@ func TestBadInput(t *testing.T) {
 				{"UnlockConn nil conn", func() error { return pglock.UnlockConn(ctx, nil, key) }, pglock.ErrNilHandle},
 				{"LockTx nil tx", func() error { return pglock.LockTx(ctx, nil, key) }, pglock.ErrNilHandle},
 				{"TryLockTx nil tx", func() error { _, err := pglock.TryLockTx(ctx, nil, key); return err }, pglock.ErrNilHandle},
-				{"WithLock nil", func() error { return pglock.WithLock(ctx, nil, key, fn) }, pglock.ErrNilHandle},
 				{"WithLock typed nil conn", func() error { return pglock.WithLock(ctx, nilConn, key, fn) }, pglock.ErrNilHandle},
 				{"WithLock typed nil tx", func() error { return pglock.WithLock(ctx, nilTx, key, fn) }, pglock.ErrNilHandle},
 				{"WithLock typed nil db", func() error { return pglock.WithLock(ctx, nilDB, key, fn) }, pglock.ErrNilHandle},
-				{"WithLock other executor", func() error { return pglock.WithLock(ctx, fakeExecutor{live}, key, fn) }, pglock.ErrUnsupportedExecutor},
 				{"LockConn zero key", func() error { return pglock.LockConn(ctx, live, keys.Key{}) }, pglock.ErrInvalidKey},
 				{"UnlockConn zero key", func() error { return pglock.UnlockConn(ctx, live, keys.Key{}) }, pglock.ErrInvalidKey},
 				{"LockTx zero key", func() error { return pglock.LockTx(ctx, liveTx, keys.Key{}) }, pglock.ErrInvalidKey},
@@ -205,6 +213,3 @@ func TestBadInput(t *testing.T) {
 		})
 	}
 }
-
-// fakeExecutor satisfies Executor but is none of the three database/sql types.
-type fakeExecutor struct{ *sql.Conn }
