@@ -11,10 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/lib/pq"
-
+	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -54,26 +51,11 @@ func TestMain(m *testing.M) {
 
 // connector returns the driver.Connector sql.Open would use for driver.
 func connector(driver, dsn string) (sqldriver.Connector, error) {
-	switch driver {
-	case "postgres":
-		return pq.NewConnector(dsn)
-	case "pgx":
-		cfg, err := pgx.ParseConfig(dsn)
-		if err != nil {
-			return nil, err
-		}
-		return stdlib.GetConnector(*cfg), nil
-	}
-	return nil, fmt.Errorf("unknown driver %q", driver)
+	return testkit.Connector(driver, dsn)
 }
 
-func openPool(driver, dsn string) (*sql.DB, error) {
-	c, err := connector(driver, dsn)
-	if err != nil {
-		return nil, err
-	}
-	return sql.OpenDB(c), nil
-}
+// openPool opens a pool for driver.
+func openPool(driver, dsn string) (*sql.DB, error) { return testkit.Open(driver, dsn) }
 
 var appSeq atomic.Int64
 
@@ -112,13 +94,9 @@ func pin(tb testing.TB, db *sql.DB) *sql.Conn {
 	return c
 }
 
-// keySeq hands out keys unique to this run, so that runs (and other
-// people's tests on the same server) never share a lock.
-var keySeq atomic.Int64
-
-func uniqueKey() int64 {
-	return time.Now().UnixNano()&^0xffffff | keySeq.Add(1)&0xffffff
-}
+// uniqueKey returns a bigint key unique to this run, so that runs (and
+// other people's tests on the same server) never share a lock.
+func uniqueKey() int64 { return testkit.UniqueKey().Int64() }
 
 // waitUntilWaiting returns once some session waits for key in pg_locks,
 // failing tb after 10 s.
