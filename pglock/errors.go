@@ -192,7 +192,7 @@ func newError(op string, req pgsql.Request, errs ...error) *Error {
 		e.Key = req.Keys[0]
 	}
 	if len(req.Keys) > 1 {
-		e.Keys = req.Keys
+		e.Keys = slices.Clone(req.Keys) // so that req's keys need not escape
 	}
 	return e
 }

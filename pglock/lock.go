@@ -29,7 +29,8 @@ type Lock struct {
 
 	ctx    context.Context // cancelled with the reason when the lock ends
 	cancel context.CancelCauseFunc
-	ending atomic.Pointer[ending] // nil while held
+	done   atomic.Bool // ended: why is set
+	why    ending      // written once, before done
 }
 
 // ending is why a lock ended: reason is ErrUnlocked, ErrClosed or ErrLost;
@@ -47,18 +48,26 @@ func newLock(parent context.Context, l *Locker, req request, gkeys []keys.Key, s
 // end moves the lock from held to ended, for reason (and cause, for a
 // loss): it closes Done, cancels the lock's context and leaves its gates.
 // It reports false, and changes nothing, if the lock had already ended.
-// The caller has detached it from its session.
+// The caller holds the turn of the lock's session, which serializes every
+// end of its locks, and has detached it from the session.
 func (lk *Lock) end(reason, cause error) bool {
-	if !lk.ending.CompareAndSwap(nil, &ending{reason: reason, cause: cause}) {
+	if lk.done.Load() {
 		return false
 	}
+	lk.why = ending{reason: reason, cause: cause}
+	lk.done.Store(true) // publishes why to readers that see done
 	lk.cancel(reason)
 	lk.l.gates.leaveAll(lk.gkeys, lk.req.Shared)
 	return true
 }
 
 // ended returns why the lock ended, or nil while it is held.
-func (lk *Lock) ended() *ending { return lk.ending.Load() }
+func (lk *Lock) ended() *ending {
+	if !lk.done.Load() {
+		return nil
+	}
+	return &lk.why
+}
 
 // Key returns the lock's key, as given to Lock or TryLock. For a lock taken
 // by LockAll it returns the first key in canonical order.

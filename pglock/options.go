@@ -8,7 +8,7 @@ import (
 
 // Option changes how one lock call behaves: [Shared], [NoWait],
 // [ReportHolders]. A nil Option is ignored.
-type Option func(*request)
+type Option func(request) request
 
 // request is the description of a lock call, which options change.
 type request = pgsql.Request
@@ -17,13 +17,13 @@ type request = pgsql.Request
 // one. Shared holders coexist; an exclusive request waits for all of them,
 // and a waiting exclusive request makes later shared requests wait too.
 // UnlockConn must be given Shared to release a shared lock.
-func Shared() Option { return func(r *request) { r.Shared = true } }
+func Shared() Option { return func(r request) request { r.Shared = true; return r } }
 
 // NoWait makes a waiting call try once instead: WithLock runs fn with
 // acquired == false when the lock is busy, and LockConn, LockTx, LockAllTx,
 // Locker.Lock and Locker.LockAll return ErrNotAcquired. TryLockConn,
 // TryLockTx and the Locker's tries never wait, with or without it.
-func NoWait() Option { return func(r *request) { r.Try = true } }
+func NoWait() Option { return func(r request) request { r.Try = true; return r } }
 
 // ReportHolders makes a lock call that fails because the lock is busy (a try,
 // NoWait, or a deadline that expired while waiting) look up who holds it, and
@@ -34,7 +34,7 @@ func NoWait() Option { return func(r *request) { r.Try = true } }
 // calls that report a busy lock as an error: LockConn, LockTx, LockAllTx
 // and a Locker's Lock, TryLock, LockAll and TryLockAll (TryLockConn and
 // TryLockTx report it as false, and WithLock runs fn).
-func ReportHolders() Option { return func(r *request) { r.Report = true } }
+func ReportHolders() Option { return func(r request) request { r.Report = true; return r } }
 
 // newRequest returns call's request on ks with opts, and whether ks names
 // a lock.
@@ -42,7 +42,7 @@ func newRequest(call engine.Call, ks []keys.Key, opts []Option) (request, bool) 
 	var o request
 	for _, opt := range opts {
 		if opt != nil {
-			opt(&o)
+			o = opt(o)
 		}
 	}
 	return call.Request(ks, o)

@@ -197,7 +197,7 @@ func options(opts []pglock.Option) pgsql.Request {
 	var r pgsql.Request
 	for _, opt := range opts {
 		if opt != nil {
-			opt(&r)
+			r = opt(r)
 		}
 	}
 	return r
