@@ -15,6 +15,9 @@ type attempt struct {
 	op    string
 	req   request
 	gkeys []keys.Key // req.Keys, unnamed: the in-process gates
+	// bounds bound its statements by the caller's ctx (not by Close: see
+	// engine.Bounds.From).
+	bounds engine.Bounds
 }
 
 // acquire is Lock, TryLock, LockAll, TryLockAll and Do: it passes the keys'
@@ -31,7 +34,8 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 	defer cancel(nil)
 	defer context.AfterFunc(l.closing, func() { cancel(ErrClosed) })()
 
-	a := attempt{op: op, req: req, gkeys: make([]keys.Key, len(req.Keys))}
+	a := attempt{op: op, req: req, gkeys: make([]keys.Key, len(req.Keys)), bounds: engine.OwnedBy(l.db)}
+	a.bounds.From = ctx
 	for i, k := range req.Keys {
 		a.gkeys[i] = k.Unnamed()
 	}
@@ -219,7 +223,7 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 	}
 	req := a.req
 	req.Try, req.Report = true, a.req.Try && a.req.Report
-	r := engine.Run(ctx, s.conn, req)
+	r := engine.Run(ctx, s.conn, req, a.bounds)
 	if errs := failure(r); !r.Granted && !r.Busy && slices.Contains(errs, ErrSessionLost) {
 		s.kill(causes(errs...))
 	}
@@ -239,7 +243,7 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 // unless a is a try; once granted, the connection joins the shared ones.
 // counted says pick counted it as opening.
 func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock, *Error) {
-	conn, err := l.db.Conn(ctx)
+	conn, err := engine.Conn(ctx, l.db, a.bounds)
 	if err != nil {
 		l.opened(nil, counted)
 		if pgsql.SQLState(err) == pgsql.CodeOutOfSharedMemory {
@@ -248,7 +252,7 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		}
 		return nil, newError(a.op, a.req, err)
 	}
-	r := engine.Run(ctx, conn, a.req)
+	r := engine.Run(ctx, conn, a.req, a.bounds)
 	if !r.Granted {
 		l.opened(nil, counted)
 		errs := failure(r)
@@ -256,7 +260,9 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 			errs = []error{ErrNotAcquired}
 		}
 		if slices.Contains(errs, ErrSessionLost) {
-			engine.Discard(conn)
+			if !engine.Abandoned(r.Err) { // else its reaper closes it
+				engine.Discard(conn)
+			}
 			if engine.Ended(ctx) != nil {
 				// The driver closed the session to interrupt the wait. It
 				// was this call's own and held nothing else: not news to

@@ -30,15 +30,19 @@ var (
 // busy is ErrNotAcquired. Any error means this call left nothing held and
 // h usable, unless the error wraps ErrSessionLost. A *sql.Conn whose outcome
 // could not be settled is closed, which releases whatever it held.
-func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool) (bool, error) {
+//
+// b bounds the call (see engine.Bounds): engine.Caller on the caller's
+// handle. A statement abandoned at that bound leaves the handle to be
+// discarded in the background once the statement returns.
+func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, error) {
 	switch {
 	case h == nil:
 		return false, newError(op, req, ErrNilHandle)
 	case !valid:
 		return false, invalid(op, req)
 	}
-	r := engine.Run(ctx, any(h).(engine.Handle), req)
-	if conn, ok := any(h).(*sql.Conn); ok && r.Discard {
+	r := engine.Run(ctx, any(h).(engine.Handle), req, b)
+	if conn, ok := any(h).(*sql.Conn); ok && r.Discard && !engine.Abandoned(r.Err) {
 		engine.Discard(conn)
 	}
 	switch {
@@ -63,9 +67,13 @@ func acquireError(op string, req request, r engine.Result) *Error {
 }
 
 // unlockOn releases one hold of each of req's session locks on h, shielded
-// from ctx. It returns the causes of a failure: ErrNotHeld when the session
-// did not hold every key (it released those it held), and ErrSessionLost
-// when the session is gone.
+// from ctx but waited for only until ctx ends (at least
+// engine.ReleaseFloor, and engine.ReleaseCap when ctx never ends). It
+// returns the causes of a failure: ErrNotHeld when the session did not hold
+// every key (it released those it held), and ErrSessionLost when the
+// session is gone, or the release was abandoned (engine.ErrAbandoned: h's
+// connection is then closed once the statement returns, which releases the
+// locks on the server).
 func unlockOn(ctx context.Context, h engine.Handle, req request) error {
 	n, err := engine.Release(ctx, h, req)
 	switch {

@@ -47,7 +47,7 @@ func (s *session) check(interval time.Duration) (time.Duration, bool) {
 		return 0, false
 	}
 	sent := time.Now()
-	held, err := engine.OwnLocks(s.conn)
+	held, err := engine.OwnLocks(s.conn, engine.HealthTimeout)
 	if err != nil {
 		return s.unverified(err, interval)
 	}

@@ -120,7 +120,7 @@ func List[H Handle](ctx context.Context, h H) ([]Holder, error) {
 // ErrSessionLost when the session is gone, and the driver's error.
 func lookup[H Handle](ctx context.Context, h H, ks []keys.Key) ([]Holder, []error) {
 	_, pool := any(h).(*sql.DB)
-	hs, err := engine.LookupHolders(ctx, any(h).(engine.Handle), ks, !pool)
+	hs, err := engine.LookupHolders(ctx, any(h).(engine.Handle), ks, !pool, engine.Owned)
 	if err == nil {
 		return holders(hs), nil
 	}

@@ -445,7 +445,11 @@ func (t *termEnd) finish() (lost []error, uerr error) {
 	if t.g.reason != nil && context.Cause(t.fctx) == t.g.loss {
 		lost = []error{t.g.reason, t.g.cause}
 	}
-	uerr = t.lk.Unlock(context.WithoutCancel(t.ctx))
+	// The release ends with ctx, but not before engine.ReleaseFloor: a
+	// cancelled Lead still unlocks a healthy connection, and returns
+	// promptly from one that stopped answering (the lock is then reported
+	// lost and its connection closed).
+	uerr = t.lk.Unlock(t.ctx)
 	if lost != nil && t.g.fromDone && errors.Is(uerr, ErrNotHeld) {
 		uerr = nil // the loss itself, already in lost
 	}

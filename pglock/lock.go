@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
 )
 
@@ -222,6 +223,10 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 	}
 	err := unlockOn(ctx, s.conn, lk.req)
 	switch {
+	case engine.Abandoned(err):
+		s.kill(err) // ends lk too; the reaper closes the connection
+		lk.l.log.Warn("pglock: unlock not confirmed in time; the lock is reported lost and its connection closed", "key", lk.describe(), "error", err)
+		return newError("unlock", lk.req, ErrLost, errUnconfirmed, err)
 	case err == nil:
 		s.detach(lk)
 		lk.end(reason, nil)

@@ -16,6 +16,12 @@ import (
 // unless [WithHealthCheck] says otherwise.
 const DefaultHealthCheck = 5 * time.Second
 
+// CloseTimeout bounds [Locker.Close]: a release, an acquisition or a check
+// still under way that long after Close began is left behind. Every
+// statement the Locker sends is bounded too, so these end soon after (see
+// [Locker.Close]).
+const CloseTimeout = 3 * time.Second
+
 // DefaultMultiplexing is how many connections a [Locker] shares among the
 // uncontended locks it holds, unless [WithMultiplexing] says otherwise.
 const DefaultMultiplexing = 4
@@ -236,6 +242,16 @@ func (l *Locker) TryLockAll(ctx context.Context, ks []keys.Key, opts ...Option) 
 // (errors with Op "unlock", joined). Calling it again returns nil. It does
 // not close the *sql.DB.
 //
+// Close returns within [CloseTimeout] (3 s) even when the server stops
+// answering: an interrupted wait is abandoned 0.4 s after Close began, a
+// release that has not answered within 2 s (engine's ReleaseCap) reports its
+// lock lost, a health check within 1 s. An abandoned statement's connection
+// is closed by a background goroutine as soon as the statement returns (a
+// partition may hold it until the kernel's TCP keepalive or timeout gives
+// up), which releases whatever it held on the server. If something is still
+// under way at CloseTimeout, Close returns an error saying so; the rest
+// finishes in the background.
+//
 // Cost: one round trip per lock, run concurrently across connections.
 func (l *Locker) Close() error {
 	if l == nil || l.db == nil {
@@ -251,12 +267,26 @@ func (l *Locker) Close() error {
 	l.mu.Unlock()
 
 	l.stopClosing(ErrClosed)
-	l.inflight.Wait() // an acquisition that wins the race releases its lock itself
-	err := l.releaseAll()
-	l.watchers.Wait()
+	done := make(chan error, 1)
+	go func() {
+		l.inflight.Wait() // an acquisition that wins the race releases its lock itself
+		err := l.releaseAll()
+		l.watchers.Wait()
+		done <- err
+	}()
+	t := time.NewTimer(CloseTimeout)
+	defer t.Stop()
+	var err error
+	select {
+	case err = <-done:
+	case <-t.C:
+		err = &Error{Op: "close", Scope: "session", Err: errCloseTimeout}
+	}
 	close(l.closeDone)
 	return err
 }
+
+var errCloseTimeout = errors.New("the server did not answer within CloseTimeout: statements still under way were left to end in the background, and their connections are closed when they do")
 
 // releaseAll releases every lock, one connection at a time per connection,
 // all connections at once.
@@ -280,7 +310,10 @@ func (l *Locker) releaseAll() error {
 	for _, group := range groups {
 		wg.Go(func() {
 			for _, lk := range group {
-				if err := lk.release(context.Background(), ErrClosed); err != nil {
+				ctx, cancel := context.WithTimeout(context.Background(), engine.ReleaseCap)
+				err := lk.release(ctx, ErrClosed)
+				cancel()
+				if err != nil {
 					errMu.Lock()
 					errs = append(errs, err)
 					errMu.Unlock()

@@ -142,7 +142,9 @@ func (s *session) kill(cause error) {
 	s.locks, s.keys = map[*Lock]struct{}{}, map[keys.Key]struct{}{}
 	l.notify()
 	l.mu.Unlock()
-	engine.Discard(s.conn)
+	if !engine.Abandoned(cause) { // else the abandoned statement's reaper closes it
+		engine.Discard(s.conn)
+	}
 	s.stopOnce.Do(func() { close(s.stop) })
 	for lk := range locks {
 		if lk.end(ErrLost, cause) {

@@ -54,7 +54,7 @@ func WithLock[H Handle](ctx context.Context, h H, key keys.Key, fn func(ctx cont
 	case *sql.Tx:
 		return withTx(ctx, x, key, fn, opts)
 	case *sql.Conn:
-		return withConn(ctx, x, key, fn, opts, nil)
+		return withConn(ctx, x, key, fn, opts, engine.Caller, nil)
 	}
 	return withDB(ctx, any(h).(*sql.DB), key, fn, opts)
 }
@@ -65,24 +65,25 @@ func withTx(ctx context.Context, tx *sql.Tx, key keys.Key, fn func(context.Conte
 	if fn == nil {
 		return newError("lock", req, ErrNilHandle, errNilFunc)
 	}
-	held, err := lockOn(ctx, "lock", tx, req, ok, false)
+	held, err := lockOn(ctx, "lock", tx, req, ok, false, engine.Caller)
 	if err != nil {
 		return err
 	}
 	return fn(ctx, held)
 }
 
-// withConn is WithLock on a *sql.Conn. done, if set, is told whether the
-// release was confirmed.
-func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option, done func(bool)) (err error) {
+// withConn is WithLock on a *sql.Conn, bounded by b. done, if set, is told
+// whether the release was confirmed, and whether the connection is already
+// being discarded (an abandoned statement's).
+func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option, b engine.Bounds, done func(released, discarding bool)) (err error) {
 	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
 	if fn == nil {
 		return newError("lock", req, ErrNilHandle, errNilFunc)
 	}
-	held, err := lockOn(ctx, "lock", conn, req, ok, false)
+	held, err := lockOn(ctx, "lock", conn, req, ok, false, b)
 	if err != nil || !held {
 		if done != nil {
-			done(true) // nothing is held: an unsettled session was discarded
+			done(true, engine.Abandoned(err)) // nothing is held: an unsettled session was discarded
 		}
 		if err != nil {
 			return err
@@ -92,7 +93,7 @@ func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context
 	defer func() {
 		uerr := unlockOn(ctx, conn, req)
 		if done != nil {
-			done(uerr == nil)
+			done(uerr == nil, engine.Abandoned(uerr))
 		}
 		if uerr != nil {
 			err = causes(err, newError("unlock", req, uerr))
@@ -113,15 +114,18 @@ func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Conte
 	case !ok:
 		return invalid("lock", req)
 	}
-	conn, err := db.Conn(ctx)
+	conn, err := engine.Conn(ctx, db, engine.Owned)
 	if err != nil {
 		return newError("lock", req, engine.Ended(ctx), err)
 	}
-	return withConn(ctx, conn, key, fn, opts, func(released bool) {
-		if released {
+	return withConn(ctx, conn, key, fn, opts, engine.OwnedBy(db), func(released, discarding bool) {
+		switch {
+		case discarding:
+			// An abandoned statement's reaper closes it once it returns.
+		case released:
 			_ = conn.Close() // back to the pool, holding nothing
-			return
+		default:
+			engine.Discard(conn) // it may still hold the lock
 		}
-		engine.Discard(conn) // it may still hold the lock
 	})
 }

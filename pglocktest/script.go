@@ -56,7 +56,9 @@ func waitPattern(req pgsql.Request) (string, error) {
 		}
 		i = j
 	}
-	return marker + regexp.QuoteMeta(req.WaitSQL(0)) + "|" + timed.String() + ")$", nil
+	// A wait that can be abandoned on a connection pglock owns may carry a
+	// tag comment first (see pgsql.Tag).
+	return marker + "(?:" + pgsql.TagPattern + ")?(?:" + regexp.QuoteMeta(req.WaitSQL(0)) + "|" + timed.String() + "))$", nil
 }
 
 // step is one statement a call sends, and the server's answer.

@@ -31,12 +31,12 @@ var ErrHolderRow = errors.New("unexpected pg_locks row")
 const explainTimeout = 2 * time.Second
 
 // explain looks up the holders of req's keys after a failed acquisition,
-// on a context of its own, and keeps the granted ones; nil if the lookup
-// failed.
-func explain(ctx context.Context, h Handle, req pgsql.Request) []Holder {
+// on a context of its own, within limit, and keeps the granted ones; nil if
+// the lookup failed.
+func explain(ctx, limit context.Context, h Handle, req pgsql.Request) []Holder {
 	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), explainTimeout)
 	defer cancel()
-	hs, err := LookupHolders(hctx, h, req.Keys, false)
+	hs, err := lookupHolders(hctx, limit, h, req.Keys)
 	if err != nil {
 		return nil
 	}
@@ -53,16 +53,40 @@ func explain(ctx context.Context, h Handle, req pgsql.Request) []Holder {
 // the current database when ks is empty) on h. With shield, the statement is
 // not interrupted by ctx once sent (cancelling it would close the caller's
 // session); it is bounded by SettleTimeout instead. A ctx that is already done
-// sends nothing.
-func LookupHolders(ctx context.Context, h Handle, ks []keys.Key, shield bool) ([]Holder, error) {
+// sends nothing. Either way the call returns within b's grace after ctx
+// ends: the statement is then abandoned (the error wraps [ErrAbandoned])
+// and left to finish on h, whose connection is kept (it holds nothing).
+func LookupHolders(ctx context.Context, h Handle, ks []keys.Key, shield bool, b Bounds) ([]Holder, error) {
 	if err := Ended(ctx); err != nil {
 		return nil, err
 	}
+	limit, stop := b.Limit(ctx)
+	defer stop()
 	if shield {
 		var cancel context.CancelFunc
 		ctx, cancel = Shield(ctx)
 		defer cancel()
 	}
+	return lookupHolders(ctx, limit, h, ks)
+}
+
+// lookupHolders runs the holders lookup on h with ctx, waited for within
+// limit (nil: none). An abandoned lookup leaves h's connection open.
+func lookupHolders(ctx, limit context.Context, h Handle, ks []keys.Key) ([]Holder, error) {
+	var hs []Holder
+	a := bounded(ctx, limit, h, Bounds{Keep: true}, 0, func(ctx context.Context) Answer {
+		var err error
+		hs, err = queryHolders(ctx, h, ks)
+		return Answer{Err: err}
+	})
+	if a.Err != nil {
+		return nil, a.Err
+	}
+	return hs, nil
+}
+
+// queryHolders sends the holders lookup and reads its rows.
+func queryHolders(ctx context.Context, h Handle, ks []keys.Key) ([]Holder, error) {
 	rows, err := h.QueryContext(ctx, pgsql.HoldersSQL(ks...))
 	if err != nil {
 		return nil, err

@@ -30,7 +30,7 @@ func ProbeSessions(ctx context.Context, db *sql.DB) (bool, error) {
 	if _, err := rand.Read(tok[:]); err != nil {
 		return false, err
 	}
-	c1, err := db.Conn(ctx)
+	c1, err := Conn(ctx, db, Owned)
 	if err != nil {
 		return false, err
 	}
@@ -39,9 +39,9 @@ func ProbeSessions(ctx context.Context, db *sql.DB) (bool, error) {
 		return false, err
 	}
 	defer func() {
-		sctx, cancel := Shield(ctx)
-		defer cancel()
-		_, _ = c1.ExecContext(sctx, pgsql.ProbeClearSQL)
+		limit, stop := ReleaseLimit(ctx)
+		defer stop()
+		_ = settle(ctx, limit, c1, Owned, pgsql.ProbeClearSQL)
 	}()
 	// 1. The first connection again: a pooler that rotates server sessions
 	// (round robin, or others using them meanwhile) moves it.
@@ -57,7 +57,7 @@ func ProbeSessions(ctx context.Context, db *sql.DB) (bool, error) {
 // probeSecond asks a second connection whether its session carries the
 // token, and the first whether its session still does, probeRounds times.
 func probeSecond(ctx context.Context, db *sql.DB, c1 *sql.Conn, tok pgsql.ProbeToken) (bool, error) {
-	c2, err := db.Conn(ctx)
+	c2, err := Conn(ctx, db, Owned)
 	if err != nil {
 		return false, err
 	}
@@ -79,13 +79,16 @@ func probeSecond(ctx context.Context, db *sql.DB, c1 *sql.Conn, tok pgsql.ProbeT
 	return false, nil
 }
 
-// ask runs one probe statement, not interrupted by ctx once sent, and
-// reports whether it returned its row. A ctx that is already done sends
+// ask runs one probe statement, not interrupted by ctx once sent but
+// abandoned OwnedGrace after ctx ends (c is then closed once it returns),
+// and reports whether it returned its row. A ctx that is already done sends
 // nothing.
 func ask(ctx context.Context, c *sql.Conn, q string) (bool, error) {
 	if err := Ended(ctx); err != nil {
 		return false, err
 	}
-	a := settle(ctx, c, q)
+	limit, stop := Owned.Limit(ctx)
+	defer stop()
+	a := settle(ctx, limit, c, Owned, q)
 	return a.Rows == 1, a.Err
 }

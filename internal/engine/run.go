@@ -26,22 +26,33 @@ type Handle interface {
 // it; a cancellation interrupts it through the driver at once. Every other
 // statement is shielded from ctx and bounded by SettleTimeout. A ctx that is
 // done before the call sends nothing.
-func Run(ctx context.Context, h Handle, req pgsql.Request) Result {
+//
+// Whatever the driver does, Run returns within b's grace after ctx ends (see
+// [Bounds]): a statement that has not answered by then is abandoned, the
+// result is Lost with Err wrapping [ErrAbandoned], and h's connection is
+// discarded in the background once the statement returns. When ctx can
+// never end, nothing is abandoned and no goroutine is started.
+func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 	ms, err := lockTimeout(ctx, req)
 	if err != nil {
 		return Result{Failure: NotRun, Err: err}
 	}
+	limit, stop := b.Limit(ctx)
+	defer stop()
 	p := NewPlan(req, ms)
 	var holders []Holder
 	for !p.Done() {
 		var a Answer
 		switch st := p.Step(); {
 		case st.Query:
-			holders = explain(ctx, h, req)
+			holders = explain(ctx, limit, h, req)
 		case st.Kind == Acquire:
-			a = acquire(ctx, h, st.SQL, req.Try, ms > 0)
+			a = acquire(ctx, limit, h, b, st.SQL, req.Try, ms > 0)
 		default:
-			a = settle(ctx, h, st.SQL)
+			a = settle(ctx, limit, h, b, st.SQL)
+		}
+		if Abandoned(a.Err) {
+			return Result{Failure: Lost, Err: a.Err, Ctx: Ended(ctx), Timed: ms > 0}
 		}
 		p.Next(a)
 	}
@@ -71,8 +82,15 @@ func lockTimeout(ctx context.Context, req pgsql.Request) (int64, error) {
 }
 
 // acquire sends the acquiring statement q: a try shielded from ctx, or a
-// wait that ctx's cancellation interrupts (see waitContext).
-func acquire(ctx context.Context, h Handle, q string, try, timed bool) Answer {
+// wait that ctx's cancellation interrupts (see waitContext), within limit. A
+// wait on a connection of b.Pool is tagged, so that it can be cancelled
+// through another connection if it is abandoned.
+func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, timed bool) Answer {
+	var tag pgsql.Tag
+	if !try && limit != nil && b.Pool != nil {
+		tag = newTag()
+		q = tag.Tagged(q)
+	}
 	var (
 		qctx context.Context
 		stop context.CancelFunc
@@ -82,7 +100,11 @@ func acquire(ctx context.Context, h Handle, q string, try, timed bool) Answer {
 	} else {
 		qctx, stop = waitContext(ctx, timed)
 	}
-	a := exec(qctx, h, q)
+	a := bounded(qctx, limit, h, b, tag, func(qctx context.Context) Answer { return exec(qctx, h, q) })
+	if Abandoned(a.Err) {
+		stop()
+		return a
+	}
 	interrupted := qctx.Err() != nil
 	stop()
 	if interrupted {
@@ -94,10 +116,11 @@ func acquire(ctx context.Context, h Handle, q string, try, timed bool) Answer {
 }
 
 // settle sends a statement that never waits for a lock, shielded from ctx.
-func settle(ctx context.Context, h Handle, q string) Answer {
+// It is waited for within limit (nil: no limit).
+func settle(ctx, limit context.Context, h Handle, b Bounds, q string) Answer {
 	sctx, cancel := Shield(ctx)
 	defer cancel()
-	return exec(sctx, h, q)
+	return bounded(sctx, limit, h, b, 0, func(sctx context.Context) Answer { return exec(sctx, h, q) })
 }
 
 // exec runs q and reads its row count.
@@ -113,10 +136,14 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 // Release releases one hold of each of req's session locks on h, shielded
 // from ctx, and returns how many of them the session held. It is not
 // interrupted by ctx: an unlock that is skipped, or that closes the
-// connection, is worse than one that finishes.
+// connection, is worse than one that finishes. But when ctx can end, it is
+// waited for only until ctx ends, or ReleaseFloor from now if that is
+// later, and never longer than ReleaseCap: then it is abandoned (the error wraps
+// [ErrAbandoned]) and h's connection is discarded once it returns, which
+// releases the locks on the server.
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
-	sctx, cancel := Shield(ctx)
-	defer cancel()
-	a := exec(sctx, h, req.UnlockSQL())
+	limit, stop := ReleaseLimit(ctx)
+	defer stop()
+	a := settle(ctx, limit, h, Owned, req.UnlockSQL())
 	return a.Rows, a.Err
 }

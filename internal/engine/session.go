@@ -18,11 +18,29 @@ type HeldKey struct {
 
 // OwnLocks lists the advisory locks granted to conn's session: a Locker's
 // health check, one statement whatever the number of locks. It is shielded
-// from cancellation and bounded by SettleTimeout. Rows that are not a key
-// pglocks takes are skipped.
-func OwnLocks(conn *sql.Conn) (map[HeldKey]bool, error) {
+// from cancellation, and waited for at most timeout (when positive): a
+// check that has not answered by then is abandoned (the error wraps
+// [ErrAbandoned]) and conn's connection is closed once it returns. Rows
+// that are not a key pglocks takes are skipped.
+func OwnLocks(conn *sql.Conn, timeout time.Duration) (map[HeldKey]bool, error) {
 	ctx, cancel := Shield(context.Background())
 	defer cancel()
+	var limit context.Context
+	if timeout > 0 {
+		var stop context.CancelFunc
+		limit, stop = context.WithTimeout(context.Background(), timeout)
+		defer stop()
+	}
+	var held map[HeldKey]bool
+	a := bounded(ctx, limit, conn, Owned, 0, func(ctx context.Context) Answer {
+		var err error
+		held, err = ownLocks(ctx, conn)
+		return Answer{Err: err}
+	})
+	return held, a.Err
+}
+
+func ownLocks(ctx context.Context, conn *sql.Conn) (map[HeldKey]bool, error) {
 	rows, err := conn.QueryContext(ctx, pgsql.OwnLocksSQL)
 	if err != nil {
 		return nil, err

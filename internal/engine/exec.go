@@ -1,0 +1,297 @@
+package engine
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync/atomic"
+	"time"
+
+	"github.com/pglocks/pglocks/internal/pgsql"
+)
+
+// How long a call still waits for a statement once the caller's ctx has
+// ended, before it abandons the statement (see [Bounds]).
+const (
+	// OwnedGrace: on a connection the library owns (a Locker's, WithLock's
+	// on a *sql.DB), after a deadline or a cancellation alike.
+	OwnedGrace = 400 * time.Millisecond
+	// CallerDeadlineGrace: on the caller's *sql.Conn or *sql.Tx, after a
+	// deadline. It is longer than OwnedGrace so that the server's own
+	// lock_timeout answers first whenever the server answers at all, and the
+	// caller's connection is kept.
+	CallerDeadlineGrace = 800 * time.Millisecond
+	// CallerCancelGrace: on the caller's handle, after a cancellation; the
+	// driver's own cancellation runs first.
+	CallerCancelGrace = 400 * time.Millisecond
+
+	// ReleaseFloor is the least time a release is given, even when the
+	// caller's ctx has already ended: a healthy unlock answers well within
+	// it.
+	ReleaseFloor = 250 * time.Millisecond
+	// ReleaseCap bounds every release whose ctx can end, however late it
+	// ends.
+	ReleaseCap = 2 * time.Second
+
+	// HealthTimeout bounds a Locker's health check: a check that has not
+	// answered by then proves the session lost.
+	HealthTimeout = time.Second
+
+	// escalateAfter is how long after abandoning a library-owned wait the
+	// engine asks the server to cancel it (pg_cancel_backend through
+	// another connection of the pool), and again before it terminates the
+	// backend (pg_terminate_backend).
+	escalateAfter = 500 * time.Millisecond
+	// escalateTimeout bounds each escalation statement.
+	escalateTimeout = time.Second
+)
+
+// ErrAbandoned is the error of a statement that did not answer within its
+// bound. The call returned without it; the statement may still be running,
+// and whatever it is granted is released when its connection is closed,
+// which happens as soon as it returns (on a *sql.Tx, it is rolled back). It
+// wraps driver.ErrBadConn, so it counts as a lost session.
+var ErrAbandoned = fmt.Errorf("pglocks: the server did not answer in time; the statement was abandoned and its connection is closed once it returns: %w", driver.ErrBadConn)
+
+// errNoConn is the error of a connection from the pool that did not come
+// in time.
+var errNoConn = errors.New("pglocks: no connection from the pool in time")
+
+// Abandoned reports whether err says a statement was abandoned (see
+// [ErrAbandoned]): its connection is being discarded in the background.
+func Abandoned(err error) bool { return errors.Is(err, ErrAbandoned) }
+
+// Bounds says how long a call waits for a statement once the caller's ctx
+// has ended, and what becomes of a statement it abandons.
+//
+// A statement that has not answered within its bound is abandoned: the call
+// returns [ErrAbandoned] at once, and the statement's driver context is
+// cancelled; a goroutine (the reaper) waits for the statement to return and
+// then discards the handle's connection, so that anything it was granted is
+// released and never reported held (a *sql.Conn is closed through Raw, a
+// *sql.Tx rolled back; a *sql.DB needs nothing).
+type Bounds struct {
+	// DeadlineGrace and CancelGrace: how long after ctx's deadline, or
+	// after ctx was cancelled, a statement is still waited for.
+	DeadlineGrace, CancelGrace time.Duration
+	// Keep: an abandoned statement's connection is not discarded (a
+	// read-only lookup on the caller's handle holds nothing).
+	Keep bool
+	// Pool, when set, is the pool a library-owned connection came from: an
+	// abandoned wait is then cancelled, and if need be terminated, on the
+	// server through another connection of it.
+	Pool *sql.DB
+	// From, when set, is the context whose end starts the grace, instead
+	// of the call's own: a Locker's calls run on a context that Close can
+	// also end, but only the caller's ctx bounds them (Close is bounded on
+	// its own), so that a call whose ctx never ends starts no goroutine.
+	From context.Context
+}
+
+// Owned are the bounds on a connection the library owns.
+var Owned = Bounds{DeadlineGrace: OwnedGrace, CancelGrace: OwnedGrace}
+
+// Caller are the bounds on the caller's *sql.Conn or *sql.Tx.
+var Caller = Bounds{DeadlineGrace: CallerDeadlineGrace, CancelGrace: CallerCancelGrace}
+
+// OwnedBy returns Owned bounds for a connection taken from db, with the
+// escalation of a lost cancellation through db.
+func OwnedBy(db *sql.DB) Bounds {
+	b := Owned
+	b.Pool = db
+	return b
+}
+
+// Limit returns a context that is done when a call on ctx must stop waiting
+// for the server: b's grace after ctx's deadline or cancellation (b.From's,
+// when set). It is nil when that context can never end, and nothing bounds
+// the call. stop releases it.
+func (b Bounds) Limit(ctx context.Context) (limit context.Context, stop func()) {
+	if b.From != nil {
+		ctx = b.From
+	}
+	if ctx.Done() == nil {
+		return nil, func() {}
+	}
+	lctx, cancel := context.WithCancel(context.Background())
+	var timer atomic.Pointer[time.Timer]
+	dl, hasDL := ctx.Deadline()
+	if hasDL {
+		timer.Store(time.AfterFunc(time.Until(dl.Add(b.DeadlineGrace)), cancel))
+	}
+	unhook := context.AfterFunc(ctx, func() {
+		if hasDL && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return // the deadline's timer runs
+		}
+		if t := timer.Swap(time.AfterFunc(b.CancelGrace, cancel)); t != nil {
+			t.Stop()
+		}
+	})
+	return lctx, func() {
+		unhook()
+		if t := timer.Load(); t != nil {
+			t.Stop()
+		}
+		cancel()
+	}
+}
+
+// ReleaseLimit returns the limit of a release on ctx: ctx's end, but never
+// sooner than ReleaseFloor from now nor later than ReleaseCap from now. It is
+// nil, and nothing bounds the release, when ctx can never end.
+func ReleaseLimit(ctx context.Context) (context.Context, context.CancelFunc) {
+	if ctx.Done() == nil {
+		return nil, func() {}
+	}
+	floor := time.Now().Add(ReleaseFloor)
+	lctx, cancel := context.WithTimeout(context.Background(), ReleaseCap)
+	unhook := context.AfterFunc(ctx, func() {
+		if d := time.Until(floor); d > 0 {
+			time.AfterFunc(d, cancel)
+			return
+		}
+		cancel()
+	})
+	return lctx, func() { unhook(); cancel() }
+}
+
+// statement states, for the race between an answer and its abandonment.
+const (
+	running int32 = iota
+	answered
+	abandoned
+)
+
+// bounded runs f with a context derived from qctx and returns its answer,
+// or ErrAbandoned once limit is done first (see [Bounds]). Without a limit
+// it runs f on the caller's goroutine. When limit is already done it sends
+// nothing: the statement counts as abandoned, and h is discarded at once,
+// since the outcome of what ran before it is unsettled.
+func bounded(qctx, limit context.Context, h Handle, b Bounds, tag pgsql.Tag, f func(context.Context) Answer) Answer {
+	if limit == nil {
+		return f(qctx)
+	}
+	if limit.Err() != nil {
+		if !b.Keep {
+			go reap(h)
+		}
+		return Answer{Err: ErrAbandoned}
+	}
+	dctx, cancel := context.WithCancel(qctx)
+	var (
+		state    atomic.Int32
+		answer   = make(chan Answer, 1)
+		returned = make(chan struct{})
+	)
+	go func() {
+		a := f(dctx)
+		cancel()
+		close(returned)
+		if state.CompareAndSwap(running, answered) {
+			answer <- a
+			return
+		}
+		if !b.Keep {
+			reap(h)
+		}
+	}()
+	select {
+	case a := <-answer:
+		return a
+	case <-limit.Done():
+	}
+	if !state.CompareAndSwap(running, abandoned) {
+		return <-answer // it answered just now
+	}
+	cancel() // interrupt it through the driver, which may close the session
+	if tag != 0 && b.Pool != nil {
+		go escalate(b.Pool, tag, returned)
+	}
+	return Answer{Err: ErrAbandoned}
+}
+
+// reap discards h's connection once its abandoned statement has returned:
+// anything the statement was granted is released with it.
+func reap(h Handle) {
+	switch h := h.(type) {
+	case *sql.Conn:
+		_ = h.Raw(func(any) error { return driver.ErrBadConn })
+		_ = h.Close()
+	case *sql.Tx:
+		_ = h.Rollback()
+	}
+}
+
+// escalate ends an abandoned wait, tagged tag, that the driver could not
+// interrupt (lib/pq sends one CancelRequest, which the server ignores if it
+// arrives before the statement): after escalateAfter it cancels the
+// statement through another connection of db, and after escalateAfter more
+// it terminates its backend. It stops as soon as the statement returns.
+// Each step is bounded by escalateTimeout, so the server's wait ends within
+// about 2 × (escalateAfter + escalateTimeout) of the abandonment whenever the
+// server can be reached through db.
+func escalate(db *sql.DB, tag pgsql.Tag, returned <-chan struct{}) {
+	for _, q := range [...]string{pgsql.CancelTaggedSQL(tag), pgsql.TerminateTaggedSQL(tag)} {
+		t := time.NewTimer(escalateAfter)
+		select {
+		case <-returned:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), escalateTimeout)
+		limit, stop := Owned.Limit(ctx)
+		bounded(ctx, limit, db, Bounds{Keep: true}, 0, func(ctx context.Context) Answer {
+			return exec(ctx, db, q)
+		})
+		stop()
+		cancel()
+	}
+}
+
+// newTag returns a fresh tag for a wait that may have to be escalated.
+func newTag() pgsql.Tag {
+	for {
+		if t := pgsql.Tag(rand.Uint64()); t != 0 {
+			return t
+		}
+	}
+}
+
+// Conn takes a connection from db, bounded by b's grace after ctx ends (a
+// dial into a partition can outlive ctx). A connection that arrives after
+// the call gave up is given back to the pool: it holds nothing yet.
+func Conn(ctx context.Context, db *sql.DB, b Bounds) (*sql.Conn, error) {
+	limit, stop := b.Limit(ctx)
+	defer stop()
+	if limit == nil {
+		return db.Conn(ctx)
+	}
+	type got struct {
+		c   *sql.Conn
+		err error
+	}
+	var state atomic.Int32
+	ch := make(chan got, 1)
+	go func() {
+		c, err := db.Conn(ctx)
+		if state.CompareAndSwap(running, answered) {
+			ch <- got{c, err}
+		} else if c != nil {
+			_ = c.Close()
+		}
+	}()
+	select {
+	case g := <-ch:
+		return g.c, g.err
+	case <-limit.Done():
+	}
+	if !state.CompareAndSwap(running, abandoned) {
+		g := <-ch
+		return g.c, g.err
+	}
+	return nil, errNoConn
+}
