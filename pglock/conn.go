@@ -42,6 +42,13 @@ import (
 //   - When the outcome cannot be settled (the session stopped answering),
 //     conn's connection is closed, which releases the lock on the server, and
 //     the error wraps ErrSessionLost.
+//   - Bounded whatever the network does: LockConn returns within 0.8 s after
+//     ctx's deadline and 0.35 s after its cancellation. A statement that has
+//     not answered by then is abandoned (the error wraps ErrSessionLost): it
+//     may still be running on conn, database/sql lets no other statement
+//     (nor Close) through on conn until it returns, and pglock then closes
+//     conn's connection, which releases whatever it was granted. Discard
+//     conn. See "Faults" in docs/guarantees.md.
 //
 // With NoWait, LockConn tries once and returns ErrNotAcquired if the lock is
 // busy. Shared takes the shared lock. Errors have Op "lock".
@@ -72,8 +79,11 @@ func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Opti
 //
 // UnlockConn is not interrupted by ctx: a cancelled or expired ctx still
 // releases the lock, since an unlock that is skipped, or that closes the
-// connection, is worse than one that finishes. It is bounded by its own
-// timeout of a few seconds. If the session is gone, the error wraps
+// connection, is worse than one that finishes. It waits for the server
+// until ctx ends, but at least 250 ms and at most 2 s (a ctx that never ends
+// bounds nothing): an unlock unanswered by then is abandoned, the error
+// wraps ErrSessionLost, and conn's connection is closed once the statement
+// returns, which releases the lock. If the session is gone, the error wraps
 // ErrSessionLost: the lock was already released with the session. Errors
 // have Op "unlock".
 //

@@ -202,6 +202,10 @@ func (c *leadConfig) backoff(n int) time.Duration {
 //     fn, for a Locker without health checks (WithHealthCheck(0)), or for an
 //     invalid option.
 //
+// Lead returns within 0.35 s (plus the 250 ms its release may take) of ctx
+// ending, whatever the network does: a campaign is bounded as
+// [Locker.Lock] is, and the release after fn as [Lock.Unlock] is.
+//
 // Errors other than fn's are *Error values with Op "lead". A campaign that
 // fails for any other reason (the server is down, a connection broke) is
 // logged and retried after the backoff: Lead ends only through ctx, fn or

@@ -105,7 +105,11 @@ func (lk *Lock) describe() string {
 // A loss is detected by the Locker's health check, which verifies the lock on
 // its own connection every interval (see [WithHealthCheck]): a terminated
 // backend, a restarted server or a broken connection closes Done within
-// about one interval. A check that fails without proving anything (a
+// about one interval. A check that has not answered within 1 s proves the
+// session lost, so a network that stops answering (a partition that closes
+// nothing) closes Done within the interval plus 1 s, at most
+// max(interval, 1 s) + 1 s, whatever the driver; the connection is closed
+// once the check returns. A check that fails without proving anything (a
 // cancelled statement, say) is retried quickly and is not reported as a
 // loss while the lock can still be verified; if it cannot be verified for a
 // whole interval (at least a second), the connection is closed, which
@@ -176,8 +180,14 @@ func (lk *Lock) verifiedAt() time.Time { return lk.s.verifiedAt() }
 // Unlock releases the lock (every key of a LockAll) and, once its
 // connection holds no other lock, gives the connection back to the pool.
 //
-// It is not interrupted by ctx: a cancelled or expired ctx still releases the
-// lock, bounded by its own timeout of a few seconds. The release is checked:
+// The unlock statement is not interrupted by ctx: a cancelled or expired ctx
+// still releases the lock on a healthy server. But Unlock waits for it only
+// until ctx ends, and at least 250 ms, at most 2 s (with a ctx that never
+// ends, as long as the driver does). An unlock not confirmed by then reports
+// the lock lost: the error wraps [ErrLost] and [ErrSessionLost], Done is
+// closed, and the connection is closed as soon as the statement returns,
+// which releases the lock on the server (and loses the other locks that
+// shared the connection). The release is otherwise checked:
 //
 //   - nil: the lock was held until this call and is now released. Calling
 //     Unlock again also returns nil.

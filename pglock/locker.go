@@ -103,7 +103,9 @@ type LockerOption func(*Locker)
 
 // WithHealthCheck sets how often the held locks are verified (default
 // [DefaultHealthCheck]). A lost lock is reported within about this interval:
-// each check is one short statement per connection that holds locks. An
+// each check is one short statement per connection that holds locks. A check
+// that has not answered within 1 s proves its connection lost, so a network
+// that stops answering is reported within the interval plus 1 s. An
 // interval of zero or less turns the checks off; a loss is then found only
 // by Unlock.
 func WithHealthCheck(interval time.Duration) LockerOption {
@@ -176,6 +178,15 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 //     held, and the call goes on with another one.
 //   - After [Locker.Close], and for a wait that Close interrupts, the error
 //     wraps [ErrClosed].
+//   - Whatever the network does, Lock returns within 0.35 s after ctx's
+//     deadline or cancellation, with an error wrapping ctx's error: a
+//     statement (or a dial) that has not answered by then is abandoned, and
+//     its connection is closed in the background once it returns, so that
+//     anything it is granted is released (see "Faults" in
+//     docs/guarantees.md). A wait whose cancellation the server missed (a
+//     lost CancelRequest) is then cancelled, and if need be terminated, from
+//     another connection of the pool within about 4 s. A ctx that never
+//     ends bounds nothing, and costs no goroutine.
 //   - Once the Locker's session check has proved that its pool shares
 //     server sessions between connections (PgBouncer in transaction pooling
 //     mode), every call returns [ErrTransactionPooling]: session locks
@@ -196,7 +207,9 @@ func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock,
 // holds the lock, or when another caller of this Locker does (that case
 // costs no round trip). Shared takes the shared lock. Once sent, the
 // statement is allowed to finish even if ctx is cancelled, so its outcome is
-// always known. Errors have Op "trylock". Cost: one round trip.
+// always known, but TryLock waits for it only 0.35 s past ctx's end, as
+// [Locker.Lock] does (the connection, with every lock on it, is then lost).
+// Errors have Op "trylock". Cost: one round trip.
 func (l *Locker) TryLock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
 	return l.acquire(ctx, "trylock", engine.LockerTry, []keys.Key{key}, opts)
 }
@@ -243,9 +256,10 @@ func (l *Locker) TryLockAll(ctx context.Context, ks []keys.Key, opts ...Option) 
 // not close the *sql.DB.
 //
 // Close returns within [CloseTimeout] (3 s) even when the server stops
-// answering: an interrupted wait is abandoned 0.4 s after Close began, a
-// release that has not answered within 2 s (engine's ReleaseCap) reports its
-// lock lost, a health check within 1 s. An abandoned statement's connection
+// answering: a release that has not answered within 2 s reports its lock
+// lost, a health check within 1 s, and a wait that Close interrupts is
+// cancelled through the driver (and abandoned 0.35 s after its own ctx
+// ends). An abandoned statement's connection
 // is closed by a background goroutine as soon as the statement returns (a
 // partition may hold it until the kernel's TCP keepalive or timeout gives
 // up), which releases whatever it held on the server. If something is still

@@ -32,6 +32,12 @@ import (
 //   - A deadlock returns ErrDeadlock, and a lock_timeout the session already
 //     has returns ErrLockTimeout; tx remains usable and keeps the locks it
 //     held before the call, so roll it back to let the other party through.
+//   - Bounded whatever the network does: LockTx returns within 0.8 s after
+//     ctx's deadline and 0.35 s after its cancellation. A statement that has
+//     not answered by then is abandoned (the error wraps ErrSessionLost): it
+//     may still be running in tx, database/sql lets no other statement (nor
+//     Commit or Rollback) through until it returns, and pglock then rolls tx
+//     back. Discard tx. See "Faults" in docs/guarantees.md.
 //
 // With NoWait, LockTx tries once and returns ErrNotAcquired if the lock is
 // busy. Shared takes the shared lock. Errors have Op "lock".

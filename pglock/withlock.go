@@ -34,7 +34,11 @@ import (
 // was acquired. In both cases an error while acquiring (a deadline, a
 // cancellation, a lost session) is returned without running fn. Shared takes
 // the shared lock. ctx bounds the acquisition as in LockConn and LockTx, and
-// is passed to fn.
+// is passed to fn. Over a *sql.DB the call (taking a connection, the lock,
+// the release) returns within 0.35 s after ctx ends whatever the network
+// does, as [Locker.Lock] does; on a *sql.Conn or *sql.Tx, within the bounds
+// of LockConn and LockTx. The release after fn ends with ctx too, but is
+// given at least 250 ms and at most 2 s (see [UnlockConn]).
 //
 // WithLock returns fn's error. If releasing the lock fails, that error is
 // returned too (joined after fn's). A panic in fn is propagated after the

@@ -18,7 +18,7 @@ import (
 const (
 	// OwnedGrace: on a connection the library owns (a Locker's, WithLock's
 	// on a *sql.DB), after a deadline or a cancellation alike.
-	OwnedGrace = 400 * time.Millisecond
+	OwnedGrace = 350 * time.Millisecond
 	// CallerDeadlineGrace: on the caller's *sql.Conn or *sql.Tx, after a
 	// deadline. It is longer than OwnedGrace so that the server's own
 	// lock_timeout answers first whenever the server answers at all, and the
@@ -26,7 +26,7 @@ const (
 	CallerDeadlineGrace = 800 * time.Millisecond
 	// CallerCancelGrace: on the caller's handle, after a cancellation; the
 	// driver's own cancellation runs first.
-	CallerCancelGrace = 400 * time.Millisecond
+	CallerCancelGrace = 350 * time.Millisecond
 
 	// ReleaseFloor is the least time a release is given, even when the
 	// caller's ctx has already ended: a healthy unlock answers well within
