@@ -42,8 +42,8 @@ type holeEnv struct {
 
 type holeAPI struct {
 	name   string
-	waits  bool          // it waits for a held key (mid-wait case applies)
-	caller bool          // on the caller's handle: LockConn/LockTx bounds
+	waits  bool // it waits for a held key (mid-wait case applies)
+	caller bool // on the caller's handle: LockConn/LockTx bounds
 	call   func(ctx context.Context, e *holeEnv) error
 }
 
