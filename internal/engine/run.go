@@ -100,7 +100,12 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 	} else {
 		qctx, stop = waitContext(ctx, timed)
 	}
-	a := bounded(qctx, limit, h, b, tag, func(qctx context.Context) Answer { return exec(qctx, h, q) })
+	var a Answer
+	if limit == nil { // no closure: it would escape to the heap
+		a = exec(qctx, h, q)
+	} else {
+		a = bounded(qctx, limit, h, b, tag, func(qctx context.Context) Answer { return exec(qctx, h, q) })
+	}
 	if Abandoned(a.Err) {
 		stop()
 		return a
@@ -120,6 +125,9 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 func settle(ctx, limit context.Context, h Handle, b Bounds, q string) Answer {
 	sctx, cancel := Shield(ctx)
 	defer cancel()
+	if limit == nil { // no closure: it would escape to the heap
+		return exec(sctx, h, q)
+	}
 	return bounded(sctx, limit, h, b, 0, func(sctx context.Context) Answer { return exec(sctx, h, q) })
 }
 
