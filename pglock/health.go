@@ -115,7 +115,10 @@ func (s *session) verify(lk *Lock, held map[engine.HeldKey]bool) bool {
 	cause := errors.New("pg_locks no longer shows the lock on its session")
 	if missing < len(lk.gkeys) {
 		cause = fmt.Errorf("pg_locks no longer shows %d of its %d keys on its session", missing, len(lk.gkeys))
-		if uerr := unlockOn(context.Background(), s.conn, lk.req); uerr != nil && !errors.Is(uerr, ErrNotHeld) {
+		ctx, cancel := context.WithTimeout(context.Background(), engine.ReleaseCap)
+		uerr := unlockOn(ctx, s.conn, lk.req)
+		cancel()
+		if uerr != nil && !errors.Is(uerr, ErrNotHeld) {
 			s.kill(causes(cause, uerr))
 			return false
 		}
