@@ -218,7 +218,8 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 		return nil, engine.Result{Failure: engine.Lost, Err: errSharedGone}
 	}
 	req := a.req
-	req.Try, req.Report = true, a.req.Try && a.req.Report
+	// A shared connection holds locks: an earlier acquisition set it up.
+	req.Try, req.Report, req.Proven = true, a.req.Try && a.req.Report, true
 	r := engine.Run(ctx, s.conn, req)
 	if errs := failure(r); !r.Granted && !r.Busy && slices.Contains(errs, ErrSessionLost) {
 		s.kill(causes(errs...))

@@ -102,7 +102,7 @@ type Plan struct {
 // NewPlan returns the plan of req. ms is the lock_timeout, in milliseconds,
 // that bounds a wait on the server (0: none); a try ignores it.
 func NewPlan(req pgsql.Request, ms int64) *Plan {
-	return &Plan{req: req, ms: ms}
+	return &Plan{req: req, ms: ms, res: Result{Timed: ms > 0 && !req.Try}}
 }
 
 // Done reports whether the plan has ended: [Plan.Result] is then final.
@@ -161,6 +161,10 @@ func (p *Plan) afterAcquire(a Answer) {
 	p.first = a
 	p.res.Err, p.res.Ctx = a.Err, a.Ctx
 	switch {
+	case a.Err == nil && a.Ctx == nil && p.req.Try && !p.req.InSavepoint() && !p.req.Proven && a.Rows == pgsql.StandbyRows:
+		// The guarded one-key try found a standby: it took nothing.
+		p.res.Err = pgsql.StandbyError{}
+		p.fail(Classify)
 	case a.Err == nil && a.Ctx == nil:
 		// A wait either succeeds or fails, and so does a statement run in
 		// the savepoint (its row count is RELEASE SAVEPOINT's, 0); a try
@@ -169,6 +173,9 @@ func (p *Plan) afterAcquire(a Answer) {
 	case a.Err != nil && notRun(a.Err):
 		// Nothing ran: no settling, and the connection is not touched.
 		p.fail(NotRun)
+	case !p.req.InSavepoint() && pgsql.IsStandby(a.Err):
+		// The standby guard failed the message before any lock function.
+		p.fail(Classify)
 	case p.req.InSavepoint() && a.Err != nil && ranInSavepoint(a.Err):
 		// Everything the statement took since the savepoint goes with the
 		// rollback to it.
