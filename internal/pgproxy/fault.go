@@ -88,7 +88,10 @@ func (p *Proxy) Heal() { p.gate.open() }
 // server's, as a failover or a TCP reset would: each end sees its
 // connection end (an end of stream or a reset, as the kernel reports it)
 // and the bytes the proxy held are dropped. The proxy keeps accepting new
-// connections, and a blackhole stays in force for them.
+// connections, and a blackhole stays in force for them. A PostgreSQL
+// backend notices when it next reads from its client (an idle session ends
+// at once, releasing its session locks); one running a statement, such as
+// a lock wait, notices only through client_connection_check_interval.
 func (p *Proxy) Reset() {
 	p.mu.Lock()
 	defer p.mu.Unlock()

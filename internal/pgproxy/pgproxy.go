@@ -24,11 +24,10 @@
 //
 //   - [Proxy.Blackhole] is a silent partition: from the call on, nothing
 //     passes in either direction on any connection, old or new, and nothing
-//     is closed, so neither end sees an error, only silence (no FIN, no RST:
-//     a client blocked in a read stays blocked until its own timeouts or
-//     keepalive give up, which through this proxy they never do, since the
-//     proxy's sockets stay healthy). [Proxy.Heal] ends it and delivers what
-//     was held, in order.
+//     is closed, so neither end sees an error, only silence (no FIN, no RST).
+//     A client blocked in a read stays blocked until its own deadline: TCP
+//     keepalive never gives up, since the proxy's kernel still answers the
+//     probes. [Proxy.Heal] ends it and delivers what was held, in order.
 //   - [Proxy.Reset] closes every connection in flight on both sides, as a
 //     failover or a reset would; new connections are served as usual.
 //   - [Proxy.DropCancelRequests] loses PostgreSQL CancelRequests: a new
@@ -43,7 +42,7 @@
 //	... take a lock ...
 //	p.Blackhole()                   // the client hears nothing, the server neither
 //	... assert what the client does (a deadline, a session check) ...
-//	p.Heal()                        // or p.Reset(): the server ends the session
+//	p.Heal()                        // or p.Reset(): both sockets closed
 //
 // Close ends everything whatever the state: Heal before Close is not needed
 // (held bytes are then dropped, not delivered). Note that the server's side
