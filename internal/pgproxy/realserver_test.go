@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -72,4 +73,59 @@ func TestLostCancelRequest(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPartitionAndReset shows what the server makes of the proxy's faults
+// to an idle session holding a session lock: through a blackhole it keeps
+// the session and the lock; after a reset it ends the session and the lock
+// is free at once.
+func TestPartitionAndReset(t *testing.T) {
+	dsn := testkit.DSN()
+	if dsn == "" {
+		t.Skipf("%s not set", testkit.DSNEnv)
+	}
+	ctx := context.Background()
+	direct, err := sql.Open("postgres", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	p, proxied := Start(t, dsn)
+	db, err := sql.Open("postgres", proxied)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	key := rand.Int64()
+	if _, err := db.ExecContext(ctx, "SELECT pg_advisory_lock($1)", key); err != nil {
+		t.Fatal(err)
+	}
+	held := func() bool {
+		var n int
+		err := direct.QueryRowContext(ctx, `SELECT count(*) FROM pg_locks
+			WHERE locktype = 'advisory' AND granted
+			AND objsubid = 1 AND (classid::bigint << 32 | objid::bigint) = $1`, key).Scan(&n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n > 0
+	}
+	if !held() {
+		t.Fatal("the lock is not held")
+	}
+	p.Blackhole()
+	time.Sleep(200 * time.Millisecond)
+	if !held() {
+		t.Fatal("the server dropped the session during a blackhole")
+	}
+	start := time.Now()
+	p.Reset()
+	for held() {
+		if time.Since(start) > 5*time.Second {
+			t.Fatal("the lock is still held 5 s after Reset")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("the lock was free %v after Reset", time.Since(start))
+	p.Heal()
 }
