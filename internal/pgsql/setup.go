@@ -108,7 +108,9 @@ func (r Request) guardedTry() string {
 // tests as the guard's own error: [IsStandby] reports true.
 type StandbyError struct{}
 
-func (StandbyError) Error() string { return "unrecognized configuration parameter \"" + StandbyMessage + "\"" }
+func (StandbyError) Error() string {
+	return "unrecognized configuration parameter \"" + StandbyMessage + "\""
+}
 
 // SQLState returns the SQLSTATE of the guard's error.
 func (StandbyError) SQLState() string { return CodeUndefinedObject }
