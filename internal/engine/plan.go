@@ -176,6 +176,10 @@ func (p *Plan) afterAcquire(a Answer) {
 	case !p.req.InSavepoint() && pgsql.IsStandby(a.Err):
 		// The standby guard failed the message before any lock function.
 		p.fail(Classify)
+	case p.req.Disposable && p.req.Scope == pgsql.Session && !p.req.Try:
+		// Closing the session releases whatever the wait took.
+		p.res.Discard = true
+		p.fail(Classify)
 	case p.req.InSavepoint() && a.Err != nil && ranInSavepoint(a.Err):
 		// Everything the statement took since the savepoint goes with the
 		// rollback to it.

@@ -48,6 +48,11 @@ type Request struct {
 	// Keepalive is the server-side TCP keepalive the acquiring statement
 	// gives the session (see [Keepalive]); the zero value sets none.
 	Keepalive Keepalive
+	// Disposable says the session holds nothing else and may be closed
+	// instead of settled when a session-scope wait fails: the caller then
+	// discards it (Result.Discard), which releases whatever the wait took,
+	// at once, where settling and undoing a huge set takes time.
+	Disposable bool
 	// Proven says the session already passed the standby guard and has
 	// the request's settings: an earlier acquisition of this library
 	// succeeded on it. The acquiring statement then carries no setup.
@@ -318,7 +323,7 @@ func (r Request) HeldSQL() string {
 			"'::oid AND objsubid = '" + strconv.Itoa(s) + "'::smallint AND mode = '" + r.Mode() + "' AND granted"
 	}
 	return "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND granted AND mode = '" +
-		r.Mode() + "' AND (classid, objid, objsubid) IN (" + r.calls(func(_ int, k keys.Key) string { return TagTuple(k) }) + ")"
+		r.Mode() + "' AND " + tagsIn("", r.Keys)
 }
 
 // HeldInSavepointSQL is [Request.HeldSQL] inside a transaction, preceded by
@@ -328,10 +333,27 @@ func (r Request) HeldSQL() string {
 // fails.
 func (r Request) HeldInSavepointSQL() string { return SavepointSQL + "; " + r.HeldSQL() }
 
-// TagTuple renders key's pg_locks tag as ('classid'::oid, 'objid'::oid,
-// 'objsubid'::smallint), to compare with (classid, objid, objsubid).
-func TagTuple(k keys.Key) string {
-	c, o, s := k.LockTag()
-	return "('" + strconv.FormatUint(uint64(c), 10) + "'::oid, '" + strconv.FormatUint(uint64(o), 10) +
-		"'::oid, '" + strconv.Itoa(s) + "'::smallint)"
+// tagsIn is the condition that a pg_locks row (columns prefixed by prefix,
+// such as "l.") has one of ks's lock tags. The tags are three array
+// literals unnested into a subquery, which the server hashes: it scales to
+// any number of keys, where a list of row tuples exhausts the parser's stack
+// near 10,000.
+//
+//	(classid, objid, objsubid) IN (SELECT * FROM ROWS FROM (pg_catalog.unnest('{0,0}'::oid[]),
+//	  pg_catalog.unnest('{1,2}'::oid[]), pg_catalog.unnest('{1,1}'::smallint[])))
+func tagsIn(prefix string, ks []keys.Key) string {
+	var c, o, s strings.Builder
+	for i, k := range ks {
+		if i > 0 {
+			c.WriteByte(',')
+			o.WriteByte(',')
+			s.WriteByte(',')
+		}
+		ci, oi, si := k.LockTag()
+		c.WriteString(strconv.FormatUint(uint64(ci), 10))
+		o.WriteString(strconv.FormatUint(uint64(oi), 10))
+		s.WriteString(strconv.Itoa(si))
+	}
+	return "(" + prefix + "classid, " + prefix + "objid, " + prefix + "objsubid) IN (SELECT * FROM ROWS FROM (pg_catalog.unnest('{" + c.String() +
+		"}'::oid[]), pg_catalog.unnest('{" + o.String() + "}'::oid[]), pg_catalog.unnest('{" + s.String() + "}'::smallint[])))"
 }
