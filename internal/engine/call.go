@@ -22,6 +22,7 @@ const (
 	WithLockTx              // WithLock on a *sql.Tx
 	LockerLock              // Locker.Lock and Locker.LockAll
 	LockerTry               // Locker.TryLock and Locker.TryLockAll
+	WithLockDB              // WithLock on a *sql.DB: WithLock's, with the session kept alive (pgsql.Request.KeepAlive)
 )
 
 // Request returns c's request on ks, with opts, the zero Request changed by
@@ -45,9 +46,10 @@ func (c Call) Request(ks []keys.Key, opts pgsql.Request) (pgsql.Request, bool) {
 		r.Try = false
 	}
 	switch c {
-	case TryLockConn, TryLockTx, UnlockConn, WithLock, WithLockTx:
+	case TryLockConn, TryLockTx, UnlockConn, WithLock, WithLockTx, WithLockDB:
 		r.Report = false
 	}
+	r.KeepAlive = c == WithLockDB
 	// The zero Key sorts first.
 	return r, len(r.Keys) > 0 && !r.Keys[0].IsZero()
 }

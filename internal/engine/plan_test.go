@@ -158,9 +158,10 @@ func TestCallRequest(t *testing.T) {
 		{WithLockTx, []keys.Key{k}, all, pgsql.Xact, true, false, true},
 		{LockerLock, set, pgsql.Request{Report: true}, pgsql.Session, false, true, false},
 		{LockerTry, []keys.Key{k}, pgsql.Request{}, pgsql.Session, true, false, false},
+		{WithLockDB, []keys.Key{k}, all, pgsql.Session, true, false, true},
 	} {
 		r, ok := tc.call.Request(tc.ks, tc.opts)
-		if !ok || r.Scope != tc.scope || r.Try != tc.try || r.Report != tc.report || r.Shared != tc.shared {
+		if !ok || r.Scope != tc.scope || r.Try != tc.try || r.Report != tc.report || r.Shared != tc.shared || r.KeepAlive != (tc.call == WithLockDB) {
 			t.Errorf("call %d: %+v, %v", tc.call, r, ok)
 		}
 		if len(tc.ks) == 1 && r.Keys[0] != k {

@@ -44,6 +44,11 @@ type Request struct {
 	Scope  Scope // session or transaction locks
 	Try    bool  // try once instead of waiting
 	Report bool  // look up the holders when the lock is found busy (no SQL of its own here)
+	// KeepAlive makes a session-scope acquisition also set the session's
+	// idle_session_timeout to 0 while the lock is held, and its release
+	// restore it (see keepalive.go): for a lock held on a connection that
+	// stays idle while its holder works elsewhere.
+	KeepAlive bool
 }
 
 // Mode returns the pg_locks mode of the request: "ShareLock" or
@@ -156,11 +161,20 @@ func TimeoutMillis(d time.Duration) int64 {
 
 // AcquireSQL is the statement that takes the request's locks: [Request.TrySQL]
 // for a try, else [Request.WaitSQL] bounded by ms milliseconds (0: no bound).
+//
+// With KeepAlive it is wrapped so that the session's idle_session_timeout is
+// 0 once the lock is granted (see [SavedIdleSessionTimeout]).
 func (r Request) AcquireSQL(ms int64) string {
+	var q string
 	if r.Try {
-		return r.TrySQL()
+		q = r.TrySQL()
+	} else {
+		q = r.WaitSQL(ms)
 	}
-	return r.WaitSQL(ms)
+	if r.keptAlive() {
+		return keepAlive(q)
+	}
+	return q
 }
 
 // WaitSQL waits on the server until every lock is granted. With ms > 0 the
@@ -266,7 +280,14 @@ func (r Request) TrySQL() string {
 //
 //	SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)
 //	SELECT 1 FROM pg_catalog.unnest(ARRAY[pg_catalog.pg_advisory_unlock('1'::bigint), ...]) AS u(ok) WHERE u.ok
+//
+// With KeepAlive, the statement is preceded, in the same message, by the
+// restoration of the session's idle_session_timeout.
 func (r Request) UnlockSQL() string {
+	if r.keptAlive() {
+		r.KeepAlive = false
+		return restoreIdle(r.UnlockSQL())
+	}
 	if r.single() {
 		return "SELECT 1 WHERE " + r.unlockFn() + "(" + args(r.Keys[0]) + ")"
 	}
