@@ -37,6 +37,18 @@ const (
 	timedPrefix = "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '"
 )
 
+// keptAlive is the acquiring statement q as WithLock sends it on a *sql.DB:
+// it also sets idle_session_timeout to 0 for the session, saving the old
+// value; restored precedes the unlock q with the restoration.
+func keptAlive(q string) string {
+	return "SELECT pg_catalog.set_config('pglocks.idle_session_timeout', pg_catalog.current_setting('idle_session_timeout'), false), " +
+		"pg_catalog.set_config('idle_session_timeout', '0', false) FROM (" + q + " OFFSET 0) AS a"
+}
+
+func restored(q string) string {
+	return "SELECT pg_catalog.set_config('idle_session_timeout', NULLIF(pg_catalog.current_setting('pglocks.idle_session_timeout', true), ''), false); " + q
+}
+
 func timed(ms string, call string) string {
 	return timedPrefix + ms + "ms', true), " + strings.TrimPrefix(call, "SELECT ") + " OFFSET 0) AS w"
 }
@@ -465,7 +477,7 @@ func TestWithLockMock(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer db.Close()
-		mock.ExpectExec(try42).WillReturnResult(rows(0))
+		mock.ExpectExec(keptAlive(try42)).WillReturnResult(rows(0))
 		err = pglock.WithLock(ctx, db, keys.Int64(42), func(_ context.Context, acquired bool) error {
 			if acquired {
 				t.Error("acquired = true on a busy key")
@@ -488,8 +500,8 @@ func TestWithLockMock(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer db.Close()
-		mock.ExpectExec(lock42).WillReturnResult(rows(1))
-		mock.ExpectExec(unlock42).WillReturnError(errSyntax)
+		mock.ExpectExec(keptAlive(lock42)).WillReturnResult(rows(1))
+		mock.ExpectExec(restored(unlock42)).WillReturnError(errSyntax)
 		mock.ExpectClose()
 		err = pglock.WithLock(ctx, db, keys.Int64(42), func(context.Context, bool) error { return nil })
 		if !errors.Is(err, errSyntax) {

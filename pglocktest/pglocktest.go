@@ -1,6 +1,7 @@
 package pglocktest
 
 import (
+	"errors"
 	"strconv"
 
 	"github.com/DATA-DOG/go-sqlmock"
@@ -85,6 +86,10 @@ func register(mock sqlmock.Sqlmock, name string, call engine.Call, ks []keys.Key
 	if err == nil {
 		steps, err = script(req, out)
 	}
+	unlockPattern := exact(req.UnlockSQL())
+	if err == nil && call == engine.WithLock {
+		steps, unlockPattern, err = orOnDB(ks, opts, out, steps, unlockPattern)
+	}
 	if err != nil {
 		expectInvalid(mock, err)
 		return
@@ -97,8 +102,27 @@ func register(mock sqlmock.Sqlmock, name string, call engine.Call, ks []keys.Key
 		fn()
 	}
 	if unlock && out == Acquired {
-		expect(mock, []step{{pattern: exact(req.UnlockSQL()), rows: int64(len(req.Keys))}})
+		expect(mock, []step{{pattern: unlockPattern, rows: int64(len(req.Keys))}})
 	}
+}
+
+// orOnDB widens the expectations of WithLock on a *sql.Conn (steps, and
+// the unlock's pattern) to the statements it sends on a *sql.DB, where it
+// keeps the lock's session alive: the same plan, answered the same way,
+// with other texts.
+func orOnDB(ks []keys.Key, opts []pglock.Option, out Outcome, steps []step, unlock string) ([]step, string, error) {
+	req, _ := engine.WithLockDB.Request(ks, options(opts))
+	db, err := script(req, out)
+	if err != nil {
+		return nil, "", err
+	}
+	if len(db) != len(steps) {
+		return nil, "", errors.New("pglocktest: WithLock sends different plans on a *sql.DB and a *sql.Conn")
+	}
+	for i := range steps {
+		steps[i].pattern = either(steps[i].pattern, db[i].pattern)
+	}
+	return steps, either(unlock, exact(req.UnlockSQL())), nil
 }
 
 // ExpectLockConn registers the statements pglock.LockConn(ctx, conn, key,

@@ -23,6 +23,12 @@ const marker = "^(?P<pglocktest>"
 // exact returns the anchored pattern of one statement.
 func exact(q string) string { return marker + regexp.QuoteMeta(q) + ")$" }
 
+// either returns the anchored pattern that matches what pattern a or
+// pattern b matches (both made by exact or waitPattern).
+func either(a, b string) string {
+	return strings.TrimSuffix(a, ")$") + "|" + strings.TrimPrefix(b, marker)
+}
+
 // Two lock_timeout values of the same length whose digits differ at every
 // position: rendering a wait with each and comparing the two texts finds
 // exactly where the time left is spliced in.
@@ -36,7 +42,7 @@ const (
 // sent with a deadline, with any number of milliseconds in it. Both texts
 // come from pgsql, the package that builds what pglock sends.
 func waitPattern(req pgsql.Request) (string, error) {
-	a, b := req.WaitSQL(sentinelA), req.WaitSQL(sentinelB)
+	a, b := req.AcquireSQL(sentinelA), req.AcquireSQL(sentinelB) // a wait's (req.Try is false)
 	if len(a) != len(b) || a == b {
 		return "", errors.New("pgsql renders lock_timeout in a way pglocktest does not know: " + a)
 	}
@@ -56,7 +62,7 @@ func waitPattern(req pgsql.Request) (string, error) {
 		}
 		i = j
 	}
-	return marker + regexp.QuoteMeta(req.WaitSQL(0)) + "|" + timed.String() + ")$", nil
+	return marker + regexp.QuoteMeta(req.AcquireSQL(0)) + "|" + timed.String() + ")$", nil
 }
 
 // step is one statement a call sends, and the server's answer.
