@@ -208,7 +208,11 @@ func ExpectLockAllTx(mock sqlmock.Sqlmock, ks []keys.Key, out Outcome, opts ...p
 //
 // fn may be nil when the code's fn sends nothing through the mock.
 // With a *sql.DB, WithLock takes a connection from the pool, which a mock
-// made by sqlmock.New provides without an expectation.
+// made by sqlmock.New provides without an expectation, and its lock and
+// unlock also keep the session alive (idle_session_timeout): the
+// expectations match the statements of either handle. A code's fn that runs
+// longer than pglock.DefaultHealthCheck over a *sql.DB also gets the lock's
+// health check, which this helper does not expect.
 func ExpectWithLock(mock sqlmock.Sqlmock, key keys.Key, out Outcome, fn func(), opts ...pglock.Option) {
 	register(mock, "ExpectWithLock", engine.WithLock, []keys.Key{key}, out, opts, fn, true)
 }
