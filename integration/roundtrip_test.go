@@ -110,6 +110,19 @@ func TestRoundTrips(t *testing.T) {
 						return pglock.WithLock(ctx, c, key, func(context.Context, bool) error { return nil })
 					})
 				}},
+				// Watched: the keep-alive rides in the acquiring statement and
+				// the restore in the unlock's message; the health check runs
+				// only after DefaultHealthCheck. Best of 3: a warm pool.
+				{"WithLock(*sql.DB) lock+unlock", 2, func() int {
+					return timeOp(func(ctx context.Context) error {
+						return pglock.WithLock(ctx, db, key, func(context.Context, bool) error { return nil })
+					})
+				}},
+				{"WithLock(*sql.DB) NoWait lock+unlock", 2, func() int {
+					return timeOp(func(ctx context.Context) error {
+						return pglock.WithLock(ctx, db, key, func(context.Context, bool) error { return nil }, pglock.NoWait())
+					})
+				}},
 				// The Locker takes a pooled connection: best of 3 measures a
 				// warm pool.
 				{"Locker.Lock with deadline", 1, func() int {

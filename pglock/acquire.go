@@ -2,6 +2,7 @@ package pglock
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"slices"
 
@@ -211,6 +212,10 @@ func (l *Locker) notify() {
 
 var errSharedGone = errors.New("the shared connection was closed")
 
+// disposableSet is the size above which a set's failed wait on a
+// connection of its own closes the connection instead of settling.
+const disposableSet = 1000
+
 // tryShared tries a's keys, without waiting, on the shared connection s,
 // which pick reserved. It returns the lock, or nil and the outcome. A try
 // that will be followed by a wait does not look up the holders.
@@ -222,7 +227,8 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 		return nil, engine.Result{Failure: engine.Lost, Err: errSharedGone}
 	}
 	req := a.req
-	req.Try, req.Report = true, a.req.Try && a.req.Report
+	// A shared connection holds locks: an earlier acquisition set it up.
+	req.Try, req.Report, req.Proven = true, a.req.Try && a.req.Report, true
 	r := engine.Run(ctx, s.conn, req, a.bounds)
 	if errs := failure(r); !r.Granted && !r.Busy && slices.Contains(errs, ErrSessionLost) {
 		s.kill(causes(errs...))
@@ -252,26 +258,18 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		}
 		return nil, newError(a.op, a.req, err)
 	}
-	r := engine.Run(ctx, conn, a.req, a.bounds)
+	req := a.req
+	// The connection holds nothing else: a huge set's failed wait closes it
+	// rather than settle and undo thousands of keys.
+	req.Disposable = len(req.Keys) > disposableSet
+	r := engine.Run(ctx, conn, req, a.bounds)
 	if !r.Granted {
 		l.opened(nil, counted)
 		errs := failure(r)
 		if r.Busy {
 			errs = []error{ErrNotAcquired}
 		}
-		if slices.Contains(errs, ErrSessionLost) {
-			if !engine.Abandoned(r.Err) { // else its reaper closes it
-				engine.Discard(conn)
-			}
-			if engine.Ended(ctx) != nil {
-				// The driver closed the session to interrupt the wait. It
-				// was this call's own and held nothing else: not news to
-				// the caller.
-				errs = slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
-			}
-		} else {
-			_ = conn.Close() // settled: this session holds no lock
-		}
+		errs = giveBack(ctx, conn, r, errs)
 		e := newError(a.op, a.req, errs...)
 		e.Holders = holders(r.Holders)
 		return nil, e
@@ -283,6 +281,29 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 	l.watchers.Add(1)
 	go s.watch(l.interval)
 	return lk, nil
+}
+
+// giveBack ends a dedicated connection whose acquisition failed with
+// errs: closed (discarded) when its session is lost or its outcome was not
+// settled, else returned to the pool. It returns the errors to report.
+func giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error) []error {
+	switch lost := slices.Contains(errs, ErrSessionLost); {
+	case engine.Abandoned(r.Err):
+		// Its reaper closes the connection once the statement returns.
+		if engine.Ended(ctx) != nil {
+			return slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
+		}
+	case lost && engine.Ended(ctx) != nil:
+		// The driver closed the session to interrupt the wait. It was this
+		// call's own and held nothing else: not news to the caller.
+		engine.Discard(conn)
+		return slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
+	case lost, r.Discard:
+		engine.Discard(conn)
+	default:
+		_ = conn.Close() // settled: this session holds no lock
+	}
+	return errs
 }
 
 // opened ends the opening of a dedicated connection: s joins the shared

@@ -40,6 +40,20 @@ var (
 	// context.DeadlineExceeded instead.
 	ErrLockTimeout = errors.New("lock_timeout expired")
 
+	// ErrStatementTimeout is returned when a statement_timeout that pglock
+	// did not set (one configured on the session, role or database), or a
+	// cancel request from another session (pg_cancel_backend), ended a wait
+	// that had no ctx deadline (SQLSTATE 57014). With a deadline, pglock
+	// sets statement_timeout for the wait itself, and a wait the deadline
+	// ends wraps context.DeadlineExceeded instead.
+	ErrStatementTimeout = errors.New("canceled by statement_timeout or a cancel request (SQLSTATE 57014)")
+
+	// ErrStandby is returned by every acquisition on a server in recovery
+	// (a hot standby): PostgreSQL grants advisory locks there, but they
+	// exclude nobody on the primary. Nothing is held. Point the DSN at the
+	// primary (with libpq-style multi-host DSNs, target_session_attrs=read-write).
+	ErrStandby = errors.New("refused: the server is a standby (in recovery), where an advisory lock excludes nobody on the primary")
+
 	// ErrSessionLost means the database session ended during the call: it
 	// was terminated, the network failed, or the driver closed it to honour a
 	// cancelled ctx. Every session lock it held was released with it, and the
@@ -210,9 +224,9 @@ func failure(r engine.Result) []error {
 	return classify(r)
 }
 
-// classify explains a failed lock statement from its SQLSTATE: a deadlock,
-// a lock_timeout (the caller's deadline when the wait was bounded by it), a
-// full lock table, or a lost session.
+// classify explains a failed lock statement from its SQLSTATE: a standby, a
+// deadlock, a lock_timeout or statement_timeout (the caller's deadline when
+// the wait was bounded by it), a full lock table, or a lost session.
 func classify(r engine.Result) []error {
 	err, ctxErr := r.Err, r.Ctx
 	if err == nil {
@@ -221,11 +235,15 @@ func classify(r engine.Result) []error {
 		err = ctxErr
 	}
 	code := pgsql.SQLState(err)
-	if ctxErr == nil && r.Timed && code == pgsql.CodeLockNotAvailable {
+	if ctxErr == nil && r.Timed && (code == pgsql.CodeLockNotAvailable || code == pgsql.CodeQueryCanceled) {
 		ctxErr = context.DeadlineExceeded
 	}
 	var sentinel error
 	switch {
+	case pgsql.IsStandby(err):
+		sentinel = ErrStandby
+	case code == pgsql.CodeQueryCanceled && ctxErr == nil:
+		sentinel = ErrStatementTimeout
 	case code == pgsql.CodeDeadlock:
 		sentinel = ErrDeadlock
 	case code == pgsql.CodeLockNotAvailable && !r.Timed:

@@ -259,7 +259,12 @@ func (c *leadConfig) backoff(n int) time.Duration {
 // election waits out D, the first one included, since a candidate cannot
 // tell a released lock from one whose holder vanished. (A session whose
 // client vanished without closing its connection holds the lock until the
-// server notices; see the README on TCP keepalives.)
+// server notices: within 30 s with [DefaultKeepalive].)
+//
+// Standbys: a candidate whose pool reaches a server in recovery is never
+// elected. Each campaign fails with [ErrStandby] (logged as a warning), and
+// Lead keeps campaigning with backoff, so that it can lead once the DSN
+// reaches a primary (after a promotion, or once DNS follows a failover).
 //
 // Cost while not leading: one connection waiting on the server. While
 // leading: one lock and its health checks. With multiplexing, the leader's

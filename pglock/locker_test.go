@@ -144,8 +144,10 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 func TestLockerMultiplexingSQL(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
-	set := pgsql.Request{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}}
-	one := func(k int64) pgsql.Request { return pgsql.Request{Keys: []keys.Key{keys.Int64(k)}} }
+	// The first lock sets its new connection up; the next ones are tried on
+	// a connection already set up.
+	set := pgsql.Request{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}, Proven: true}
+	one := func(k int64) pgsql.Request { return pgsql.Request{Keys: []keys.Key{keys.Int64(k)}, Proven: true} }
 	mock.ExpectExec(lock42).WillReturnResult(rows(1))
 	mock.ExpectExec(one(43).TrySQL()).WillReturnResult(rows(1))
 	mock.ExpectExec(one(44).TrySQL()).WillReturnResult(rows(0))

@@ -39,7 +39,7 @@ func ReportHolders() Option { return func(r request) request { r.Report = true; 
 // newRequest returns call's request on ks with opts, and whether ks names
 // a lock.
 func newRequest(call engine.Call, ks []keys.Key, opts []Option) (request, bool) {
-	var o request
+	o := engine.DefaultOptions()
 	for _, opt := range opts {
 		if opt != nil {
 			o = opt(o)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/DATA-DOG/go-sqlmock"
 
+	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
@@ -26,19 +27,38 @@ var (
 	errCanceled    = testkit.Canceled
 )
 
-const (
-	lock42      = "SELECT pg_catalog.pg_advisory_lock('42'::bigint)"
-	try42       = "SELECT 1 WHERE pg_catalog.pg_try_advisory_lock('42'::bigint)"
-	unlock42    = "SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)"
-	held42      = "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '0'::oid AND objid = '42'::oid AND objsubid = '1'::smallint AND mode = 'ExclusiveLock' AND granted"
-	xlock42     = "SAVEPOINT pglocks_wait; SELECT pg_catalog.pg_advisory_xact_lock('42'::bigint); RELEASE SAVEPOINT pglocks_wait"
-	xtry42      = "SELECT 1 WHERE pg_catalog.pg_try_advisory_xact_lock('42'::bigint)"
-	rollbackSP  = "ROLLBACK TO SAVEPOINT pglocks_wait; RELEASE SAVEPOINT pglocks_wait"
-	timedPrefix = "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '"
+// What the calls on key 42 send. The acquiring statements come from the
+// engine's own request builder (their text is pinned in internal/pgsql):
+// these tests are about which statements a call sends, and in what order.
+var (
+	lock42     = sent(engine.LockConn, keys.Int64(42), false)
+	try42      = sent(engine.TryLockConn, keys.Int64(42), false)
+	xlock42    = sent(engine.LockTx, keys.Int64(42), false)
+	xtry42     = sent(engine.TryLockTx, keys.Int64(42), false)
+	unlock42   = "SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)"
+	held42     = "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '0'::oid AND objid = '42'::oid AND objsubid = '1'::smallint AND mode = 'ExclusiveLock' AND granted"
+	rollbackSP = "ROLLBACK TO SAVEPOINT pglocks_wait; RELEASE SAVEPOINT pglocks_wait"
 )
 
-func timed(ms string, call string) string {
-	return timedPrefix + ms + "ms', true), " + strings.TrimPrefix(call, "SELECT ") + " OFFSET 0) AS w"
+// sent is the acquiring statement of call on k, without a deadline.
+func sent(call engine.Call, k keys.Key, shared bool) string {
+	o := engine.DefaultOptions()
+	o.Shared = shared
+	r, _ := call.Request([]keys.Key{k}, o)
+	return r.AcquireSQL(0)
+}
+
+// timedPattern matches the acquiring statement of call on key 42 with a
+// deadline, whatever the time left.
+func timedPattern(call engine.Call) *regexp.Regexp {
+	o := engine.DefaultOptions()
+	r, _ := call.Request([]keys.Key{keys.Int64(42)}, o)
+	a, b := r.AcquireSQL(111111), r.AcquireSQL(222222)
+	i := strings.Index(a, "111111")
+	if i < 0 || a[:i] != b[:i] {
+		panic("timedPattern: no lock_timeout in " + a)
+	}
+	return regexp.MustCompile("^" + strings.ReplaceAll(regexp.QuoteMeta(a), "111111", "[0-9]+") + "$")
 }
 
 func newMock(t *testing.T) (*sql.DB, sqlmock.Sqlmock, *sql.Conn) {
@@ -68,24 +88,24 @@ func TestSQLSent(t *testing.T) {
 		{"LockConn", func(c *sql.Conn, _ *sql.Tx) error { return pglock.LockConn(ctx, c, keys.Int64(42)) }, lock42, rows(1)},
 		{"LockConn shared pair", func(c *sql.Conn, _ *sql.Tx) error {
 			return pglock.LockConn(ctx, c, keys.Pair(1, -2), pglock.Shared())
-		}, "SELECT pg_catalog.pg_advisory_lock_shared('1'::integer, '-2'::integer)", rows(1)},
+		}, sent(engine.LockConn, keys.Pair(1, -2), true), rows(1)},
 		{"LockConn min int64", func(c *sql.Conn, _ *sql.Tx) error {
 			return pglock.LockConn(ctx, c, keys.Int64(-9223372036854775808))
-		}, "SELECT pg_catalog.pg_advisory_lock('-9223372036854775808'::bigint)", rows(1)},
+		}, sent(engine.LockConn, keys.Int64(-9223372036854775808), false), rows(1)},
 		{"LockConn string key", func(c *sql.Conn, _ *sql.Tx) error { return pglock.LockConn(ctx, c, keys.String("a")) },
-			"SELECT pg_catalog.pg_advisory_lock('-5808556873153909620'::bigint)", rows(1)},
+			sent(engine.LockConn, keys.Int64(-5808556873153909620), false), rows(1)},
 		{"TryLockConn", func(c *sql.Conn, _ *sql.Tx) error { _, err := pglock.TryLockConn(ctx, c, keys.Int64(42)); return err }, try42, rows(1)},
 		{"TryLockConn shared", func(c *sql.Conn, _ *sql.Tx) error {
 			_, err := pglock.TryLockConn(ctx, c, keys.Int64(42), pglock.Shared())
 			return err
-		}, "SELECT 1 WHERE pg_catalog.pg_try_advisory_lock_shared('42'::bigint)", rows(1)},
+		}, sent(engine.TryLockConn, keys.Int64(42), true), rows(1)},
 		{"LockConn NoWait", func(c *sql.Conn, _ *sql.Tx) error { return pglock.LockConn(ctx, c, keys.Int64(42), pglock.NoWait()) }, try42, rows(1)},
 		{"UnlockConn", func(c *sql.Conn, _ *sql.Tx) error { return pglock.UnlockConn(ctx, c, keys.Int64(42)) }, unlock42, rows(1)},
 		{"UnlockConn shared", func(c *sql.Conn, _ *sql.Tx) error { return pglock.UnlockConn(ctx, c, keys.Int64(42), pglock.Shared()) },
 			"SELECT 1 WHERE pg_catalog.pg_advisory_unlock_shared('42'::bigint)", rows(1)},
 		{"LockTx", func(_ *sql.Conn, tx *sql.Tx) error { return pglock.LockTx(ctx, tx, keys.Int64(42)) }, xlock42, rows(1)},
 		{"LockTx shared", func(_ *sql.Conn, tx *sql.Tx) error { return pglock.LockTx(ctx, tx, keys.Int64(42), pglock.Shared()) },
-			"SAVEPOINT pglocks_wait; SELECT pg_catalog.pg_advisory_xact_lock_shared('42'::bigint); RELEASE SAVEPOINT pglocks_wait", rows(1)},
+			sent(engine.LockTx, keys.Int64(42), true), rows(1)},
 		{"TryLockTx", func(_ *sql.Conn, tx *sql.Tx) error { _, err := pglock.TryLockTx(ctx, tx, keys.Int64(42)); return err }, xtry42, rows(1)},
 	}
 	for _, tt := range tests {
@@ -124,7 +144,7 @@ func TestFarDeadlineIsNotSentAsLockTimeout(t *testing.T) {
 }
 
 func TestDeadlineSQL(t *testing.T) {
-	// The deadline becomes lock_timeout in the same statement.
+	// The deadline becomes lock_timeout and statement_timeout in the same message.
 	for _, tx := range []bool{false, true} {
 		db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherRegexp))
 		if err != nil {
@@ -133,14 +153,15 @@ func TestDeadlineSQL(t *testing.T) {
 		defer db.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		want := regexp.QuoteMeta(timedPrefix) + `(29\d\d\d|30000)` + regexp.QuoteMeta("ms', true), pg_catalog.pg_advisory_lock('42'::bigint) OFFSET 0) AS w")
+		call := engine.LockConn
 		if tx {
 			mock.ExpectBegin()
-			want = "^" + regexp.QuoteMeta("SAVEPOINT pglocks_wait; ") + strings.Replace(want, "pg_advisory_lock", "pg_advisory_xact_lock", 1) +
-				regexp.QuoteMeta("; RELEASE SAVEPOINT pglocks_wait") + "$"
-		} else {
-			want = "^" + want + "$"
+			call = engine.LockTx
 		}
+		// The time left before the deadline, in milliseconds, is in the
+		// statement that waits.
+		r, _ := call.Request([]keys.Key{keys.Int64(42)}, engine.DefaultOptions())
+		want := "^" + strings.ReplaceAll(regexp.QuoteMeta(r.AcquireSQL(777777)), "777777", `(29\d\d\d|30000)`) + "$"
 		mock.ExpectExec(want).WillReturnResult(rows(1))
 		if tx {
 			t2, err := db.Begin()
@@ -304,7 +325,7 @@ func TestSettle(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherFunc(func(expected, actual string) error {
-				if expected == "timed" && strings.HasPrefix(actual, timedPrefix) || strings.HasPrefix(actual, "SAVEPOINT pglocks_wait; "+timedPrefix) && expected == "timed" {
+				if expected == "timed" && (timedPattern(engine.LockConn).MatchString(actual) || timedPattern(engine.LockTx).MatchString(actual)) {
 					return nil
 				}
 				if expected != actual {

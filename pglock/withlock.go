@@ -3,6 +3,7 @@ package pglock
 import (
 	"context"
 	"database/sql"
+	"errors"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
@@ -23,6 +24,7 @@ import (
 //     back to the pool only when the unlock is confirmed; otherwise it is
 //     closed, which releases the lock on the server. fn should use its own
 //     queries through db as usual; the lock's connection is not exposed.
+//     The lock is watched while fn runs, as a [Locker]'s is (see below).
 //
 // Other handles do not compile. With sqlx, pass db.DB or tx.Tx (the
 // *sql.DB and *sql.Tx a *sqlx.DB and *sqlx.Tx embed); with GORM, the *sql.DB
@@ -45,6 +47,30 @@ import (
 // lock is released. Errors of the acquisition have Op "lock", of the release
 // "unlock".
 //
+// Over a *sql.DB the lock is watched while fn runs, since nothing else
+// uses its connection:
+//
+//   - The session is kept alive: like every session-lock acquisition, the
+//     acquiring message sets the session's idle_session_timeout to 0 (once
+//     per session, no round trip of its own), so the server does not end
+//     the idle session, and the lock with it, while fn works elsewhere. The
+//     setting stays on the pooled connection afterwards.
+//   - It is verified every [DefaultHealthCheck] (5 s) by a [Locker]'s health
+//     check on that connection. When it is lost (the backend was
+//     terminated, the server restarted, the connection broke), fn's ctx is
+//     cancelled with cause [ErrLost] (context.Cause(ctx) == ErrLost), within
+//     about that interval of the loss, plus the check's own round trip.
+//     fn should stop promptly when its ctx is done: another session may
+//     already hold the lock.
+//   - WithLock then returns fn's error joined with an error (Op "unlock")
+//     wrapping [ErrNotHeld] and [ErrLost] that says why, whatever fn
+//     returned: errors.Is(err, ErrLost) holds whenever the lock ended while
+//     fn ran, even if fn returned nil or ctx's error.
+//
+// On a *sql.Conn or *sql.Tx nothing is watched: the caller owns those
+// sessions. A session lock lost on a *sql.Conn shows only in the unlock's
+// error.
+//
 // Session locks cannot work through PgBouncer in transaction pooling mode:
 // call [CheckSessionLocks] at startup, or use a *sql.Tx there. WithLock
 // does not check on each call.
@@ -58,7 +84,7 @@ func WithLock[H Handle](ctx context.Context, h H, key keys.Key, fn func(ctx cont
 	case *sql.Tx:
 		return withTx(ctx, x, key, fn, opts)
 	case *sql.Conn:
-		return withConn(ctx, x, key, fn, opts, engine.Caller, nil)
+		return withConn(ctx, x, key, fn, opts)
 	}
 	return withDB(ctx, any(h).(*sql.DB), key, fn, opts)
 }
@@ -76,39 +102,32 @@ func withTx(ctx context.Context, tx *sql.Tx, key keys.Key, fn func(context.Conte
 	return fn(ctx, held)
 }
 
-// withConn is WithLock on a *sql.Conn, bounded by b. done, if set, is told
-// whether the release was confirmed, and whether the connection is already
-// being discarded (an abandoned statement's).
-func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option, b engine.Bounds, done func(released, discarding bool)) (err error) {
+// withConn is WithLock on a *sql.Conn.
+func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option) (err error) {
 	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
 	if fn == nil {
 		return newError("lock", req, ErrNilHandle, errNilFunc)
 	}
-	held, err := lockOn(ctx, "lock", conn, req, ok, false, b)
-	if err != nil || !held {
-		if done != nil {
-			done(true, engine.Abandoned(err)) // nothing is held: an unsettled session was discarded
-		}
-		if err != nil {
-			return err
-		}
+	held, err := lockOn(ctx, "lock", conn, req, ok, false, engine.Caller)
+	if err != nil {
+		return err
+	}
+	if !held {
 		return fn(ctx, false)
 	}
 	defer func() {
-		uerr := unlockOn(ctx, conn, req)
-		if done != nil {
-			done(uerr == nil, engine.Abandoned(uerr))
-		}
-		if uerr != nil {
+		if uerr := unlockOn(ctx, conn, req); uerr != nil {
 			err = causes(err, newError("unlock", req, uerr))
 		}
 	}()
 	return fn(ctx, true)
 }
 
-// withDB is WithLock on a *sql.DB: withConn on a connection of the pool,
-// given back only once nothing is held on it, and closed otherwise.
-func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Context, bool) error, opts []Option) error {
+// withDB is WithLock on a *sql.DB, watched: the lock is taken and held as
+// a Locker's, on a connection of its own (a Locker of this call, without
+// multiplexing or session check), and verified by its health checks while
+// fn runs. fn's ctx is cancelled with cause ErrLost when the lock is lost.
+func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Context, bool) error, opts []Option) (err error) {
 	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
 	switch {
 	case db == nil:
@@ -118,18 +137,24 @@ func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Conte
 	case !ok:
 		return invalid("lock", req)
 	}
-	conn, err := engine.Conn(ctx, db, engine.Owned)
-	if err != nil {
-		return newError("lock", req, engine.Ended(ctx), err)
+	l := NewLocker(db, WithMultiplexing(0), WithSessionCheck(false))
+	defer l.watchers.Wait() // the health checks end with the lock's session
+	lk, err := l.acquire(ctx, "lock", engine.WithLock, []keys.Key{key}, opts)
+	switch {
+	case err == nil:
+	case req.Try && errors.Is(err, ErrNotAcquired):
+		return fn(ctx, false) // busy, settled: the connection went back to the pool
+	default:
+		return err
 	}
-	return withConn(ctx, conn, key, fn, opts, engine.OwnedBy(db), func(released, discarding bool) {
-		switch {
-		case discarding:
-			// An abandoned statement's reaper closes it once it returns.
-		case released:
-			_ = conn.Close() // back to the pool, holding nothing
-		default:
-			engine.Discard(conn) // it may still hold the lock
+	fctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(lk.ctx, func() { cancel(context.Cause(lk.ctx)) })
+	defer func() {
+		stop()
+		cancel(context.Canceled) // fn has returned; a loss above stays the cause if it came first
+		if uerr := lk.Unlock(ctx); uerr != nil {
+			err = causes(err, uerr)
 		}
-	})
+	}()
+	return fn(fctx, true)
 }

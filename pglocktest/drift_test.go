@@ -147,20 +147,23 @@ func TestWaitPattern(t *testing.T) {
 // breaks with it.
 func TestStatementsPinned(t *testing.T) {
 	k := []keys.Key{keys.Int64(42)}
+	// The setup a session not yet set up gets (pinned in internal/pgsql).
+	setupS := pgsql.Request{Keys: k, Keepalive: pgsql.DefaultKeepalive()}.SetupSQL()
+	setupX := pgsql.Request{Keys: k, Scope: pgsql.Xact, Keepalive: pgsql.DefaultKeepalive()}.SetupSQL()
 	for _, tc := range []struct {
 		call engine.Call
 		opts []pglock.Option
 		want []string
 	}{
 		{engine.LockConn, nil, []string{
-			"SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
-			"SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '250ms', true), pg_catalog.pg_advisory_lock('42'::bigint) OFFSET 0) AS w",
+			setupS + "; SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
+			setupS + ", pg_catalog.set_config('statement_timeout', '250ms', true), pg_catalog.set_config('lock_timeout', '250ms', true); SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
 		}},
-		{engine.TryLockConn, []pglock.Option{pglock.Shared()}, []string{"SELECT 1 WHERE pg_catalog.pg_try_advisory_lock_shared('42'::bigint)"}},
+		{engine.TryLockConn, []pglock.Option{pglock.Shared()}, []string{pgsql.Request{Keys: k, Shared: true, Try: true, Keepalive: pgsql.DefaultKeepalive()}.TrySQL()}},
 		{engine.LockTx, nil, []string{
-			"SAVEPOINT pglocks_wait; SELECT pg_catalog.pg_advisory_xact_lock('42'::bigint); RELEASE SAVEPOINT pglocks_wait",
+			"SAVEPOINT pglocks_wait; " + setupX + "; SELECT pg_catalog.pg_advisory_xact_lock('42'::bigint); RELEASE SAVEPOINT pglocks_wait",
 		}},
-		{engine.TryLockTx, nil, []string{"SELECT 1 WHERE pg_catalog.pg_try_advisory_xact_lock('42'::bigint)"}},
+		{engine.TryLockTx, nil, []string{pgsql.Request{Keys: k, Scope: pgsql.Xact, Try: true, Keepalive: pgsql.DefaultKeepalive()}.TrySQL()}},
 	} {
 		req, _ := tc.call.Request(k, options(tc.opts))
 		steps, err := script(req, Acquired)

@@ -196,7 +196,7 @@ func validate(name string, req pgsql.Request, out Outcome) error {
 // options returns what opts change in a request: pglock's options applied
 // to the zero Request.
 func options(opts []pglock.Option) pgsql.Request {
-	var r pgsql.Request
+	r := engine.DefaultOptions()
 	for _, opt := range opts {
 		if opt != nil {
 			r = opt(r)

@@ -102,7 +102,7 @@ const exitHelp = `Exit codes of "pglock run": the command's own exit code when i
 when it was killed by signal N; the --conflict-exit-code (default 1) when the
 lock was busy (--nowait) or --timeout expired; the --lost-exit-code (default
 75) when the lock was lost while the command ran; 2 for usage errors; 69 when
-the database could not be reached; 126/127 when the command cannot be run or
+the database could not be reached or is a standby (in recovery); 126/127 when the command cannot be run or
 is not found; 128+N when pglock itself got signal N while it waited.
 `
 

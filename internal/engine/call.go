@@ -24,13 +24,18 @@ const (
 	LockerTry               // Locker.TryLock and Locker.TryLockAll
 )
 
-// Request returns c's request on ks, with opts, the zero Request changed by
-// the caller's options (Shared, Try for NoWait, Report for ReportHolders).
+// DefaultOptions is what a call's options change: the default keepalive
+// ([pgsql.DefaultKeepalive]) and nothing else.
+func DefaultOptions() pgsql.Request { return pgsql.Request{Keepalive: pgsql.DefaultKeepalive()} }
+
+// Request returns c's request on ks, with opts, [DefaultOptions] changed by
+// the caller's options (Shared, Try for NoWait, Report for ReportHolders,
+// Keepalive).
 // A request of one key keeps it as given; several are put in canonical
 // order without repeats (keys.Canonical). It reports false when ks names no
 // lock (empty, or holding a zero key): nothing is sent for it.
 func (c Call) Request(ks []keys.Key, opts pgsql.Request) (pgsql.Request, bool) {
-	r := pgsql.Request{Keys: ks, Shared: opts.Shared, Scope: pgsql.Session, Try: opts.Try, Report: opts.Report}
+	r := pgsql.Request{Keys: ks, Shared: opts.Shared, Scope: pgsql.Session, Try: opts.Try, Report: opts.Report, Keepalive: opts.Keepalive}
 	if len(ks) > 1 {
 		r.Keys = keys.Canonical(ks)
 	}

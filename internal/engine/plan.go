@@ -102,7 +102,7 @@ type Plan struct {
 // NewPlan returns the plan of req. ms is the lock_timeout, in milliseconds,
 // that bounds a wait on the server (0: none); a try ignores it.
 func NewPlan(req pgsql.Request, ms int64) *Plan {
-	return &Plan{req: req, ms: ms}
+	return &Plan{req: req, ms: ms, res: Result{Timed: ms > 0 && !req.Try}}
 }
 
 // Done reports whether the plan has ended: [Plan.Result] is then final.
@@ -160,20 +160,49 @@ func (p *Plan) Next(a Answer) bool {
 func (p *Plan) afterAcquire(a Answer) {
 	p.first = a
 	p.res.Err, p.res.Ctx = a.Err, a.Ctx
+	if a.Err == nil && a.Ctx == nil {
+		p.answered(a.Rows)
+		return
+	}
+	p.failed(a.Err)
+}
+
+// answered decides on an acquiring statement that succeeded with rows.
+func (p *Plan) answered(rows int64) {
+	r := p.req
+	counted := r.Try && !r.InSavepoint() // a try that answers with its row count
+	if counted && !r.Proven && rows == pgsql.StandbyRows {
+		// The guarded one-key try found a standby: it took nothing.
+		p.res.Err = pgsql.StandbyError{}
+		p.fail(Classify)
+		return
+	}
+	// A wait either succeeds or fails, and so does a statement run in the
+	// savepoint (its row count is RELEASE SAVEPOINT's, 0); a try returns
+	// one row when it took the lock, and none when busy.
+	p.finish(Result{Granted: !counted || rows == 1, Busy: counted && rows != 1})
+}
+
+// failed decides on an acquiring statement that failed with err, or that
+// ctx interrupted (err may then be nil).
+func (p *Plan) failed(err error) {
+	inSP := p.req.InSavepoint()
 	switch {
-	case a.Err == nil && a.Ctx == nil:
-		// A wait either succeeds or fails, and so does a statement run in
-		// the savepoint (its row count is RELEASE SAVEPOINT's, 0); a try
-		// returns one row when it took the lock, and none when busy.
-		p.finish(Result{Granted: !p.req.Try || p.req.InSavepoint() || a.Rows == 1, Busy: p.req.Try && !p.req.InSavepoint() && a.Rows != 1})
-	case a.Err != nil && notRun(a.Err):
+	case err != nil && notRun(err):
 		// Nothing ran: no settling, and the connection is not touched.
 		p.fail(NotRun)
-	case p.req.InSavepoint() && a.Err != nil && ranInSavepoint(a.Err):
+	case !inSP && pgsql.IsStandby(err):
+		// The standby guard failed the message before any lock function.
+		p.fail(Classify)
+	case p.req.Disposable && p.req.Scope == pgsql.Session && !p.req.Try:
+		// Closing the session releases whatever the wait took.
+		p.res.Discard = true
+		p.fail(Classify)
+	case inSP && err != nil && ranInSavepoint(err):
 		// Everything the statement took since the savepoint goes with the
 		// rollback to it.
 		p.to(stRollback)
-	case p.req.InSavepoint() && a.Err != nil:
+	case inSP && err != nil:
 		// The statement may never have been sent (database/sql returns
 		// ctx's error when ctx ends just before the call), or may have run
 		// to the end. Either way the transaction is not aborted, and rolling

@@ -42,8 +42,8 @@ type Result struct {
 	Ctx   error // the caller's context error, when it ended the acquiring statement
 	Check error // a settling statement's error, when it matters
 
-	// Timed says the wait was bounded on the server by a lock_timeout
-	// taken from the caller's deadline. Set by Run.
+	// Timed says the wait was bounded on the server by the lock_timeout
+	// and statement_timeout taken from the caller's deadline.
 	Timed bool
 
 	// Holders lists who holds the keys, when the request asked for them
@@ -61,7 +61,8 @@ func (r Result) Explains() bool {
 	if r.Granted || r.Failure == Lost || r.Failure == NotRun {
 		return false
 	}
-	return pgsql.SQLState(r.Err) == pgsql.CodeLockNotAvailable ||
+	code := pgsql.SQLState(r.Err)
+	return code == pgsql.CodeLockNotAvailable || (r.Timed && code == pgsql.CodeQueryCanceled) ||
 		errors.Is(r.Ctx, context.DeadlineExceeded) || errors.Is(r.Err, context.DeadlineExceeded)
 }
 

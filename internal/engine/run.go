@@ -57,7 +57,7 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 		p.Next(a)
 	}
 	res := p.Result()
-	res.Timed, res.Holders = ms > 0, holders
+	res.Holders = holders
 	return res
 }
 

@@ -57,14 +57,7 @@ func HoldersSQL(ks ...keys.Key) string {
 		"WHERE l.locktype = 'advisory' " +
 		"AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())")
 	if len(ks) > 0 {
-		b.WriteString(" AND (l.classid, l.objid, l.objsubid) IN (")
-		for i, k := range ks {
-			if i > 0 {
-				b.WriteString(", ")
-			}
-			b.WriteString(TagTuple(k))
-		}
-		b.WriteString(")")
+		b.WriteString(" AND " + tagsIn("l.", ks))
 	}
 	b.WriteString(" ORDER BY l.granted DESC, wait_start NULLS LAST, l.pid NULLS LAST, l.classid, l.objid, l.objsubid, l.mode")
 	return b.String()

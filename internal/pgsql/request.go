@@ -44,6 +44,19 @@ type Request struct {
 	Scope  Scope // session or transaction locks
 	Try    bool  // try once instead of waiting
 	Report bool  // look up the holders when the lock is found busy (no SQL of its own here)
+
+	// Keepalive is the server-side TCP keepalive the acquiring statement
+	// gives the session (see [Keepalive]); the zero value sets none.
+	Keepalive Keepalive
+	// Disposable says the session holds nothing else and may be closed
+	// instead of settled when a session-scope wait fails: the caller then
+	// discards it (Result.Discard), which releases whatever the wait took,
+	// at once, where settling and undoing a huge set takes time.
+	Disposable bool
+	// Proven says the session already passed the standby guard and has
+	// the request's settings: an earlier acquisition of this library
+	// succeeded on it. The acquiring statement then carries no setup.
+	Proven bool
 }
 
 // Mode returns the pg_locks mode of the request: "ShareLock" or
@@ -163,72 +176,89 @@ func (r Request) AcquireSQL(ms int64) string {
 	return r.WaitSQL(ms)
 }
 
-// WaitSQL waits on the server until every lock is granted. With ms > 0 the
-// wait is bounded by lock_timeout = ms milliseconds, set and restored in the
-// same statement. For one key:
+// WaitSQL waits on the server until every lock is granted, in one message.
+// Unless the request is Proven, it first runs the setup ([Request.SetupSQL]):
+// the standby guard and the session's keepalive. With ms > 0 the wait is
+// bounded by the caller's deadline, ms milliseconds: lock_timeout bounds
+// each lock's wait and statement_timeout the whole statement, both set for
+// the message alone, so that neither a session's nor a role's timeouts cut
+// short a wait the deadline allows. For one key, session scope:
 //
-//	SELECT pg_catalog.pg_advisory_lock('42'::bigint)                  -- ms == 0
+//	SELECT CASE ... END, pg_catalog.set_config('statement_timeout', '250ms', true),
+//	       pg_catalog.set_config('lock_timeout', '250ms', true);
+//	SELECT pg_catalog.pg_advisory_lock('42'::bigint)
 //
-//	SELECT pg_catalog.set_config('lock_timeout', w.saved, true)       -- ms > 0
-//	FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved,
-//	             pg_catalog.set_config('lock_timeout', '250ms', true),
-//	             pg_catalog.pg_advisory_lock('42'::bigint)
-//	      OFFSET 0) AS w
+// The settings are local to the message's implicit transaction. In a
+// transaction the message runs inside SAVEPOINT pglocks_wait, and saves and
+// restores both settings around the wait (in the placeholder settings
+// pglocks.statement_timeout and pglocks.lock_timeout), since RELEASE
+// SAVEPOINT keeps what was set inside it; a failure rolls back to the
+// savepoint, which restores them too.
 //
-// The subquery's columns are evaluated in order and kept because they are
-// volatile; OFFSET 0 keeps the subquery from being flattened. When the wait
-// fails, the setting is undone by the end of the statement's implicit
-// transaction (session scope) or by the savepoint's rollback.
-//
-// For several keys, the calls are listed in an array, and with ms > 0
-// lock_timeout is set before each lock to the time left since the statement
-// started (lock_timeout alone bounds each wait, not their sum):
+// For several keys, the calls are listed in an array:
 //
 //	SELECT pg_catalog.array_length(ARRAY[pg_catalog.pg_advisory_lock('1'::bigint) IS NULL, ...], 1)
 //
 // A failure can leave the locks taken before it held: for session scope,
-// release them with [Request.UnlockSQL]; for transaction scope the statement runs
-// inside SAVEPOINT pglocks_wait, sent in the same message, and
+// release them with [Request.UnlockSQL]; for transaction scope
 // [RollbackSavepointSQL] releases them.
 func (r Request) WaitSQL(ms int64) string {
-	var q string
-	switch {
-	case r.single() && ms <= 0:
-		q = "SELECT " + r.fn(false) + "(" + args(r.Keys[0]) + ")"
-	case r.single():
-		q = "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '" +
-			strconv.FormatInt(ms, 10) + "ms', true), " + r.fn(false) + "(" + args(r.Keys[0]) + ") OFFSET 0) AS w"
-	case ms <= 0:
-		q = "SELECT pg_catalog.array_length(ARRAY[" + r.calls(func(_ int, k keys.Key) string { return r.fn(false) + "(" + args(k) + ") IS NULL" }) + "], 1)"
-	default:
-		q = "SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.array_length(ARRAY[" +
-			r.calls(func(_ int, k keys.Key) string {
-				return "pg_catalog.set_config('lock_timeout', " + timeLeft(ms) + ", true) IS NULL, " + r.fn(false) + "(" + args(k) + ") IS NULL"
-			}) + "], 1) OFFSET 0) AS w"
+	var lock string
+	if r.single() {
+		lock = "SELECT " + r.fn(false) + "(" + args(r.Keys[0]) + ")"
+	} else {
+		lock = "SELECT pg_catalog.array_length(ARRAY[" + r.calls(func(_ int, k keys.Key) string { return r.fn(false) + "(" + args(k) + ") IS NULL" }) + "], 1)"
+	}
+	var pre []string
+	if !r.Proven {
+		pre = append(pre, r.setupExpr())
+	}
+	if ms > 0 && r.Scope == Xact {
+		pre = append(pre, saveTimeouts)
+	}
+	if ms > 0 {
+		t := strconv.FormatInt(ms, 10) + "ms"
+		pre = append(pre, "pg_catalog.set_config('statement_timeout', '"+t+"', true)", "pg_catalog.set_config('lock_timeout', '"+t+"', true)")
+	}
+	q := lock
+	if len(pre) > 0 {
+		q = "SELECT " + strings.Join(pre, ", ") + "; " + lock
 	}
 	if r.Scope == Xact {
+		if ms > 0 {
+			q += "; " + restoreTimeouts
+		}
 		return inSavepoint(q)
 	}
 	return q
 }
 
-// timeLeft renders the lock_timeout left of ms milliseconds since the
-// statement started, at least 1ms (0 would mean no timeout).
-func timeLeft(ms int64) string {
-	return "(GREATEST(1, '" + strconv.FormatInt(ms, 10) +
-		"'::bigint - (pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - pg_catalog.statement_timestamp()) * 1000)::bigint))::text || 'ms'"
-}
+// Saving and restoring a transaction's timeouts around a bounded wait.
+const (
+	saveTimeouts = "pg_catalog.set_config('pglocks.statement_timeout', pg_catalog.current_setting('statement_timeout'), true), " +
+		"pg_catalog.set_config('pglocks.lock_timeout', pg_catalog.current_setting('lock_timeout'), true)"
+	restoreTimeouts = "SELECT pg_catalog.set_config('statement_timeout', pg_catalog.current_setting('pglocks.statement_timeout'), true), " +
+		"pg_catalog.set_config('lock_timeout', pg_catalog.current_setting('pglocks.lock_timeout'), true)"
+)
 
 // CodeSetBusy is the SQLSTATE of a transaction-scope [Request.TrySQL] of several
 // keys that found a lock busy (division_by_zero, raised on purpose).
 const CodeSetBusy = "22012"
 
-// TrySQL tries every lock once, without waiting.
+// TrySQL tries every lock once, without waiting. Unless the request is
+// Proven, it first sets up the session as [Request.SetupSQL] does.
 //
 // One key: the statement returns one row when it took the lock and none
-// when it is busy, at both scopes:
+// when it is busy, at both scopes. Proven:
 //
 //	SELECT 1 WHERE pg_catalog.pg_try_advisory_lock('42'::bigint)
+//
+// Unproven, the setup is folded into the same statement, which returns
+// [StandbyRows] rows on a standby instead of raising an error, so that a try
+// in a caller's transaction never aborts it:
+//
+//	SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN <set up> THEN <try>
+//	  WHEN pg_catalog.pg_is_in_recovery() THEN 2 WHEN <setup> IS NULL THEN 0 ELSE <try> END)
 //
 // Several keys, session scope: one row when it took them all. When any is
 // busy it releases, in the same statement, those it did take, and returns
@@ -247,17 +277,24 @@ const CodeSetBusy = "22012"
 // [CodeSetBusy] when any lock is busy; [RollbackSavepointSQL] then releases
 // those it took.
 func (r Request) TrySQL() string {
-	if r.single() {
+	switch {
+	case r.single() && !r.Proven:
+		return r.guardedTry()
+	case r.single():
 		return "SELECT 1 WHERE " + r.fn(true) + "(" + args(r.Keys[0]) + ")"
+	}
+	var setup string
+	if !r.Proven {
+		setup = r.SetupSQL() + "; "
 	}
 	tries := "ARRAY[" + r.calls(func(_ int, k keys.Key) string { return r.fn(true) + "(" + args(k) + ")" }) + "]"
 	if r.Scope == Xact {
-		return inSavepoint("SELECT 1 / (true = ALL(" + tries + "))::integer")
+		return inSavepoint(setup + "SELECT 1 / (true = ALL(" + tries + "))::integer")
 	}
 	undo := r.calls(func(i int, k keys.Key) string {
 		return "CASE WHEN NOT r.ok AND r.t[" + strconv.Itoa(i+1) + "] THEN " + r.unlockFn() + "(" + args(k) + ") END"
 	})
-	return "SELECT 1 FROM (SELECT o.t, true = ALL(o.t) AS ok FROM (SELECT " + tries +
+	return setup + "SELECT 1 FROM (SELECT o.t, true = ALL(o.t) AS ok FROM (SELECT " + tries +
 		" AS t OFFSET 0) AS o OFFSET 0) AS r WHERE r.ok OR pg_catalog.array_length(ARRAY[" + undo + "], 1) < 0"
 }
 
@@ -286,7 +323,7 @@ func (r Request) HeldSQL() string {
 			"'::oid AND objsubid = '" + strconv.Itoa(s) + "'::smallint AND mode = '" + r.Mode() + "' AND granted"
 	}
 	return "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND granted AND mode = '" +
-		r.Mode() + "' AND (classid, objid, objsubid) IN (" + r.calls(func(_ int, k keys.Key) string { return TagTuple(k) }) + ")"
+		r.Mode() + "' AND " + tagsIn("", r.Keys)
 }
 
 // HeldInSavepointSQL is [Request.HeldSQL] inside a transaction, preceded by
@@ -296,10 +333,27 @@ func (r Request) HeldSQL() string {
 // fails.
 func (r Request) HeldInSavepointSQL() string { return SavepointSQL + "; " + r.HeldSQL() }
 
-// TagTuple renders key's pg_locks tag as ('classid'::oid, 'objid'::oid,
-// 'objsubid'::smallint), to compare with (classid, objid, objsubid).
-func TagTuple(k keys.Key) string {
-	c, o, s := k.LockTag()
-	return "('" + strconv.FormatUint(uint64(c), 10) + "'::oid, '" + strconv.FormatUint(uint64(o), 10) +
-		"'::oid, '" + strconv.Itoa(s) + "'::smallint)"
+// tagsIn is the condition that a pg_locks row (columns prefixed by prefix,
+// such as "l.") has one of ks's lock tags. The tags are three array
+// literals unnested into a subquery, which the server hashes: it scales to
+// any number of keys, where a list of row tuples exhausts the parser's stack
+// near 10,000.
+//
+//	(classid, objid, objsubid) IN (SELECT * FROM ROWS FROM (pg_catalog.unnest('{0,0}'::oid[]),
+//	  pg_catalog.unnest('{1,2}'::oid[]), pg_catalog.unnest('{1,1}'::smallint[])))
+func tagsIn(prefix string, ks []keys.Key) string {
+	var c, o, s strings.Builder
+	for i, k := range ks {
+		if i > 0 {
+			c.WriteByte(',')
+			o.WriteByte(',')
+			s.WriteByte(',')
+		}
+		ci, oi, si := k.LockTag()
+		c.WriteString(strconv.FormatUint(uint64(ci), 10))
+		o.WriteString(strconv.FormatUint(uint64(oi), 10))
+		s.WriteString(strconv.Itoa(si))
+	}
+	return "(" + prefix + "classid, " + prefix + "objid, " + prefix + "objsubid) IN (SELECT * FROM ROWS FROM (pg_catalog.unnest('{" + c.String() +
+		"}'::oid[]), pg_catalog.unnest('{" + o.String() + "}'::oid[]), pg_catalog.unnest('{" + s.String() + "}'::smallint[])))"
 }

@@ -25,9 +25,9 @@ func TestTimeoutMillis(t *testing.T) {
 	}
 }
 
-// one is a request for k alone.
+// one is a request for k alone, on a session already set up (Proven).
 func one(k keys.Key, scope Scope, shared bool) Request {
-	return Request{Keys: []keys.Key{k}, Scope: scope, Shared: shared}
+	return Request{Keys: []keys.Key{k}, Scope: scope, Shared: shared, Proven: true}
 }
 
 func TestSingleKeyStatements(t *testing.T) {
@@ -38,9 +38,14 @@ func TestSingleKeyStatements(t *testing.T) {
 		{one(keys.Int64(7), Xact, false).TrySQL(), "SELECT 1 WHERE pg_catalog.pg_try_advisory_xact_lock('7'::bigint)"},
 		{one(keys.Int64(7), Session, true).UnlockSQL(), "SELECT 1 WHERE pg_catalog.pg_advisory_unlock_shared('7'::bigint)"},
 		{one(keys.Int64(7), Session, false).WaitSQL(250),
-			"SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '250ms', true), pg_catalog.pg_advisory_lock('7'::bigint) OFFSET 0) AS w"},
+			"SELECT pg_catalog.set_config('statement_timeout', '250ms', true), pg_catalog.set_config('lock_timeout', '250ms', true); SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
 		{one(keys.Int64(7), Xact, false).WaitSQL(1),
-			"SAVEPOINT pglocks_wait; SELECT pg_catalog.set_config('lock_timeout', w.saved, true) FROM (SELECT pg_catalog.current_setting('lock_timeout') AS saved, pg_catalog.set_config('lock_timeout', '1ms', true), pg_catalog.pg_advisory_xact_lock('7'::bigint) OFFSET 0) AS w; RELEASE SAVEPOINT pglocks_wait"},
+			"SAVEPOINT pglocks_wait; SELECT pg_catalog.set_config('pglocks.statement_timeout', pg_catalog.current_setting('statement_timeout'), true), " +
+				"pg_catalog.set_config('pglocks.lock_timeout', pg_catalog.current_setting('lock_timeout'), true), " +
+				"pg_catalog.set_config('statement_timeout', '1ms', true), pg_catalog.set_config('lock_timeout', '1ms', true); " +
+				"SELECT pg_catalog.pg_advisory_xact_lock('7'::bigint); " +
+				"SELECT pg_catalog.set_config('statement_timeout', pg_catalog.current_setting('pglocks.statement_timeout'), true), " +
+				"pg_catalog.set_config('lock_timeout', pg_catalog.current_setting('pglocks.lock_timeout'), true); RELEASE SAVEPOINT pglocks_wait"},
 		{one(keys.Int64(-1), Session, true).HeldSQL(),
 			"SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '4294967295'::oid AND objid = '4294967295'::oid AND objsubid = '1'::smallint AND mode = 'ShareLock' AND granted"},
 		{one(keys.Pair(3, 4), Xact, false).HeldInSavepointSQL(),
@@ -68,8 +73,8 @@ func TestSingleKeyStatements(t *testing.T) {
 
 func TestSetStatements(t *testing.T) {
 	ks := []keys.Key{keys.Int64(-5), keys.Int64(1 << 40), keys.Pair(-1, 3)}
-	s := Request{Keys: ks}
-	x := Request{Keys: ks, Scope: Xact}
+	s := Request{Keys: ks, Proven: true}
+	x := Request{Keys: ks, Scope: Xact, Proven: true}
 	calls := []string{"pg_catalog.pg_advisory_lock('-5'::bigint)", "pg_catalog.pg_advisory_lock('1099511627776'::bigint)",
 		"pg_catalog.pg_advisory_lock('-1'::integer, '3'::integer)"}
 	for name, q := range map[string]string{"wait": s.WaitSQL(0), "timed wait": s.WaitSQL(250)} {
@@ -82,8 +87,10 @@ func TestSetStatements(t *testing.T) {
 			at = i
 		}
 	}
-	if n := strings.Count(s.WaitSQL(250), "pg_catalog.set_config('lock_timeout', (GREATEST(1, '250'::bigint"); n != len(ks) {
-		t.Errorf("timed wait resets lock_timeout %d times, want once per key (%d)", n, len(ks))
+	// lock_timeout bounds each key's wait, statement_timeout their sum: both
+	// are set once, whatever the number of keys.
+	if q := s.WaitSQL(250); strings.Count(q, "set_config('lock_timeout', '250ms', true)") != 1 || strings.Count(q, "set_config('statement_timeout', '250ms', true)") != 1 {
+		t.Errorf("timed wait of a set: %s", q)
 	}
 	if q := x.WaitSQL(250); !strings.HasPrefix(q, "SAVEPOINT pglocks_wait; ") || !strings.HasSuffix(q, "; RELEASE SAVEPOINT pglocks_wait") {
 		t.Errorf("transaction wait outside the savepoint: %s", q)
@@ -98,7 +105,7 @@ func TestSetStatements(t *testing.T) {
 	if q := (Request{Keys: ks, Shared: true}).UnlockSQL(); strings.Count(q, "pg_catalog.pg_advisory_unlock_shared(") != 3 {
 		t.Errorf("shared unlock: %s", q)
 	}
-	if q := s.HeldSQL(); !strings.Contains(q, "('4294967295'::oid, '4294967291'::oid, '1'::smallint), ('256'::oid, '0'::oid, '1'::smallint), ('4294967295'::oid, '3'::oid, '2'::smallint)") {
+	if q := s.HeldSQL(); !strings.HasSuffix(q, "(classid, objid, objsubid) IN (SELECT * FROM ROWS FROM (pg_catalog.unnest('{4294967295,256,4294967295}'::oid[]), pg_catalog.unnest('{4294967291,0,3}'::oid[]), pg_catalog.unnest('{1,1,2}'::smallint[])))") {
 		t.Errorf("held: %s", q)
 	}
 	for _, q := range []string{s.WaitSQL(0), s.WaitSQL(9), s.TrySQL(), x.TrySQL(), s.UnlockSQL(), s.HeldSQL(), OwnLocksSQL} {
@@ -128,5 +135,48 @@ func TestInSavepoint(t *testing.T) {
 		if q := tc.r.AcquireSQL(0); strings.HasPrefix(q, SavepointSQL+"; ") != tc.want {
 			t.Errorf("AcquireSQL of %d keys, scope %v, try %v: %s", len(tc.r.Keys), tc.r.Scope, tc.r.Try, q)
 		}
+	}
+}
+
+// TestSetup pins the setup an acquisition on a session not yet set up
+// carries: the standby guard, then the keepalive and, for session locks,
+// idle_session_timeout = 0, applied once per session.
+func TestSetup(t *testing.T) {
+	const guard = "pg_catalog.pg_is_in_recovery() THEN pg_catalog.current_setting('" + StandbyMessage + "')"
+	k := keys.Int64(7)
+	s := Request{Keys: []keys.Key{k}, Keepalive: DefaultKeepalive()}
+	x := s
+	x.Scope = Xact
+	tests := []struct{ got, want string }{
+		{s.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=10,5,4,30000 idle=0') THEN NULL WHEN " + guard +
+			" ELSE pg_catalog.concat(pg_catalog.set_config('tcp_keepalives_idle', '10', false), pg_catalog.set_config('tcp_keepalives_interval', '5', false), " +
+			"pg_catalog.set_config('tcp_keepalives_count', '4', false), pg_catalog.set_config('tcp_user_timeout', '30000', false), " +
+			"pg_catalog.set_config('idle_session_timeout', '0', false), pg_catalog.set_config('pglocks.session', 'v1 ka=10,5,4,30000 idle=0', false)) END"},
+		// A session set up for session locks serves transaction locks too.
+		{x.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=10,5,4,30000', 'v1 ka=10,5,4,30000 idle=0') THEN NULL WHEN " + guard +
+			" ELSE pg_catalog.concat(pg_catalog.set_config('tcp_keepalives_idle', '10', false), pg_catalog.set_config('tcp_keepalives_interval', '5', false), " +
+			"pg_catalog.set_config('tcp_keepalives_count', '4', false), pg_catalog.set_config('tcp_user_timeout', '30000', false), " +
+			"pg_catalog.set_config('pglocks.session', 'v1 ka=10,5,4,30000', false)) END"},
+		{Request{Keys: []keys.Key{k}}.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=off idle=0') THEN NULL WHEN " + guard +
+			" ELSE pg_catalog.concat(pg_catalog.set_config('idle_session_timeout', '0', false), pg_catalog.set_config('pglocks.session', 'v1 ka=off idle=0', false)) END"},
+		{s.WaitSQL(0), s.SetupSQL() + "; SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
+		{s.WaitSQL(5), s.SetupSQL() + ", pg_catalog.set_config('statement_timeout', '5ms', true), pg_catalog.set_config('lock_timeout', '5ms', true); SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
+		{x.WaitSQL(0), "SAVEPOINT pglocks_wait; " + x.SetupSQL() + "; SELECT pg_catalog.pg_advisory_xact_lock('7'::bigint); RELEASE SAVEPOINT pglocks_wait"},
+		{Request{Keys: []keys.Key{k, keys.Int64(8)}, Keepalive: DefaultKeepalive(), Try: true}.TrySQL(), s.SetupSQL() + "; " +
+			Request{Keys: []keys.Key{k, keys.Int64(8)}, Proven: true}.TrySQL()},
+		{x.TrySQL(), "SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=10,5,4,30000', 'v1 ka=10,5,4,30000 idle=0') " +
+			"THEN CASE WHEN pg_catalog.pg_try_advisory_xact_lock('7'::bigint) THEN 1 ELSE 0 END WHEN pg_catalog.pg_is_in_recovery() THEN 2 " +
+			"WHEN pg_catalog.concat(pg_catalog.set_config('tcp_keepalives_idle', '10', false), pg_catalog.set_config('tcp_keepalives_interval', '5', false), " +
+			"pg_catalog.set_config('tcp_keepalives_count', '4', false), pg_catalog.set_config('tcp_user_timeout', '30000', false), " +
+			"pg_catalog.set_config('pglocks.session', 'v1 ka=10,5,4,30000', false)) IS NULL THEN 0 " +
+			"ELSE CASE WHEN pg_catalog.pg_try_advisory_xact_lock('7'::bigint) THEN 1 ELSE 0 END END)"},
+	}
+	for i, tt := range tests {
+		if tt.got != tt.want {
+			t.Errorf("%d: got  %s\nwant %s", i, tt.got, tt.want)
+		}
+	}
+	if !IsStandby(StandbyError{}) || IsStandby(nil) {
+		t.Error("IsStandby(StandbyError{})")
 	}
 }

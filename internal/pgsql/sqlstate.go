@@ -62,3 +62,13 @@ func IsSessionLost(err error) bool {
 func NeverSent(err error) bool {
 	return errors.Is(err, sql.ErrConnDone) || errors.Is(err, sql.ErrTxDone)
 }
+
+// CodeUndefinedObject is the SQLSTATE of the standby guard's error.
+const CodeUndefinedObject = "42704"
+
+// IsStandby reports whether err is the error of the standby guard
+// ([StandbyMessage]): the statement ran on a server in recovery and took
+// nothing.
+func IsStandby(err error) bool {
+	return err != nil && SQLState(err) == CodeUndefinedObject && strings.Contains(err.Error(), StandbyMessage)
+}

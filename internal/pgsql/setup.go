@@ -1,0 +1,116 @@
+package pgsql
+
+import "strconv"
+
+// Keepalive is the server-side TCP keepalive pglock sets on the sessions
+// that hold or wait for its locks, so that the server ends the session of a
+// client cut off by a partition, and releases its locks, in bounded time:
+// about Idle + Interval × Count when the connection is idle, UserTimeout
+// when data it sent goes unacknowledged. The zero Keepalive sets nothing.
+// The settings do nothing on Unix-domain sockets.
+type Keepalive struct {
+	Idle        int // tcp_keepalives_idle, seconds
+	Interval    int // tcp_keepalives_interval, seconds
+	Count       int // tcp_keepalives_count
+	UserTimeout int // tcp_user_timeout, milliseconds
+}
+
+// DefaultKeepalive is the keepalive of every call that does not choose
+// one: a vanished client's session ends within 30 s (10 s idle, then 4
+// probes 5 s apart; 30 s for unacknowledged data).
+func DefaultKeepalive() Keepalive {
+	return Keepalive{Idle: 10, Interval: 5, Count: 4, UserTimeout: 30000}
+}
+
+// StandbyMessage is the text of the error an acquiring statement raises on
+// a server in recovery (SQLSTATE 42704, as the name of a setting that does
+// not exist: plain SQL has no other way to raise an error of its own).
+const StandbyMessage = "pglocks: refused: the server is a standby (in recovery); an advisory lock taken there excludes nobody on the primary"
+
+// sessionSetting is the placeholder setting that marks a session set up
+// by pglocks: it passed the standby guard, and it has the keepalive (and,
+// for session locks, idle_session_timeout) that its value names.
+const sessionSetting = "pglocks.session"
+
+// signature is the value of sessionSetting once the request's setup ran.
+func (r Request) signature() string {
+	s := "v1 ka=off"
+	if k := r.Keepalive; k != (Keepalive{}) {
+		s = "v1 ka=" + strconv.Itoa(k.Idle) + "," + strconv.Itoa(k.Interval) + "," + strconv.Itoa(k.Count) + "," + strconv.Itoa(k.UserTimeout)
+	}
+	if r.Scope == Session {
+		s += " idle=0"
+	}
+	return s
+}
+
+// setupDone is the condition that the session was set up for r: a session
+// set up for session locks also serves transaction locks.
+func (r Request) setupDone() string {
+	sig := r.signature()
+	cond := "COALESCE(pg_catalog.current_setting('" + sessionSetting + "', true), '') IN ('" + sig + "'"
+	if r.Scope == Xact {
+		s := r
+		s.Scope = Session
+		cond += ", '" + s.signature() + "'"
+	}
+	return cond + ")"
+}
+
+// setupCalls applies the request's session settings and marks the session
+// set up: a text expression that is never NULL.
+func (r Request) setupCalls() string {
+	set := func(name, value string) string {
+		return "pg_catalog.set_config('" + name + "', '" + value + "', false)"
+	}
+	s := "pg_catalog.concat("
+	if k := r.Keepalive; k != (Keepalive{}) {
+		s += set("tcp_keepalives_idle", strconv.Itoa(k.Idle)) + ", " + set("tcp_keepalives_interval", strconv.Itoa(k.Interval)) + ", " +
+			set("tcp_keepalives_count", strconv.Itoa(k.Count)) + ", " + set("tcp_user_timeout", strconv.Itoa(k.UserTimeout)) + ", "
+	}
+	if r.Scope == Session {
+		// A session that holds locks must not be ended for being idle.
+		s += set("idle_session_timeout", "0") + ", "
+	}
+	return s + set(sessionSetting, r.signature()) + ")"
+}
+
+// SetupSQL is the statement that guards and sets up the session before an
+// acquisition, unless the request is Proven: it fails with
+// [StandbyMessage] on a server in recovery, and otherwise applies the
+// request's keepalive (and idle_session_timeout = 0 for session locks), once
+// per session: a session already set up skips both. It is sent in the same
+// message as the acquiring statement, before it, so it costs no round trip.
+func (r Request) SetupSQL() string { return "SELECT " + r.setupExpr() }
+
+// setupExpr is the expression of [Request.SetupSQL].
+func (r Request) setupExpr() string {
+	return "CASE WHEN " + r.setupDone() + " THEN NULL WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.current_setting('" +
+		StandbyMessage + "') ELSE " + r.setupCalls() + " END"
+}
+
+// StandbyRows is the row count of an unproven one-key try on a standby
+// (see [Request.TrySQL]), which cannot raise an error: that would abort the
+// caller's transaction.
+const StandbyRows = 2
+
+// guardedTry is the one-key try of an unproven request: one row when it
+// took the lock, none when it is busy, [StandbyRows] on a standby (where it
+// takes nothing), and it sets the session up as SetupSQL does.
+func (r Request) guardedTry() string {
+	try := "CASE WHEN " + r.fn(true) + "(" + args(r.Keys[0]) + ") THEN 1 ELSE 0 END"
+	return "SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN " + r.setupDone() + " THEN " + try +
+		" WHEN pg_catalog.pg_is_in_recovery() THEN " + strconv.Itoa(StandbyRows) + " WHEN " + r.setupCalls() + " IS NULL THEN 0 ELSE " + try + " END)"
+}
+
+// StandbyError is the error of the standby guard when the statement could
+// not raise one itself (a one-key try, see [StandbyRows]). It reads and
+// tests as the guard's own error: [IsStandby] reports true.
+type StandbyError struct{}
+
+func (StandbyError) Error() string {
+	return "unrecognized configuration parameter \"" + StandbyMessage + "\""
+}
+
+// SQLState returns the SQLSTATE of the guard's error.
+func (StandbyError) SQLState() string { return CodeUndefinedObject }
