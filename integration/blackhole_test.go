@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/pgproxy"
 	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
@@ -21,7 +22,7 @@ const (
 	ownedBound        = 500 * time.Millisecond // Locker calls, WithLock(db), Lead, Holders, List
 	callerDeadline    = time.Second            // LockConn, LockTx after a deadline
 	callerCancel      = 500 * time.Millisecond // LockConn, LockTx after a cancellation
-	lossBound         = 2 * time.Second        // Done, Do's ctx: max(500 ms, 1 s) + 1 s
+	holeLossBound         = 2 * time.Second        // Done, Do's ctx: max(500 ms, 1 s) + 1 s
 	blackholeDeadline = time.Second
 	blackholeCancel   = 300 * time.Millisecond
 )
@@ -31,7 +32,7 @@ const (
 // connection and transaction taken before the fault, and a direct session
 // that holds key when the case needs it.
 type holeEnv struct {
-	proxy *holeProxy
+	proxy *pgproxy.Proxy
 	db    *sql.DB
 	l     *pglock.Locker
 	warm  keys.Key
@@ -174,7 +175,7 @@ func blackholeCase(t *testing.T, driver string, api holeAPI, mid, cancel bool) {
 // through the proxy) holds the key; the returned func releases it.
 func newHoleEnv(t *testing.T, driver string, held bool) (*holeEnv, func()) {
 	t.Helper()
-	p, pdsn := startHoleProxy(t)
+	p, pdsn := pgproxy.Start(t, dsn)
 	db, err := openPool(driver, withApp(pdsn, fmt.Sprintf("pglocks-hole-%d", appSeq.Add(1))))
 	if err != nil {
 		t.Fatal(err)
@@ -304,9 +305,9 @@ func TestBlackholeLoss(t *testing.T) {
 			case <-time.After(10 * time.Second):
 			}
 			d := time.Since(t0)
-			t.Logf("bound: %-40s Done fired %.2fs after the blackhole (bound %v), Err %v", t.Name(), d.Seconds(), lossBound, lk.Err())
-			if d > lossBound || !errors.Is(lk.Err(), pglock.ErrLost) {
-				t.Errorf("Done after %v with Err %v; want ErrLost within %v", d.Round(time.Millisecond), lk.Err(), lossBound)
+			t.Logf("bound: %-40s Done fired %.2fs after the blackhole (bound %v), Err %v", t.Name(), d.Seconds(), holeLossBound, lk.Err())
+			if d > holeLossBound || !errors.Is(lk.Err(), pglock.ErrLost) {
+				t.Errorf("Done after %v with Err %v; want ErrLost within %v", d.Round(time.Millisecond), lk.Err(), holeLossBound)
 			}
 		})
 		t.Run(driver+"/Do", func(t *testing.T) {
@@ -324,9 +325,9 @@ func TestBlackholeLoss(t *testing.T) {
 				return ctx.Err()
 			})
 			d := time.Since(t0)
-			t.Logf("bound: %-40s Do returned %.2fs after the blackhole (bound %v; call %.2fs): %v", t.Name(), d.Seconds(), lossBound, time.Since(start).Seconds(), short(err))
-			if d > lossBound || !errors.Is(err, pglock.ErrLost) {
-				t.Errorf("Do returned after %v with %v; want ErrLost within %v", d.Round(time.Millisecond), err, lossBound)
+			t.Logf("bound: %-40s Do returned %.2fs after the blackhole (bound %v; call %.2fs): %v", t.Name(), d.Seconds(), holeLossBound, time.Since(start).Seconds(), short(err))
+			if d > holeLossBound || !errors.Is(err, pglock.ErrLost) {
+				t.Errorf("Do returned after %v with %v; want ErrLost within %v", d.Round(time.Millisecond), err, holeLossBound)
 			}
 		})
 		t.Run(driver+"/Unlock", func(t *testing.T) {
@@ -394,7 +395,7 @@ func TestBlackholeLoss(t *testing.T) {
 }
 
 type lossWorld struct {
-	proxy *holeProxy
+	proxy *pgproxy.Proxy
 	l     *pglock.Locker
 	key   keys.Key
 }
@@ -405,7 +406,7 @@ type lossWorld struct {
 func lossEnv(t *testing.T, driver string, interval time.Duration) (*lossWorld, *pglock.Lock) {
 	t.Helper()
 	base := runtime.NumGoroutine()
-	p, pdsn := startHoleProxy(t)
+	p, pdsn := pgproxy.Start(t, dsn)
 	db, err := openPool(driver, withApp(pdsn, fmt.Sprintf("pglocks-hole-%d", appSeq.Add(1))))
 	if err != nil {
 		t.Fatal(err)
@@ -442,7 +443,7 @@ func TestBlackholeLostCancel(t *testing.T) {
 	for _, after := range []time.Duration{time.Millisecond, 2 * time.Millisecond, 4 * time.Millisecond} {
 		t.Run(after.String(), func(t *testing.T) {
 			base := runtime.NumGoroutine()
-			p, pdsn := startHoleProxy(t)
+			p, pdsn := pgproxy.Start(t, dsn)
 			p.DropCancelRequests(true)
 			db, err := openPool("postgres", withApp(pdsn, fmt.Sprintf("pglocks-hole-%d", appSeq.Add(1))))
 			if err != nil {
