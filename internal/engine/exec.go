@@ -21,8 +21,8 @@ const (
 	OwnedGrace = 350 * time.Millisecond
 	// CallerDeadlineGrace: on the caller's *sql.Conn or *sql.Tx, after a
 	// deadline. It is longer than OwnedGrace so that the server's own
-	// lock_timeout answers first whenever the server answers at all, and the
-	// caller's connection is kept.
+	// timeout (lock_timeout, statement_timeout) answers first whenever the
+	// server answers at all, and the caller's connection is kept.
 	CallerDeadlineGrace = 800 * time.Millisecond
 	// CallerCancelGrace: on the caller's handle, after a cancellation; the
 	// driver's own cancellation runs first.
