@@ -22,7 +22,7 @@ const (
 	ownedBound        = 500 * time.Millisecond // Locker calls, WithLock(db), Lead, Holders, List
 	callerDeadline    = time.Second            // LockConn, LockTx after a deadline
 	callerCancel      = 500 * time.Millisecond // LockConn, LockTx after a cancellation
-	holeLossBound         = 2 * time.Second        // Done, Do's ctx: max(500 ms, 1 s) + 1 s
+	holeLossBound     = 2 * time.Second        // Done, Do's ctx: max(500 ms, 1 s) + 1 s
 	blackholeDeadline = time.Second
 	blackholeCancel   = 300 * time.Millisecond
 )
