@@ -16,6 +16,7 @@ import (
 // stuckDriver's statements ignore their context and block until release
 // is closed, as a driver blocked in a socket read under a partition does.
 type stuckDriver struct {
+	busy    bool // statements answer at once, 0 rows (a busy try); queries block
 	release chan struct{}
 	closed  atomic.Int32 // connections closed
 	execs   atomic.Int32
@@ -30,15 +31,26 @@ func (c *stuckConn) Close() error                        { c.d.closed.Add(1); re
 func (c *stuckConn) Begin() (driver.Tx, error)           { return nil, errors.New("no tx") }
 func (c *stuckConn) ExecContext(context.Context, string, []driver.NamedValue) (driver.Result, error) {
 	c.d.execs.Add(1)
+	if c.d.busy {
+		return driver.RowsAffected(0), nil
+	}
 	<-c.d.release
 	return driver.RowsAffected(1), nil
+}
+
+func (c *stuckConn) QueryContext(context.Context, string, []driver.NamedValue) (driver.Rows, error) {
+	<-c.d.release
+	return nil, errors.New("no rows")
 }
 
 var stuckSeq atomic.Int64
 
 func stuckConnOf(t *testing.T) (*stuckDriver, *sql.Conn) {
+	return stuckConnWith(t, &stuckDriver{release: make(chan struct{})})
+}
+
+func stuckConnWith(t *testing.T, d *stuckDriver) (*stuckDriver, *sql.Conn) {
 	t.Helper()
-	d := &stuckDriver{release: make(chan struct{})}
 	name := "stuck" + string(rune('a'+stuckSeq.Add(1)%26)) + time.Now().Format("150405.000000000")
 	sql.Register(name, d)
 	db, err := sql.Open(name, "")
@@ -139,4 +151,24 @@ func TestLimitNilWithoutEnd(t *testing.T) {
 		t.Fatal("From is ignored")
 	}
 	cancel()
+}
+
+// A holders lookup (ReportHolders) that never answers after a busy try is
+// abandoned like any other statement of Run's, and its connection closed
+// once it returns.
+func TestRunAbandonsAStuckHoldersLookup(t *testing.T) {
+	d, c := stuckConnWith(t, &stuckDriver{busy: true, release: make(chan struct{})})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	t0 := time.Now()
+	r := Run(ctx, c, pgsql.Request{Keys: []keys.Key{keys.Int64(7)}, Try: true, Report: true}, Owned)
+	if took := time.Since(t0); r.Failure != Lost || !Abandoned(r.Err) || took > 100*time.Millisecond+OwnedGrace+300*time.Millisecond {
+		t.Fatalf("Run = %+v after %v", r, took)
+	}
+	close(d.release)
+	for deadline := time.Now().Add(2 * time.Second); d.closed.Load() == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the reaper did not close the connection once the lookup returned")
+		}
+	}
 }

@@ -32,13 +32,18 @@ const explainTimeout = 2 * time.Second
 
 // explain looks up the holders of req's keys after a failed acquisition,
 // on a context of its own, within limit, and keeps the granted ones; nil if
-// the lookup failed.
-func explain(ctx, limit context.Context, h Handle, req pgsql.Request) []Holder {
+// the lookup failed. An abandoned lookup returns its error: h's connection
+// is then discarded once the lookup returns (see [Bounds]), like any other
+// abandoned statement of Run's.
+func explain(ctx, limit context.Context, h Handle, b Bounds, req pgsql.Request) ([]Holder, error) {
 	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), explainTimeout)
 	defer cancel()
-	hs, err := lookupHolders(hctx, limit, h, req.Keys)
-	if err != nil {
-		return nil
+	hs, err := lookupHolders(hctx, limit, h, b, req.Keys)
+	switch {
+	case Abandoned(err):
+		return nil, err
+	case err != nil:
+		return nil, nil
 	}
 	var held []Holder
 	for _, h := range hs {
@@ -46,7 +51,7 @@ func explain(ctx, limit context.Context, h Handle, req pgsql.Request) []Holder {
 			held = append(held, h)
 		}
 	}
-	return held
+	return held, nil
 }
 
 // LookupHolders lists the holders and waiters of ks (every advisory lock in
@@ -67,14 +72,15 @@ func LookupHolders(ctx context.Context, h Handle, ks []keys.Key, shield bool, b 
 		ctx, cancel = Shield(ctx)
 		defer cancel()
 	}
-	return lookupHolders(ctx, limit, h, ks)
+	return lookupHolders(ctx, limit, h, Bounds{Keep: true}, ks)
 }
 
 // lookupHolders runs the holders lookup on h with ctx, waited for within
-// limit (nil: none). An abandoned lookup leaves h's connection open.
-func lookupHolders(ctx, limit context.Context, h Handle, ks []keys.Key) ([]Holder, error) {
+// limit (nil: none); b says what becomes of an abandoned lookup's
+// connection.
+func lookupHolders(ctx, limit context.Context, h Handle, b Bounds, ks []keys.Key) ([]Holder, error) {
 	var hs []Holder
-	a := bounded(ctx, limit, h, Bounds{Keep: true}, 0, func(ctx context.Context) Answer {
+	a := bounded(ctx, limit, h, b, 0, func(ctx context.Context) Answer {
 		var err error
 		hs, err = queryHolders(ctx, h, ks)
 		return Answer{Err: err}

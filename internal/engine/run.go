@@ -45,7 +45,7 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 		var a Answer
 		switch st := p.Step(); {
 		case st.Query:
-			holders = explain(ctx, limit, h, req)
+			holders, a.Err = explain(ctx, limit, h, b, req)
 		case st.Kind == Acquire:
 			a = acquire(ctx, limit, h, b, st.SQL, req.Try, ms > 0)
 		default:
