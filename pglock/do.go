@@ -14,8 +14,10 @@ import (
 //
 // fn's ctx is derived from ctx and is cancelled when the lock is lost while
 // fn runs, with [ErrLost] as its cause (context.Cause(ctx) == ErrLost), or
-// when the Locker is closed (cause [ErrClosed]). fn should stop promptly
-// when its ctx is done: another process may already hold the lock.
+// when the Locker is closed (cause [ErrClosed]); a loss is found as
+// [Lock.Done] says (under a network partition, within the health-check
+// interval plus 1 s). fn should stop promptly when its ctx is done: another
+// process may already hold the lock.
 //
 // Do returns fn's error, joined with an error wrapping [ErrLost] (or
 // [ErrClosed]) whenever the lock ended while fn ran, whatever fn returned:
