@@ -292,23 +292,32 @@ func (s *standby) stop() {
 
 // allowReplication makes sure the primary accepts a replication connection
 // from cfg's user and host, adding a marked pg_hba.conf line when it does
-// not. release removes that line again; it must be called once the standby
-// streams.
+// not. It holds a file lock, so that concurrent test binaries build their
+// standbys one at a time and none removes a line another still needs, until
+// release, which removes the line again; release must be called once the
+// standby streams. Marked lines left by a killed run are removed first.
 func allowReplication(ctx context.Context, cfg *pgconn.Config, hbaFile string, admin *sql.DB) (release func(), err error) {
-	if tryReplication(ctx, cfg) == nil {
-		return func() {}, nil
-	}
 	lock, err := lockFileWait("/tmp/pglocks-testkit-hba.lock")
 	if err != nil {
 		return nil, err
 	}
 	release = func() {
-		if err := editHBA(hbaFile, ""); err == nil {
+		if swept, err := editHBA(hbaFile, ""); err == nil && swept {
 			_, _ = admin.ExecContext(context.Background(), `SELECT pg_reload_conf()`)
 		}
 		lock.Close()
 	}
-	if err := editHBA(hbaFile, hbaLine(cfg)); err != nil {
+	// After a sweep the old configuration may still be in force for a
+	// moment, so a line is added without trying first.
+	swept, err := editHBA(hbaFile, "")
+	if err != nil {
+		release()
+		return nil, fmt.Errorf("reading %s: %w", hbaFile, err)
+	}
+	if !swept && tryReplication(ctx, cfg) == nil {
+		return release, nil
+	}
+	if _, err := editHBA(hbaFile, hbaLine(cfg)); err != nil {
 		release()
 		return nil, fmt.Errorf("allowing replication in %s: %w", hbaFile, err)
 	}
@@ -345,23 +354,29 @@ func hbaLine(cfg *pgconn.Config) string {
 }
 
 // editHBA removes every marked line from the pg_hba.conf at path, then
-// appends add. Writing in place keeps the file's owner and mode.
-func editHBA(path, add string) error {
+// appends add; removed tells whether there were marked lines. The file is
+// rewritten only when it changes, in place, which keeps its owner and mode.
+func editHBA(path, add string) (removed bool, err error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return err
+		return false, err
 	}
 	var kept []string
 	for _, line := range strings.SplitAfter(string(b), "\n") {
-		if !strings.Contains(line, hbaMarker) {
+		if strings.Contains(line, hbaMarker) {
+			removed = true
+		} else {
 			kept = append(kept, line)
 		}
+	}
+	if !removed && add == "" {
+		return false, nil
 	}
 	out := strings.Join(kept, "")
 	if add != "" && out != "" && !strings.HasSuffix(out, "\n") {
 		out += "\n"
 	}
-	return os.WriteFile(path, []byte(out+add), 0)
+	return removed, os.WriteFile(path, []byte(out+add), 0)
 }
 
 // tryReplication opens a physical replication connection as cfg and runs
