@@ -180,3 +180,14 @@ func TestSetup(t *testing.T) {
 		t.Error("IsStandby(StandbyError{})")
 	}
 }
+
+// TestDefaultSetups checks the setups rendered at compile time for the
+// default keepalive against the renderer.
+func TestDefaultSetups(t *testing.T) {
+	for _, sc := range []Scope{Session, Xact} {
+		r := Request{Scope: sc, Keepalive: DefaultKeepalive()}
+		if got, want := r.setup(), r.renderSetup(); got != want {
+			t.Errorf("%v: constant setup\n%+v\nrenderer\n%+v", sc, got, want)
+		}
+	}
+}
