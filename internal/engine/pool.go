@@ -1,0 +1,110 @@
+package engine
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"strings"
+	"syscall"
+
+	"github.com/pglocks/pglocks/internal/pgsql"
+	"github.com/pglocks/pglocks/keys"
+)
+
+// RunPooled runs req (see Run) on a connection it takes from db, which
+// holds nothing else, replacing a connection that the pool handed out dead.
+// It returns the connection of the last run, which the caller owns (to
+// keep, close or discard as the result says), or db.Conn's error with no
+// connection.
+//
+// A pool cannot tell a connection whose server session has ended (a
+// terminated backend, a restart, a failover) until a statement is sent on
+// it: lib/pq then reports driver.ErrBadConn, or a connection reset, for the
+// first statement; pgx checks only connections idle for over a second. So
+// the first statement on each connection is a try, even for a wait: a try
+// that fails because the session is gone (see Gone) took nothing, whether
+// or not the server ran it, and is sent again on another connection. That
+// connection is discarded. At most as many connections are replaced as db
+// had idle when the first one failed, plus one, and only while ctx lasts.
+// A wait is sent only once a try found a key busy, on the same connection,
+// which has then answered: a session lost during the wait is reported as
+// before (lib/pq reports a backend terminated during a wait with the same
+// bare driver.ErrBadConn, so the error alone could not tell).
+//
+// The lock is then taken in one round trip when it is free, as with Run;
+// a busy one costs one round trip more before the wait.
+func RunPooled(ctx context.Context, db *sql.DB, req pgsql.Request) (*sql.Conn, Result, error) {
+	try := req
+	try.Try, try.Report = true, req.Try && req.Report
+	left := -1 // connections that may still be replaced; set at the first dead one
+	for {
+		conn, err := db.Conn(ctx)
+		if err != nil {
+			return nil, Result{}, err
+		}
+		r := Run(ctx, conn, try)
+		switch {
+		case r.Busy && !req.Try:
+			return conn, Run(ctx, conn, req), nil
+		case !Gone(r) || Ended(ctx) != nil:
+			return conn, r, nil
+		case left < 0:
+			left = db.Stats().Idle + 1
+		}
+		if left == 0 {
+			return conn, r, nil
+		}
+		left--
+		Discard(conn) // dead already
+	}
+}
+
+// Gone reports whether r is a try that failed because its session is gone,
+// so that nothing it did can remain: the caller's context did not end it,
+// the outcome needs no discard, and the driver answered the statement with
+// one of the errors of refused.
+func Gone(r Result) bool {
+	return !r.Granted && !r.Busy && r.Failure == Lost && r.Ctx == nil && !r.Discard && refused(r.Err)
+}
+
+// refused reports whether err proves that the session it came from has
+// ended or never saw the statement:
+//   - driver.ErrBadConn: by database/sql's contract the server cannot have
+//     performed the operation; lib/pq (1.12) returns it for a FATAL error
+//     from the server, such as the 57P01 a backend terminated while idle
+//     sent before it closed, read at the start of the next statement;
+//   - a connection reset (ECONNRESET), which lib/pq returns instead when
+//     the RST that answered the statement came first: TCP resets a
+//     connection for data that arrives on a closed socket, or that is still
+//     unread when the socket is closed;
+//   - SQLSTATE class 57P (pgx's report of the same FATAL errors): the
+//     backend has exited.
+//
+// A timeout, an EOF or another broken socket proves neither: the session
+// may still be alive.
+func refused(err error) bool {
+	return errors.Is(err, driver.ErrBadConn) || errors.Is(err, syscall.ECONNRESET) ||
+		strings.HasPrefix(pgsql.SQLState(err), "57P")
+}
+
+// LookupHoldersPooled is LookupHolders on db, sent again on another
+// connection while a dead one refuses it (see refused; a lookup only
+// reads). database/sql retries driver.ErrBadConn itself, but not a
+// connection reset. The bound is RunPooled's.
+func LookupHoldersPooled(ctx context.Context, db *sql.DB, ks []keys.Key) ([]Holder, error) {
+	left := -1
+	for {
+		hs, err := LookupHolders(ctx, db, ks, false)
+		switch {
+		case err == nil || !refused(err) || Ended(ctx) != nil:
+			return hs, err
+		case left < 0:
+			left = db.Stats().Idle + 1
+		}
+		if left == 0 {
+			return hs, err
+		}
+		left--
+	}
+}
