@@ -12,42 +12,46 @@ import (
 	"github.com/pglocks/pglocks/keys"
 )
 
-// RunPooled runs req (see Run) on a connection it takes from db, which
-// holds nothing else, replacing a connection that the pool handed out dead.
-// It returns the connection of the last run, which the caller owns (to
-// keep, close or discard as the result says), or db.Conn's error with no
+// RunPooled runs req (see TryFirst) on a connection it takes from db,
+// which holds nothing else, replacing a connection that the pool handed out
+// dead. It returns the connection of the last run, which the caller owns
+// (to keep, close or discard as the result says), or db.Conn's error with no
 // connection.
 //
 // A pool cannot tell a connection whose server session has ended (a
 // terminated backend, a restart, a failover) until a statement is sent on
 // it: lib/pq then reports driver.ErrBadConn, or a connection reset, for the
-// first statement; pgx checks only connections idle for over a second. So
-// the first statement on each connection is a try, even for a wait: a try
-// that fails because the session is gone (see Gone) took nothing, whether
-// or not the server ran it, and is sent again on another connection. That
-// connection is discarded. At most as many connections are replaced as db
-// had idle when the first one failed, plus one, and only while ctx lasts.
-// A wait is sent only once a try found a key busy, on the same connection,
-// which has then answered: a session lost during the wait is reported as
-// before (lib/pq reports a backend terminated during a wait with the same
+// first statement; pgx checks only connections idle for over a second. The
+// first statement is a try (TryFirst): a try that fails because the
+// session is gone (see Gone) took nothing, whether or not the server ran
+// it, and is sent again on another connection; the dead one is discarded.
+// At most as many connections are replaced as db had idle when the first
+// one failed, plus one, and only while ctx lasts; when no new connection
+// can be had, the last dead one is returned (closed) with its result, which
+// also carries db.Conn's error. A wait is sent only on a
+// connection whose try answered: a session lost during the wait is reported
+// as such (lib/pq reports a backend terminated during a wait with the same
 // bare driver.ErrBadConn, so the error alone could not tell).
-//
-// The lock is then taken in one round trip when it is free, as with Run;
-// a busy one costs one round trip more before the wait.
 func RunPooled(ctx context.Context, db *sql.DB, req pgsql.Request) (*sql.Conn, Result, error) {
-	try := req
-	try.Try, try.Report = true, req.Try && req.Report
+	var (
+		dead *sql.Conn // the last connection found dead, discarded
+		last Result    // its result
+	)
 	left := -1 // connections that may still be replaced; set at the first dead one
 	for {
 		conn, err := db.Conn(ctx)
-		if err != nil {
-			return nil, Result{}, err
-		}
-		r := Run(ctx, conn, try)
 		switch {
-		case r.Busy && !req.Try:
-			return conn, Run(ctx, conn, req), nil
-		case !Gone(r) || Ended(ctx) != nil:
+		case err != nil && dead == nil:
+			return nil, Result{}, err
+		case err != nil:
+			// No connection to replace the dead one: report its loss,
+			// and why it was not replaced.
+			last.Check = errors.Join(last.Check, err)
+			return dead, last, nil
+		}
+		r, waited := TryFirst(ctx, conn, req)
+		switch {
+		case waited || !Gone(r) || Ended(ctx) != nil:
 			return conn, r, nil
 		case left < 0:
 			left = db.Stats().Idle + 1
@@ -57,7 +61,24 @@ func RunPooled(ctx context.Context, db *sql.DB, req pgsql.Request) (*sql.Conn, R
 		}
 		left--
 		Discard(conn) // dead already
+		dead, last = conn, r
 	}
+}
+
+// TryFirst runs req on h (see Run) as a try first, then, when req waits
+// and the try found a key busy, as req itself (waited). A free lock is
+// taken in one round trip, as by Run; a busy one costs one round trip more
+// before the wait.
+func TryFirst(ctx context.Context, h Handle, req pgsql.Request) (r Result, waited bool) {
+	if req.Try {
+		return Run(ctx, h, req), false
+	}
+	try := req
+	try.Try, try.Report = true, false
+	if r = Run(ctx, h, try); !r.Busy {
+		return r, false
+	}
+	return Run(ctx, h, req), true
 }
 
 // Gone reports whether r is a try that failed because its session is gone,
