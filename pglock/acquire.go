@@ -237,9 +237,10 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 
 // dedicated takes a's keys on a connection of its own from the pool, waiting
 // unless a is a try; once granted, the connection joins the shared ones.
-// counted says pick counted it as opening.
+// counted says pick counted it as opening. A pool connection found dead
+// before it could take anything is replaced (engine.RunPooled).
 func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock, *Error) {
-	conn, err := l.db.Conn(ctx)
+	conn, r, err := engine.RunPooled(ctx, l.db, a.req)
 	if err != nil {
 		l.opened(nil, counted)
 		if pgsql.SQLState(err) == pgsql.CodeOutOfSharedMemory {
@@ -248,7 +249,6 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		}
 		return nil, newError(a.op, a.req, err)
 	}
-	r := engine.Run(ctx, conn, a.req)
 	if !r.Granted {
 		l.opened(nil, counted)
 		errs := failure(r)

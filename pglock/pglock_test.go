@@ -433,7 +433,7 @@ func TestWithLockMock(t *testing.T) {
 	ctx := context.Background()
 	t.Run("conn: fn error and unlock", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(try42).WillReturnResult(rows(1)) // WithLock tries first
 		mock.ExpectExec(unlock42).WillReturnResult(rows(1))
 		sentinel := errors.New("fn")
 		err := pglock.WithLock(ctx, c, keys.Int64(42), func(_ context.Context, acquired bool) error {
@@ -451,7 +451,7 @@ func TestWithLockMock(t *testing.T) {
 	})
 	t.Run("conn: unlock failure is joined to fn's error", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(try42).WillReturnResult(rows(1)) // WithLock tries first
 		mock.ExpectExec(unlock42).WillReturnResult(rows(0))
 		sentinel := errors.New("fn")
 		err := pglock.WithLock(ctx, c, keys.Int64(42), func(context.Context, bool) error { return sentinel })
@@ -488,7 +488,7 @@ func TestWithLockMock(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer db.Close()
-		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(try42).WillReturnResult(rows(1)) // a pool connection's first statement
 		mock.ExpectExec(unlock42).WillReturnError(errSyntax)
 		mock.ExpectClose()
 		err = pglock.WithLock(ctx, db, keys.Int64(42), func(context.Context, bool) error { return nil })

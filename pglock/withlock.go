@@ -22,7 +22,8 @@ import (
 //     call and released when fn returns, fails or panics. The connection goes
 //     back to the pool only when the unlock is confirmed; otherwise it is
 //     closed, which releases the lock on the server. fn should use its own
-//     queries through db as usual; the lock's connection is not exposed.
+//     queries through db as usual; the lock's connection is not exposed. A
+//     connection the pool hands out dead is replaced, as by [Locker.Lock].
 //
 // Other handles do not compile. With sqlx, pass db.DB or tx.Tx (the
 // *sql.DB and *sql.Tx a *sqlx.DB and *sqlx.Tx embed); with GORM, the *sql.DB
@@ -76,16 +77,31 @@ func withTx(ctx context.Context, tx *sql.Tx, key keys.Key, fn func(context.Conte
 // release was confirmed.
 func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option, done func(bool)) (err error) {
 	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
-	if fn == nil {
+	switch {
+	case fn == nil:
 		return newError("lock", req, ErrNilHandle, errNilFunc)
+	case conn == nil:
+		return newError("lock", req, ErrNilHandle)
+	case !ok:
+		return invalid("lock", req)
 	}
-	held, err := lockOn(ctx, "lock", conn, req, ok, false)
-	if err != nil || !held {
+	// A try first, as on a connection from the pool (see withDB), so that
+	// both send the same statements.
+	r, _ := engine.TryFirst(ctx, conn, req)
+	held, err := outcome("lock", conn, req, r, false)
+	return runHeld(ctx, conn, req, held, err, fn, done)
+}
+
+// runHeld runs fn once req was tried on conn (held, lerr), and releases
+// what is held when fn returns. done, if set, is told whether the release was
+// confirmed.
+func runHeld(ctx context.Context, conn *sql.Conn, req request, held bool, lerr error, fn func(context.Context, bool) error, done func(bool)) (err error) {
+	if lerr != nil || !held {
 		if done != nil {
 			done(true) // nothing is held: an unsettled session was discarded
 		}
-		if err != nil {
-			return err
+		if lerr != nil {
+			return lerr
 		}
 		return fn(ctx, false)
 	}
@@ -113,11 +129,14 @@ func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Conte
 	case !ok:
 		return invalid("lock", req)
 	}
-	conn, err := db.Conn(ctx)
+	// A pool connection found dead before it could take the lock is
+	// replaced (engine.RunPooled).
+	conn, r, err := engine.RunPooled(ctx, db, req)
 	if err != nil {
 		return newError("lock", req, engine.Ended(ctx), err)
 	}
-	return withConn(ctx, conn, key, fn, opts, func(released bool) {
+	held, err := outcome("lock", conn, req, r, false)
+	return runHeld(ctx, conn, req, held, err, fn, func(released bool) {
 		if released {
 			_ = conn.Close() // back to the pool, holding nothing
 			return
