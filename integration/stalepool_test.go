@@ -151,19 +151,19 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// newStaleEnv opens a pool of its own (application_name app) with
-// staleIdle warm idle connections, and a Locker on it.
-func newStaleEnv(t *testing.T, driver string) *staleEnv {
+// newStaleEnv opens a pool of its own (application_name app) with idle
+// warm idle connections, and a Locker on it.
+func newStaleEnv(t *testing.T, driver string, idle int) *staleEnv {
 	t.Helper()
 	app := fmt.Sprintf("pglocks-stale-%d-%d", os.Getpid(), appSeq.Add(1))
 	db, err := openPool(driver, withApp(dsn, app))
 	if err != nil {
 		t.Fatal(err)
 	}
-	db.SetMaxIdleConns(staleIdle)
+	db.SetMaxIdleConns(idle)
 	t.Cleanup(func() { db.Close() })
 	ctx := context.Background()
-	conns := make([]*sql.Conn, staleIdle)
+	conns := make([]*sql.Conn, idle)
 	for i := range conns {
 		if conns[i], err = db.Conn(ctx); err != nil {
 			t.Fatal(err)
@@ -175,8 +175,8 @@ func newStaleEnv(t *testing.T, driver string) *staleEnv {
 	for _, c := range conns {
 		c.Close()
 	}
-	if n := db.Stats().Idle; n != staleIdle {
-		t.Fatalf("%d idle connections, want %d", n, staleIdle)
+	if n := db.Stats().Idle; n != idle {
+		t.Fatalf("%d idle connections, want %d", n, idle)
 	}
 	env := &staleEnv{db: db, app: app, key: testkit.UniqueKey(), log: &syncBuffer{}}
 	logger := slog.New(slog.NewTextHandler(env.log, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -245,7 +245,7 @@ func TestStalePool(t *testing.T) {
 	for _, d := range drivers {
 		for _, call := range staleCalls() {
 			t.Run(d+"/"+call.name, func(t *testing.T) {
-				env := newStaleEnv(t, d)
+				env := newStaleEnv(t, d, staleIdle)
 				if call.busy {
 					holdKey(t, openDB(t, "pgx"), env.key)
 				}
@@ -266,7 +266,7 @@ func TestStalePoolSharedDead(t *testing.T) {
 	ctx := context.Background()
 	for _, d := range drivers {
 		t.Run(d, func(t *testing.T) {
-			env := newStaleEnv(t, d)
+			env := newStaleEnv(t, d, staleIdle)
 			// A Locker whose health check would not notice within the test.
 			l := pglock.NewLocker(env.db, pglock.WithSessionCheck(false), pglock.WithHealthCheck(time.Hour))
 			t.Cleanup(func() { l.Close() })
@@ -305,7 +305,7 @@ func TestStalePoolWaitLostIsReported(t *testing.T) {
 	o := newObserver(t)
 	for _, d := range drivers {
 		t.Run(d, func(t *testing.T) {
-			env := newStaleEnv(t, d)
+			env := newStaleEnv(t, d, staleIdle)
 			holdKey(t, openDB(t, "pgx"), env.key)
 			res := make(chan error, 1)
 			go func() {
@@ -347,7 +347,9 @@ func TestDisruptiveStalePool(t *testing.T) {
 	var all []pending
 	for _, d := range drivers {
 		for _, call := range staleCalls() {
-			all = append(all, pending{d + "/" + call.name, newStaleEnv(t, d), call})
+			// Two idle connections each: 24 pools stay well below
+			// max_connections (100 by default).
+			all = append(all, pending{d + "/" + call.name, newStaleEnv(t, d, 2), call})
 		}
 	}
 	if out, err := exec.Command("sh", "-c", restart).CombinedOutput(); err != nil {
