@@ -19,10 +19,11 @@ type Keepalive struct {
 }
 
 // DefaultKeepalive is the keepalive of every call that does not choose
-// one: a vanished client's session ends within 30 s (10 s idle, then 4
-// probes 5 s apart; 30 s for unacknowledged data).
+// one: a vanished client's session ends within 30 s (10 s idle, then 3
+// probes 5 s apart; 25 s for unacknowledged data; a waiting backend checks
+// its socket every second).
 func DefaultKeepalive() Keepalive {
-	return Keepalive{Idle: 10, Interval: 5, Count: 4, UserTimeout: 30000}
+	return Keepalive{Idle: 10, Interval: 5, Count: 3, UserTimeout: 25000}
 }
 
 // StandbyMessage is the text of the error an acquiring statement raises on
@@ -37,9 +38,9 @@ const sessionSetting = "pglocks.session"
 
 // signature is the value of sessionSetting once the request's setup ran.
 func (r Request) signature() string {
-	s := "v1 ka=off"
+	s := "v2 ka=off"
 	if k := r.Keepalive; k != (Keepalive{}) {
-		s = "v1 ka=" + strconv.Itoa(k.Idle) + "," + strconv.Itoa(k.Interval) + "," + strconv.Itoa(k.Count) + "," + strconv.Itoa(k.UserTimeout)
+		s = "v2 ka=" + strconv.Itoa(k.Idle) + "," + strconv.Itoa(k.Interval) + "," + strconv.Itoa(k.Count) + "," + strconv.Itoa(k.UserTimeout)
 	}
 	if r.Scope == Session {
 		s += " idle=0"
@@ -58,14 +59,23 @@ type setup struct{ done, calls, expr string }
 // call uses one of them, and building them costs allocations on every
 // call. TestDefaultSetups checks them against the renderer.
 const (
-	defaultSig          = "v1 ka=10,5,4,30000"
+	defaultSig          = "v2 ka=10,5,3,25000"
 	defaultDoneXact     = "COALESCE(pg_catalog.current_setting('" + sessionSetting + "', true), '') IN ('" + defaultSig + "', '" + defaultSig + " idle=0')"
 	defaultDoneSession  = "COALESCE(pg_catalog.current_setting('" + sessionSetting + "', true), '') IN ('" + defaultSig + " idle=0')"
 	defaultKeepaliveSet = "pg_catalog.set_config('tcp_keepalives_idle', '10', false), pg_catalog.set_config('tcp_keepalives_interval', '5', false), " +
-		"pg_catalog.set_config('tcp_keepalives_count', '4', false), pg_catalog.set_config('tcp_user_timeout', '30000', false), "
+		"pg_catalog.set_config('tcp_keepalives_count', '3', false), pg_catalog.set_config('tcp_user_timeout', '25000', false), " + checkSet + ", "
 	defaultCallsXact    = "pg_catalog.concat(" + defaultKeepaliveSet + "pg_catalog.set_config('" + sessionSetting + "', '" + defaultSig + "', false))"
 	defaultCallsSession = "pg_catalog.concat(" + defaultKeepaliveSet + "pg_catalog.set_config('idle_session_timeout', '0', false), " +
 		"pg_catalog.set_config('" + sessionSetting + "', '" + defaultSig + " idle=0', false))"
+	// checkSet makes a backend that waits for a lock check its socket every
+	// second (client_connection_check_interval, PostgreSQL 14+), so that
+	// once the keepalive has ended a vanished client's connection, its
+	// waiting backend ends too instead of queueing for the lock: a waiting
+	// backend does not read its socket otherwise. Servers older than 14,
+	// and Windows servers (which cannot poll for a closed socket and reject
+	// the setting), are left alone; concat skips the NULL.
+	checkSet = "CASE WHEN pg_catalog.current_setting('server_version_num')::integer < 140000 OR pg_catalog.version() ~* 'windows|mingw|visual c' " +
+		"THEN NULL ELSE pg_catalog.set_config('client_connection_check_interval', '1000', false) END"
 	guardThen = " THEN NULL WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.current_setting('" + StandbyMessage + "') ELSE "
 )
 
@@ -96,7 +106,7 @@ func (r Request) renderSetup() setup {
 	calls := "pg_catalog.concat("
 	if k := r.Keepalive; k != (Keepalive{}) {
 		calls += set("tcp_keepalives_idle", strconv.Itoa(k.Idle)) + ", " + set("tcp_keepalives_interval", strconv.Itoa(k.Interval)) + ", " +
-			set("tcp_keepalives_count", strconv.Itoa(k.Count)) + ", " + set("tcp_user_timeout", strconv.Itoa(k.UserTimeout)) + ", "
+			set("tcp_keepalives_count", strconv.Itoa(k.Count)) + ", " + set("tcp_user_timeout", strconv.Itoa(k.UserTimeout)) + ", " + checkSet + ", "
 	}
 	if r.Scope == Session {
 		// A session that holds locks must not be ended for being idle.
