@@ -43,7 +43,7 @@ var partCases = []partCase{
 	{name: "holder-tx", kind: partHolderTx, opts: []pglock.Option{shortKeepalive}, freed: true, bound: 10 * time.Second},
 	{name: "waiter", kind: partWaiter, opts: []pglock.Option{shortKeepalive}, freed: true, bound: 10 * time.Second},
 	// pglock's default keepalive: 10 s idle + 4 probes 5 s apart, 30 s user timeout.
-	{name: "default-keepalive", kind: partHolderConn, freed: true, bound: 40 * time.Second},
+	{name: "default-keepalive", kind: partHolderConn, freed: true, bound: 35 * time.Second},
 	// The zero Keepalive leaves the server's settings (2 h): proves the test can fail.
 	{name: "control-zero-keepalive", kind: partHolderConn, opts: []pglock.Option{pglock.WithKeepalive(pglock.Keepalive{})}, freed: false, bound: 8 * time.Second},
 }
@@ -54,7 +54,7 @@ var partCases = []partCase{
 // the server end a vanished client's session, and free its locks, in
 // bounded time: with a short keepalive for a session-lock holder (LockConn
 // and Locker.Lock), a transaction-lock holder (LockTx) and a waiter, within
-// 10 s (about 3 s expected); with the default keepalive within 40 s (30 s
+// 10 s (about 3 s expected); with the default keepalive within 35 s (30 s
 // expected); and, as the control, not within 8 s with the zero Keepalive
 // (the server's 2 h defaults).
 //
