@@ -56,10 +56,8 @@ func RoleDSN(tb testing.TB, db *sql.DB, settings map[string]string) string {
 	}
 	stmts = append(stmts, fmt.Sprintf("GRANT CONNECT ON DATABASE %s TO %s", pq.QuoteIdentifier(database), pq.QuoteIdentifier(role)))
 	tb.Cleanup(func() { dropRole(tb, db, role) })
-	for _, stmt := range stmts {
-		if _, err := db.ExecContext(ctx, stmt); err != nil {
-			tb.Fatalf("RoleDSN: %s: %v", stmt, err)
-		}
+	if err := serialized(ctx, db, stmts); err != nil {
+		tb.Fatalf("RoleDSN: %v", err)
 	}
 	dsn, err := roleDSN(ctx, db, role, database)
 	if err != nil {
@@ -120,9 +118,34 @@ func dropRole(tb testing.TB, db *sql.DB, role string) {
 	if err != nil {
 		tb.Errorf("RoleDSN cleanup: %v", err)
 	}
-	for _, stmt := range []string{"DROP OWNED BY " + pq.QuoteIdentifier(role), "DROP ROLE IF EXISTS " + pq.QuoteIdentifier(role)} {
-		if _, err := db.ExecContext(ctx, stmt); err != nil {
-			tb.Errorf("RoleDSN cleanup: %s: %v", stmt, err)
+	if err := serialized(ctx, db, []string{"DROP OWNED BY " + pq.QuoteIdentifier(role), "DROP ROLE IF EXISTS " + pq.QuoteIdentifier(role)}); err != nil {
+		tb.Errorf("RoleDSN cleanup: %v", err)
+	}
+}
+
+// roleLockKey is the transaction advisory lock that serializes RoleDSN's
+// changes to roles and grants across the tests and test binaries running at
+// once.
+const roleLockKey = "'7349178261370591201'::bigint"
+
+// serialized runs stmts in one transaction that first takes roleLockKey.
+// GRANT CONNECT ON DATABASE and DROP OWNED BY rewrite the database's
+// pg_database row (its ACL); two sessions doing it at once fail with
+// "tuple concurrently updated" (XX000), as parallel tests calling RoleDSN
+// did.
+func serialized(ctx context.Context, db *sql.DB, stmts []string) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback() }()
+	if _, err := tx.ExecContext(ctx, "SELECT pg_catalog.pg_advisory_xact_lock("+roleLockKey+")"); err != nil {
+		return err
+	}
+	for _, stmt := range stmts {
+		if _, err := tx.ExecContext(ctx, stmt); err != nil {
+			return fmt.Errorf("%s: %w", stmt, err)
 		}
 	}
+	return tx.Commit()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/url"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -63,5 +64,27 @@ func TestSettingNames(t *testing.T) {
 		if settingName.MatchString(name) != ok {
 			t.Errorf("settingName matches %q: %v, want %v", name, !ok, ok)
 		}
+	}
+}
+
+// TestRoleDSNConcurrent: RoleDSN called by parallel tests at once creates
+// and drops every role: the GRANT and DROP OWNED of each, which rewrite the
+// same pg_database row, do not fail with "tuple concurrently updated".
+func TestRoleDSNConcurrent(t *testing.T) {
+	needDSN(t)
+	admin := openT(t, DSN())
+	for i := range 8 {
+		t.Run(strconv.Itoa(i), func(t *testing.T) {
+			t.Parallel()
+			dsn := RoleDSN(t, admin, map[string]string{"lock_timeout": "1s"})
+			db, err := Open("pgx", dsn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer db.Close()
+			if err := db.Ping(); err != nil {
+				t.Fatalf("connecting as the role: %v", err)
+			}
+		})
 	}
 }
