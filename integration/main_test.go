@@ -62,6 +62,7 @@ func run(m *testing.M) int {
 		return 1
 	}
 	code := m.Run()
+	testkit.StopFixtures()
 	stopStartedBouncer()
 	return code
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,42 +18,6 @@ import (
 // and scheduling on a loaded machine.
 const lossBound = pglock.DefaultHealthCheck + time.Second
 
-// idleRole creates a login role whose sessions the server ends after
-// timeout idle, and returns dsn with that user. The role is dropped at the
-// end of the test, after its sessions are terminated.
-func idleRole(t *testing.T, obs *observer, timeout string) string {
-	t.Helper()
-	role := fmt.Sprintf("pglocks_idle_%d_%d", time.Now().UnixNano()%1e9, keySeq.Add(1))
-	for _, q := range []string{
-		"CREATE ROLE " + role + " LOGIN",
-		"ALTER ROLE " + role + " SET idle_session_timeout = '" + timeout + "'",
-	} {
-		if _, err := obs.db.Exec(q); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Cleanup(func() {
-		_, _ = obs.db.Exec("SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE usename = $1", role)
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			_, err := obs.db.Exec("DROP ROLE " + role)
-			if err == nil || time.Now().After(deadline) {
-				if err != nil {
-					t.Errorf("dropping %s: %v", role, err)
-				}
-				return
-			}
-			time.Sleep(20 * time.Millisecond) // a terminated backend may not have exited yet
-		}
-	})
-	u, err := url.Parse(dsn)
-	if err != nil || u.Scheme == "" {
-		t.Skipf("PGLOCKS_TEST_DSN is not a URL; cannot connect as %s", role)
-	}
-	u.User = url.User(role)
-	return u.String()
-}
-
 // TestWithLockDBKeepsItsSessionAlive: the server ends sessions idle for
 // 300 ms, and fn runs 1.2 s without touching the lock's connection. The
 // lock stays held throughout (seen from another session every 100 ms),
@@ -66,7 +29,8 @@ func TestWithLockDBKeepsItsSessionAlive(t *testing.T) {
 	for _, driver := range drivers {
 		t.Run(driver, func(t *testing.T) {
 			t.Parallel()
-			db, err := openPool(driver, withApp(idleRole(t, obs, "300ms"), "pglocks-watched"))
+			role := testkit.RoleDSN(t, obs.db, map[string]string{"idle_session_timeout": "300ms"})
+			db, err := openPool(driver, withApp(role, "pglocks-watched"))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -247,9 +247,14 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 
 // dedicated takes a's keys on a connection of its own from the pool, waiting
 // unless a is a try; once granted, the connection joins the shared ones.
-// counted says pick counted it as opening.
+// counted says pick counted it as opening. A pool connection found dead
+// before it could take anything is replaced (engine.RunPooled).
 func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock, *Error) {
-	conn, err := engine.Conn(ctx, l.db, a.bounds)
+	req := a.req
+	// The connection holds nothing else: a huge set's failed wait closes it
+	// rather than settle and undo thousands of keys.
+	req.Disposable = len(req.Keys) > disposableSet
+	conn, r, err := engine.RunPooled(ctx, l.db, req, a.bounds)
 	if err != nil {
 		l.opened(nil, counted)
 		if pgsql.SQLState(err) == pgsql.CodeOutOfSharedMemory {
@@ -258,11 +263,6 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		}
 		return nil, newError(a.op, a.req, err)
 	}
-	req := a.req
-	// The connection holds nothing else: a huge set's failed wait closes it
-	// rather than settle and undo thousands of keys.
-	req.Disposable = len(req.Keys) > disposableSet
-	r := engine.Run(ctx, conn, req, a.bounds)
 	if !r.Granted {
 		l.opened(nil, counted)
 		errs := failure(r)

@@ -42,7 +42,14 @@ func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req requ
 		return false, invalid(op, req)
 	}
 	r := engine.Run(ctx, any(h).(engine.Handle), req, b)
-	if conn, ok := any(h).(*sql.Conn); ok && r.Discard && !engine.Abandoned(r.Err) {
+	conn, _ := any(h).(*sql.Conn)
+	return outcome(op, conn, req, r, busyIsErr)
+}
+
+// outcome is lockOn's answer once req ran on conn (nil on a *sql.Tx) with
+// result r: conn is discarded when r says so.
+func outcome(op string, conn *sql.Conn, req request, r engine.Result, busyIsErr bool) (bool, error) {
+	if conn != nil && r.Discard && !engine.Abandoned(r.Err) { // an abandoned one's reaper discards it
 		engine.Discard(conn)
 	}
 	switch {

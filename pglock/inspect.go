@@ -123,8 +123,15 @@ func List[H Handle](ctx context.Context, h H) ([]Holder, error) {
 // the causes for an [*Error]: the context error when ctx ended the call,
 // ErrSessionLost when the session is gone, and the driver's error.
 func lookup[H Handle](ctx context.Context, h H, ks []keys.Key) ([]Holder, []error) {
-	_, pool := any(h).(*sql.DB)
-	hs, err := engine.LookupHolders(ctx, any(h).(engine.Handle), ks, !pool, engine.Owned)
+	var (
+		hs  []engine.Holder
+		err error
+	)
+	if db, pool := any(h).(*sql.DB); pool {
+		hs, err = engine.LookupHoldersPooled(ctx, db, ks, engine.Owned)
+	} else {
+		hs, err = engine.LookupHolders(ctx, any(h).(engine.Handle), ks, true, engine.Owned)
+	}
 	if err == nil {
 		return holders(hs), nil
 	}

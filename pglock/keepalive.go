@@ -12,7 +12,10 @@ import (
 // that when the client vanishes behind a partition the server ends the
 // session, and releases its locks, in bounded time: about Idle + Interval ×
 // Count for an idle connection, UserTimeout for data left unacknowledged.
-// PostgreSQL's defaults take about 2 h 11 min.
+// PostgreSQL's defaults take about 2 h 11 min. A non-zero Keepalive also
+// sets client_connection_check_interval to 1 s (PostgreSQL 14+, not on
+// Windows), without which a backend waiting for a lock never notices that
+// its connection has ended.
 //
 // The settings are applied by the acquiring statement itself, at most once
 // per physical session (a session already set up skips them), so they cost
@@ -27,9 +30,12 @@ type Keepalive struct {
 }
 
 // DefaultKeepalive returns the keepalive of every lock call that does not
-// choose one: 10 s idle, 5 s between 4 probes, a 30 s user timeout. The
+// choose one: 10 s idle, 5 s between 3 probes, a 25 s user timeout. The
 // server ends a vanished client's session, and frees its locks, within
-// 30 s.
+// 30 s; a backend waiting for a lock also checks its socket every second
+// (client_connection_check_interval, on PostgreSQL 14+ servers other than
+// Windows), so that a vanished waiter stops queueing within the same
+// bound.
 func DefaultKeepalive() Keepalive {
 	k := pgsql.DefaultKeepalive()
 	return Keepalive{

@@ -198,6 +198,12 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 // Cost: one round trip when the lock is free, on a shared connection (or on
 // a connection taken from the pool when there is none to share yet). When
 // the lock is busy, the wait takes a connection of its own.
+//
+// A connection the pool hands out dead (its server session ended while it
+// was idle: a terminated backend, a restart, a failover) is replaced without
+// an error: on a connection taken from the pool the first statement is a
+// try, sent again on another connection when the session proves gone, and
+// a busy lock is waited for only after that try, one round trip more.
 func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
 	return l.acquire(ctx, "lock", engine.LockerLock, []keys.Key{key}, opts)
 }

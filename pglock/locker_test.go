@@ -36,11 +36,12 @@ func newMockLocker(t *testing.T, opts ...pglock.LockerOption) (*pglock.Locker, s
 	return l, mock
 }
 
-// Lock and Unlock each send exactly one statement.
+// Lock and Unlock each send exactly one statement: on a connection taken
+// from the pool, Lock's first statement is a try.
 func TestLockerSQL(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
-	mock.ExpectExec(lock42).WillReturnResult(rows(1))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
 	mock.ExpectExec(unlock42).WillReturnResult(rows(1))
 	lk, err := l.Lock(ctx, keys.Int64(42))
 	if err != nil {
@@ -75,7 +76,8 @@ func TestLockerTypedErrors(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
-			mock.ExpectExec(lock42).WillReturnError(tc.server)
+			mock.ExpectExec(try42).WillReturnResult(rows(0)) // busy: wait
+			mock.ExpectExec(waitAfterTry42).WillReturnError(tc.server)
 			mock.ExpectExec(held42).WillReturnResult(rows(0))
 			_, err := l.Lock(ctx, keys.Int64(42))
 			if !errors.Is(err, tc.want) || !errors.Is(err, tc.server) {
@@ -92,7 +94,7 @@ func TestLockerTypedErrors(t *testing.T) {
 func TestLockerUnlockFindsLoss(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
-	mock.ExpectExec(lock42).WillReturnResult(rows(1))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
 	mock.ExpectExec(unlock42).WillReturnResult(rows(0))
 	lk, err := l.Lock(ctx, keys.Int64(42))
 	if err != nil {
@@ -112,7 +114,7 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(20*time.Millisecond))
 	canceled := testkit.Canceled
-	mock.ExpectExec(lock42).WillReturnResult(rows(1))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(canceled)
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(canceled)
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(keys.Int64(42)))
@@ -137,8 +139,9 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 	}
 }
 
-// Uncontended locks share one connection: the first lock waits on a new
-// connection, the next ones are tried on it, a set is one statement, and a
+// Uncontended locks share one connection: the first lock is taken on a new
+// connection (a try first, as on every connection from the pool), the next
+// ones are tried on it, a set is one statement, and a
 // health check is one statement for all of them; a proof that one key is
 // gone ends only the lock that held it.
 func TestLockerMultiplexingSQL(t *testing.T) {
@@ -148,7 +151,7 @@ func TestLockerMultiplexingSQL(t *testing.T) {
 	// a connection already set up.
 	set := pgsql.Request{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}, Proven: true}
 	one := func(k int64) pgsql.Request { return pgsql.Request{Keys: []keys.Key{keys.Int64(k)}, Proven: true} }
-	mock.ExpectExec(lock42).WillReturnResult(rows(1))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
 	mock.ExpectExec(one(43).TrySQL()).WillReturnResult(rows(1))
 	mock.ExpectExec(one(44).TrySQL()).WillReturnResult(rows(0))
 	mock.ExpectExec(set.TrySQL()).WillReturnResult(rows(1))

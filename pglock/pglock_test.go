@@ -31,13 +31,16 @@ var (
 // engine's own request builder (their text is pinned in internal/pgsql):
 // these tests are about which statements a call sends, and in what order.
 var (
-	lock42     = sent(engine.LockConn, keys.Int64(42), false)
-	try42      = sent(engine.TryLockConn, keys.Int64(42), false)
-	xlock42    = sent(engine.LockTx, keys.Int64(42), false)
-	xtry42     = sent(engine.TryLockTx, keys.Int64(42), false)
-	unlock42   = "SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)"
-	held42     = "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '0'::oid AND objid = '42'::oid AND objsubid = '1'::smallint AND mode = 'ExclusiveLock' AND granted"
-	rollbackSP = "ROLLBACK TO SAVEPOINT pglocks_wait; RELEASE SAVEPOINT pglocks_wait"
+	lock42   = sent(engine.LockConn, keys.Int64(42), false)
+	try42    = sent(engine.TryLockConn, keys.Int64(42), false)
+	xlock42  = sent(engine.LockTx, keys.Int64(42), false)
+	xtry42   = sent(engine.TryLockTx, keys.Int64(42), false)
+	unlock42 = "SELECT 1 WHERE pg_catalog.pg_advisory_unlock('42'::bigint)"
+	// The wait sent after a try found the key busy, on the session the try
+	// set up (engine.TryFirst).
+	waitAfterTry42 = "SELECT pg_catalog.pg_advisory_lock('42'::bigint)"
+	held42         = "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND classid = '0'::oid AND objid = '42'::oid AND objsubid = '1'::smallint AND mode = 'ExclusiveLock' AND granted"
+	rollbackSP     = "ROLLBACK TO SAVEPOINT pglocks_wait; RELEASE SAVEPOINT pglocks_wait"
 )
 
 // sent is the acquiring statement of call on k, without a deadline.
@@ -454,7 +457,7 @@ func TestWithLockMock(t *testing.T) {
 	ctx := context.Background()
 	t.Run("conn: fn error and unlock", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(try42).WillReturnResult(rows(1)) // WithLock tries first
 		mock.ExpectExec(unlock42).WillReturnResult(rows(1))
 		sentinel := errors.New("fn")
 		err := pglock.WithLock(ctx, c, keys.Int64(42), func(_ context.Context, acquired bool) error {
@@ -472,7 +475,7 @@ func TestWithLockMock(t *testing.T) {
 	})
 	t.Run("conn: unlock failure is joined to fn's error", func(t *testing.T) {
 		_, mock, c := newMock(t)
-		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(try42).WillReturnResult(rows(1)) // WithLock tries first
 		mock.ExpectExec(unlock42).WillReturnResult(rows(0))
 		sentinel := errors.New("fn")
 		err := pglock.WithLock(ctx, c, keys.Int64(42), func(context.Context, bool) error { return sentinel })
@@ -509,7 +512,7 @@ func TestWithLockMock(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer db.Close()
-		mock.ExpectExec(lock42).WillReturnResult(rows(1))
+		mock.ExpectExec(try42).WillReturnResult(rows(1)) // a pool connection's first statement
 		mock.ExpectExec(unlock42).WillReturnError(errSyntax)
 		mock.ExpectClose()
 		err = pglock.WithLock(ctx, db, keys.Int64(42), func(context.Context, bool) error { return nil })

@@ -24,6 +24,7 @@ import (
 //     back to the pool only when the unlock is confirmed; otherwise it is
 //     closed, which releases the lock on the server. fn should use its own
 //     queries through db as usual; the lock's connection is not exposed.
+//     A connection the pool hands out dead is replaced, as by [Locker.Lock].
 //     The lock is watched while fn runs, as a [Locker]'s is (see below).
 //
 // Other handles do not compile. With sqlx, pass db.DB or tx.Tx (the
@@ -102,17 +103,26 @@ func withTx(ctx context.Context, tx *sql.Tx, key keys.Key, fn func(context.Conte
 	return fn(ctx, held)
 }
 
-// withConn is WithLock on a *sql.Conn.
+// withConn is WithLock on a *sql.Conn. done, if set, is told whether the
+// release was confirmed.
 func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option) (err error) {
 	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
-	if fn == nil {
+	switch {
+	case fn == nil:
 		return newError("lock", req, ErrNilHandle, errNilFunc)
+	case conn == nil:
+		return newError("lock", req, ErrNilHandle)
+	case !ok:
+		return invalid("lock", req)
 	}
-	held, err := lockOn(ctx, "lock", conn, req, ok, false, engine.Caller)
-	if err != nil {
-		return err
-	}
-	if !held {
+	// A try first, as on a connection from the pool (see withDB), so that
+	// both send the same statements.
+	r, _ := engine.TryFirst(ctx, conn, req, engine.Caller)
+	held, err := outcome("lock", conn, req, r, false)
+	if err != nil || !held {
+		if err != nil {
+			return err
+		}
 		return fn(ctx, false)
 	}
 	defer func() {

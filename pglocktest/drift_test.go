@@ -83,7 +83,7 @@ func TestSentStatementsMatchHelpers(t *testing.T) {
 				sent := rec.Sent()
 
 				req, _ := tt.call.Request(tt.keys, options(tt.opts))
-				steps, err := script(req, Acquired)
+				steps, err := callScript(tt.call, req, Acquired)
 				if err != nil {
 					t.Fatal(err)
 				}

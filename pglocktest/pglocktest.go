@@ -83,7 +83,7 @@ func register(mock sqlmock.Sqlmock, name string, call engine.Call, ks []keys.Key
 	err := validate(name, req, out)
 	var steps []step
 	if err == nil {
-		steps, err = script(req, out)
+		steps, err = callScript(call, req, out)
 	}
 	if err != nil {
 		expectInvalid(mock, err)
@@ -181,6 +181,10 @@ func ExpectLockAllTx(mock sqlmock.Sqlmock, ks []keys.Key, out Outcome, opts ...p
 //   - TimedOut, Deadlock (without NoWait), LockTableFull, SessionLost: the
 //     failed lock only. WithLock returns the error without running its fn,
 //     and this helper does not call fn.
+//
+// WithLock's first statement is a try, even when it waits: the wait follows
+// only when the try finds the lock busy (TimedOut, Deadlock and SessionLost
+// without NoWait are answered so).
 //
 // fn may be nil when the code's fn sends nothing through the mock.
 // With a *sql.DB, WithLock takes a connection from the pool, which a mock

@@ -159,6 +159,25 @@ func script(req pgsql.Request, out Outcome) ([]step, error) {
 	return steps, nil
 }
 
+// callScript is script for call's request req: WithLock sends a try first
+// and waits only after the try found the lock busy (engine.TryFirst).
+func callScript(call engine.Call, req pgsql.Request, out Outcome) ([]step, error) {
+	if call != engine.WithLock || req.Try {
+		return script(req, out)
+	}
+	try := engine.FirstTry(req)
+	switch out {
+	case Acquired, LockTableFull:
+		return script(try, out)
+	}
+	busy, err := script(try, Busy)
+	if err != nil {
+		return nil, err
+	}
+	wait, err := script(engine.AfterBusyTry(req), out)
+	return append(busy, wait...), err
+}
+
 // stepOf is the expectation of st, answered with a.
 func stepOf(req pgsql.Request, st engine.Step, a engine.Answer) (step, error) {
 	s := step{query: st.Query, pattern: exact(st.SQL), rows: a.Rows, err: a.Err}

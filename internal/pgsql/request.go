@@ -103,19 +103,22 @@ func (r Request) InSavepoint() bool {
 // fn returns the qualified lock function, such as
 // pg_catalog.pg_try_advisory_xact_lock_shared.
 func (r Request) fn(try bool) string {
-	s := "pg_catalog.pg_"
+	i := 0
 	if try {
-		s += "try_"
+		i |= 4
 	}
-	s += "advisory_"
 	if r.Scope == Xact {
-		s += "xact_"
+		i |= 2
 	}
-	s += "lock"
 	if r.Shared {
-		s += "_shared"
+		i |= 1
 	}
-	return s
+	return [...]string{
+		"pg_catalog.pg_advisory_lock", "pg_catalog.pg_advisory_lock_shared",
+		"pg_catalog.pg_advisory_xact_lock", "pg_catalog.pg_advisory_xact_lock_shared",
+		"pg_catalog.pg_try_advisory_lock", "pg_catalog.pg_try_advisory_lock_shared",
+		"pg_catalog.pg_try_advisory_xact_lock", "pg_catalog.pg_try_advisory_xact_lock_shared",
+	}[i]
 }
 
 // unlockFn is the session unlock function for the request's mode.
@@ -134,6 +137,24 @@ func args(k keys.Key) string {
 		return "'" + strconv.FormatInt(int64(a), 10) + "'::integer, '" + strconv.FormatInt(int64(b), 10) + "'::integer"
 	}
 	return "'" + strconv.FormatInt(k.Int64(), 10) + "'::bigint"
+}
+
+// writeCall writes fn's call on k to b, as fn + "(" + args(k) + ")", without
+// allocating.
+func writeCall(b *strings.Builder, fn string, k keys.Key) {
+	var buf [20]byte
+	b.WriteString(fn)
+	b.WriteString("('")
+	if k.IsPair() {
+		x, y := k.Pair()
+		b.Write(strconv.AppendInt(buf[:0], int64(x), 10))
+		b.WriteString("'::integer, '")
+		b.Write(strconv.AppendInt(buf[:0], int64(y), 10))
+		b.WriteString("'::integer)")
+		return
+	}
+	b.Write(strconv.AppendInt(buf[:0], k.Int64(), 10))
+	b.WriteString("'::bigint)")
 }
 
 // calls renders one call per key, separated by ", ", each through wrap.
@@ -203,34 +224,63 @@ func (r Request) AcquireSQL(ms int64) string {
 // release them with [Request.UnlockSQL]; for transaction scope
 // [RollbackSavepointSQL] releases them.
 func (r Request) WaitSQL(ms int64) string {
-	var lock string
-	if r.single() {
-		lock = "SELECT " + r.fn(false) + "(" + args(r.Keys[0]) + ")"
-	} else {
-		lock = "SELECT pg_catalog.array_length(ARRAY[" + r.calls(func(_ int, k keys.Key) string { return r.fn(false) + "(" + args(k) + ") IS NULL" }) + "], 1)"
+	var b strings.Builder
+	b.Grow(256 + 64*len(r.Keys))
+	if r.Scope == Xact {
+		b.WriteString(SavepointSQL + "; ")
 	}
-	var pre []string
+	sep := "SELECT "
 	if !r.Proven {
-		pre = append(pre, r.setupExpr())
-	}
-	if ms > 0 && r.Scope == Xact {
-		pre = append(pre, saveTimeouts)
+		b.WriteString(sep)
+		b.WriteString(r.setupExpr())
+		sep = ", "
 	}
 	if ms > 0 {
-		t := strconv.FormatInt(ms, 10) + "ms"
-		pre = append(pre, "pg_catalog.set_config('statement_timeout', '"+t+"', true)", "pg_catalog.set_config('lock_timeout', '"+t+"', true)")
+		if r.Scope == Xact {
+			b.WriteString(sep)
+			b.WriteString(saveTimeouts)
+			sep = ", "
+		}
+		var buf [20]byte
+		t := strconv.AppendInt(buf[:0], ms, 10)
+		b.WriteString(sep)
+		b.WriteString("pg_catalog.set_config('statement_timeout', '")
+		b.Write(t)
+		b.WriteString("ms', true), pg_catalog.set_config('lock_timeout', '")
+		b.Write(t)
+		b.WriteString("ms', true)")
+		sep = ", "
 	}
-	q := lock
-	if len(pre) > 0 {
-		q = "SELECT " + strings.Join(pre, ", ") + "; " + lock
+	if sep == ", " {
+		b.WriteString("; ")
 	}
+	r.writeWait(&b)
 	if r.Scope == Xact {
 		if ms > 0 {
-			q += "; " + restoreTimeouts
+			b.WriteString("; " + restoreTimeouts)
 		}
-		return inSavepoint(q)
+		b.WriteString("; " + ReleaseSavepointSQL)
 	}
-	return q
+	return b.String()
+}
+
+// writeWait writes the statement that waits for the request's locks.
+func (r Request) writeWait(b *strings.Builder) {
+	fn := r.fn(false)
+	if r.single() {
+		b.WriteString("SELECT ")
+		writeCall(b, fn, r.Keys[0])
+		return
+	}
+	b.WriteString("SELECT pg_catalog.array_length(ARRAY[")
+	for i, k := range r.Keys {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		writeCall(b, fn, k)
+		b.WriteString(" IS NULL")
+	}
+	b.WriteString("], 1)")
 }
 
 // Saving and restoring a transaction's timeouts around a bounded wait.

@@ -143,32 +143,34 @@ func TestInSavepoint(t *testing.T) {
 // idle_session_timeout = 0, applied once per session.
 func TestSetup(t *testing.T) {
 	const guard = "pg_catalog.pg_is_in_recovery() THEN pg_catalog.current_setting('" + StandbyMessage + "')"
+	const check = "CASE WHEN pg_catalog.current_setting('server_version_num')::integer < 140000 OR pg_catalog.version() ~* 'windows|mingw|visual c' " +
+		"THEN NULL ELSE pg_catalog.set_config('client_connection_check_interval', '1000', false) END"
 	k := keys.Int64(7)
 	s := Request{Keys: []keys.Key{k}, Keepalive: DefaultKeepalive()}
 	x := s
 	x.Scope = Xact
 	tests := []struct{ got, want string }{
-		{s.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=10,5,4,30000 idle=0') THEN NULL WHEN " + guard +
+		{s.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v2 ka=10,5,3,25000 idle=0') THEN NULL WHEN " + guard +
 			" ELSE pg_catalog.concat(pg_catalog.set_config('tcp_keepalives_idle', '10', false), pg_catalog.set_config('tcp_keepalives_interval', '5', false), " +
-			"pg_catalog.set_config('tcp_keepalives_count', '4', false), pg_catalog.set_config('tcp_user_timeout', '30000', false), " +
-			"pg_catalog.set_config('idle_session_timeout', '0', false), pg_catalog.set_config('pglocks.session', 'v1 ka=10,5,4,30000 idle=0', false)) END"},
+			"pg_catalog.set_config('tcp_keepalives_count', '3', false), pg_catalog.set_config('tcp_user_timeout', '25000', false), " + check + ", " +
+			"pg_catalog.set_config('idle_session_timeout', '0', false), pg_catalog.set_config('pglocks.session', 'v2 ka=10,5,3,25000 idle=0', false)) END"},
 		// A session set up for session locks serves transaction locks too.
-		{x.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=10,5,4,30000', 'v1 ka=10,5,4,30000 idle=0') THEN NULL WHEN " + guard +
+		{x.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v2 ka=10,5,3,25000', 'v2 ka=10,5,3,25000 idle=0') THEN NULL WHEN " + guard +
 			" ELSE pg_catalog.concat(pg_catalog.set_config('tcp_keepalives_idle', '10', false), pg_catalog.set_config('tcp_keepalives_interval', '5', false), " +
-			"pg_catalog.set_config('tcp_keepalives_count', '4', false), pg_catalog.set_config('tcp_user_timeout', '30000', false), " +
-			"pg_catalog.set_config('pglocks.session', 'v1 ka=10,5,4,30000', false)) END"},
-		{Request{Keys: []keys.Key{k}}.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=off idle=0') THEN NULL WHEN " + guard +
-			" ELSE pg_catalog.concat(pg_catalog.set_config('idle_session_timeout', '0', false), pg_catalog.set_config('pglocks.session', 'v1 ka=off idle=0', false)) END"},
+			"pg_catalog.set_config('tcp_keepalives_count', '3', false), pg_catalog.set_config('tcp_user_timeout', '25000', false), " + check + ", " +
+			"pg_catalog.set_config('pglocks.session', 'v2 ka=10,5,3,25000', false)) END"},
+		{Request{Keys: []keys.Key{k}}.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v2 ka=off idle=0') THEN NULL WHEN " + guard +
+			" ELSE pg_catalog.concat(pg_catalog.set_config('idle_session_timeout', '0', false), pg_catalog.set_config('pglocks.session', 'v2 ka=off idle=0', false)) END"},
 		{s.WaitSQL(0), s.SetupSQL() + "; SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
 		{s.WaitSQL(5), s.SetupSQL() + ", pg_catalog.set_config('statement_timeout', '5ms', true), pg_catalog.set_config('lock_timeout', '5ms', true); SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
 		{x.WaitSQL(0), "SAVEPOINT pglocks_wait; " + x.SetupSQL() + "; SELECT pg_catalog.pg_advisory_xact_lock('7'::bigint); RELEASE SAVEPOINT pglocks_wait"},
 		{Request{Keys: []keys.Key{k, keys.Int64(8)}, Keepalive: DefaultKeepalive(), Try: true}.TrySQL(), s.SetupSQL() + "; " +
 			Request{Keys: []keys.Key{k, keys.Int64(8)}, Proven: true}.TrySQL()},
-		{x.TrySQL(), "SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v1 ka=10,5,4,30000', 'v1 ka=10,5,4,30000 idle=0') " +
+		{x.TrySQL(), "SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v2 ka=10,5,3,25000', 'v2 ka=10,5,3,25000 idle=0') " +
 			"THEN CASE WHEN pg_catalog.pg_try_advisory_xact_lock('7'::bigint) THEN 1 ELSE 0 END WHEN pg_catalog.pg_is_in_recovery() THEN 2 " +
 			"WHEN pg_catalog.concat(pg_catalog.set_config('tcp_keepalives_idle', '10', false), pg_catalog.set_config('tcp_keepalives_interval', '5', false), " +
-			"pg_catalog.set_config('tcp_keepalives_count', '4', false), pg_catalog.set_config('tcp_user_timeout', '30000', false), " +
-			"pg_catalog.set_config('pglocks.session', 'v1 ka=10,5,4,30000', false)) IS NULL THEN 0 " +
+			"pg_catalog.set_config('tcp_keepalives_count', '3', false), pg_catalog.set_config('tcp_user_timeout', '25000', false), " + check + ", " +
+			"pg_catalog.set_config('pglocks.session', 'v2 ka=10,5,3,25000', false)) IS NULL THEN 0 " +
 			"ELSE CASE WHEN pg_catalog.pg_try_advisory_xact_lock('7'::bigint) THEN 1 ELSE 0 END END)"},
 	}
 	for i, tt := range tests {
@@ -178,5 +180,16 @@ func TestSetup(t *testing.T) {
 	}
 	if !IsStandby(StandbyError{}) || IsStandby(nil) {
 		t.Error("IsStandby(StandbyError{})")
+	}
+}
+
+// TestDefaultSetups checks the setups rendered at compile time for the
+// default keepalive against the renderer.
+func TestDefaultSetups(t *testing.T) {
+	for _, sc := range []Scope{Session, Xact} {
+		r := Request{Scope: sc, Keepalive: DefaultKeepalive()}
+		if got, want := r.setup(), r.renderSetup(); got != want {
+			t.Errorf("%v: constant setup\n%+v\nrenderer\n%+v", sc, got, want)
+		}
 	}
 }
