@@ -434,10 +434,11 @@ func lossEnv(t *testing.T, driver string, interval time.Duration) (*lossWorld, *
 
 // TestBlackholeLostCancel: lib/pq interrupts a wait with one CancelRequest;
 // here the proxy drops it, as a cancel that reaches the server before the
-// statement is lost. A Locker.Lock on a held key cancelled 1–4 ms after it
-// starts still returns within 0.5 s, and the wait on the server ends within
-// the documented 4 s: the abandoned wait is cancelled through another
-// connection of the pool by its tag.
+// statement is lost. A Locker.Lock on a held key cancelled 1–4 ms after its
+// wait starts on the server (after the try that comes first) still returns
+// within 0.5 s, and the wait on the server ends within the documented 4 s:
+// the abandoned wait is cancelled through another connection of the pool by
+// its tag.
 func TestBlackholeLostCancel(t *testing.T) {
 	const serverBound = 4 * time.Second
 	for _, after := range []time.Duration{time.Millisecond, 2 * time.Millisecond, 4 * time.Millisecond} {
@@ -479,9 +480,16 @@ func TestBlackholeLostCancel(t *testing.T) {
 			defer watchdog.Stop()
 
 			cctx, cancel := context.WithCancel(ctx)
-			time.AfterFunc(after, cancel)
-			t0 := time.Now().Add(after)
+			defer cancel()
+			cancelled := make(chan time.Time, 1)
+			go func() {
+				waitForWaiter(t, hdb, key)
+				time.Sleep(after)
+				cancelled <- time.Now()
+				cancel()
+			}()
 			_, lerr := l.Lock(cctx, key)
+			t0 := <-cancelled
 			returned := time.Since(t0)
 			// The server-side wait: the key's waiters in pg_locks.
 			var ended time.Duration
@@ -507,6 +515,9 @@ func TestBlackholeLostCancel(t *testing.T) {
 			if lerr == nil {
 				t.Fatal("Lock succeeded on a held key")
 			}
+			if p.CancelRequests() == 0 {
+				t.Error("lib/pq sent no CancelRequest: the case did not exercise a lost cancel")
+			}
 			if returned > ownedBound {
 				t.Errorf("Lock returned %v after the cancel; the bound is %v", returned.Round(time.Millisecond), ownedBound)
 			}
@@ -524,4 +535,22 @@ func TestBlackholeLostCancel(t *testing.T) {
 			waitGoroutines(t, base)
 		})
 	}
+}
+
+// waitForWaiter returns once pg_locks shows a session waiting for key (or
+// after 5 s).
+func waitForWaiter(t *testing.T, db *sql.DB, key keys.Key) {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		hs, err := pglock.Holders(context.Background(), db, key)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		for _, h := range hs {
+			if !h.Granted {
+				return
+			}
+		}
+	}
+	t.Error("no session waited for the key within 5 s")
 }
