@@ -37,7 +37,10 @@ func OwnLocks(conn *sql.Conn, timeout time.Duration) (map[HeldKey]bool, error) {
 		held, err = ownLocks(ctx, conn)
 		return Answer{Err: err}
 	})
-	return held, a.Err
+	if a.Err != nil {
+		return nil, a.Err // held is not read: an abandoned check may still write it
+	}
+	return held, nil
 }
 
 func ownLocks(ctx context.Context, conn *sql.Conn) (map[HeldKey]bool, error) {
