@@ -157,7 +157,7 @@ func TestStatementsPinned(t *testing.T) {
 	}{
 		{engine.LockConn, nil, []string{
 			setupS + "; SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
-			setupS + ", pg_catalog.set_config('statement_timeout', '250ms', true), pg_catalog.set_config('lock_timeout', '250ms', true); SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
+			setupS + ", pg_catalog.set_config('statement_timeout', '0', true), pg_catalog.set_config('lock_timeout', '250ms', true); SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
 		}},
 		{engine.TryLockConn, []pglock.Option{pglock.Shared()}, []string{pgsql.Request{Keys: k, Shared: true, Try: true, Keepalive: pgsql.DefaultKeepalive()}.TrySQL()}},
 		{engine.LockTx, nil, []string{

@@ -94,6 +94,7 @@ type Plan struct {
 	probing bool   // settling a transaction error that may not have come from the server
 	tries   int    // of the current settling statement
 	rbTries int    // of the rollback of a failed HeldInSavepoint
+	reTries int    // of a session try that a late cancel request interrupted
 	n       int64  // keys held, from HeldInSavepoint
 	heldErr error  // HeldInSavepoint's error, while its savepoint is rolled back
 	res     Result
@@ -301,6 +302,10 @@ func (p *Plan) settled(n int64, vErr error) {
 		// Granted, whatever the driver said: a lock_timeout error racing
 		// the grant, or a cancellation that arrived just after it.
 		p.finish(Result{Granted: true})
+	case vErr == nil && n == 0 && p.lateCancel():
+		// A try took nothing: send it again.
+		p.res.Err = nil
+		p.to(stAcquire)
 	case vErr == nil && (n == 0 || p.req.Scope == pgsql.Xact):
 		// A transaction-scope statement that reached here completed, or
 		// never ran: fewer than all means it took nothing.
@@ -312,6 +317,21 @@ func (p *Plan) settled(n int64, vErr error) {
 	default:
 		p.unsettled(vErr)
 	}
+}
+
+// lateCancel reports whether the acquiring statement is a session try that
+// a cancel request interrupted while the caller's ctx was alive (a try is
+// shielded from ctx): a cancel request meant for an earlier statement of
+// the session that arrived late (pgx's CancelRequestContextWatcherHandler,
+// or anyone's pg_cancel_backend). Such a try is sent again, a bounded
+// number of times, once pg_locks has shown it took nothing.
+func (p *Plan) lateCancel() bool {
+	if !p.req.Try || p.req.Scope != pgsql.Session || p.first.Ctx != nil ||
+		pgsql.SQLState(p.first.Err) != pgsql.CodeQueryCanceled || p.reTries+1 >= lateCancelRetries {
+		return false
+	}
+	p.reTries++
+	return true
 }
 
 // probed decides after pg_locks was asked about a transaction error that

@@ -201,13 +201,16 @@ func (r Request) AcquireSQL(ms int64) string {
 // Unless the request is Proven, it first runs the setup ([Request.SetupSQL]):
 // the standby guard and the session's keepalive. With ms > 0 the wait is
 // bounded by the caller's deadline, ms milliseconds: lock_timeout bounds
-// each lock's wait and statement_timeout the whole statement, both set for
-// the message alone, so that neither a session's nor a role's timeouts cut
-// short a wait the deadline allows. For one key, session scope:
+// each lock's wait, and for several keys statement_timeout bounds the whole
+// statement (one key sets it to 0), both set for the message alone, so that
+// neither a session's nor a role's timeouts cut short a wait the deadline
+// allows. For one key, session scope:
 //
-//	SELECT CASE ... END, pg_catalog.set_config('statement_timeout', '250ms', true),
+//	SELECT CASE ... END, pg_catalog.set_config('statement_timeout', '0', true),
 //	       pg_catalog.set_config('lock_timeout', '250ms', true);
 //	SELECT pg_catalog.pg_advisory_lock('42'::bigint)
+//
+// A timed wait of several keys is followed by [absorbSQL] in its message.
 //
 // The settings are local to the message's implicit transaction. In a
 // transaction the message runs inside SAVEPOINT pglocks_wait, and saves and
@@ -244,9 +247,16 @@ func (r Request) WaitSQL(ms int64) string {
 		var buf [20]byte
 		t := strconv.AppendInt(buf[:0], ms, 10)
 		b.WriteString(sep)
-		b.WriteString("pg_catalog.set_config('statement_timeout', '")
-		b.Write(t)
-		b.WriteString("ms', true), pg_catalog.set_config('lock_timeout', '")
+		if r.single() {
+			// lock_timeout alone bounds one lock's wait: no statement timer
+			// that could fire late (see absorbSQL).
+			b.WriteString("pg_catalog.set_config('statement_timeout', '0', true)")
+		} else {
+			b.WriteString("pg_catalog.set_config('statement_timeout', '")
+			b.Write(t)
+			b.WriteString("ms', true)")
+		}
+		b.WriteString(", pg_catalog.set_config('lock_timeout', '")
 		b.Write(t)
 		b.WriteString("ms', true)")
 		sep = ", "
@@ -255,6 +265,9 @@ func (r Request) WaitSQL(ms int64) string {
 		b.WriteString("; ")
 	}
 	r.writeWait(&b)
+	if ms > 0 && !r.single() {
+		b.WriteString("; " + absorbSQL)
+	}
 	if r.Scope == Xact {
 		if ms > 0 {
 			b.WriteString("; " + restoreTimeouts)
@@ -282,6 +295,15 @@ func (r Request) writeWait(b *strings.Builder) {
 	}
 	b.WriteString("], 1)")
 }
+
+// absorbSQL follows a timed wait of several keys in its message. A
+// statement_timeout that fires just as the wait completes is not disarmed
+// by the statement's end: its interrupt stays pending and would cancel the
+// session's next statement (an unlock, a caller's query) with SQLSTATE
+// 57014. pg_sleep(0) checks for interrupts, so such a late timeout fails
+// the wait's own message instead, whose outcome is then settled as any
+// failed wait's is. A wait of one key sets no statement_timeout at all.
+const absorbSQL = "SELECT pg_catalog.pg_sleep(0)"
 
 // Saving and restoring a transaction's timeouts around a bounded wait.
 const (

@@ -38,11 +38,11 @@ func TestSingleKeyStatements(t *testing.T) {
 		{one(keys.Int64(7), Xact, false).TrySQL(), "SELECT 1 WHERE pg_catalog.pg_try_advisory_xact_lock('7'::bigint)"},
 		{one(keys.Int64(7), Session, true).UnlockSQL(), "SELECT 1 WHERE pg_catalog.pg_advisory_unlock_shared('7'::bigint)"},
 		{one(keys.Int64(7), Session, false).WaitSQL(250),
-			"SELECT pg_catalog.set_config('statement_timeout', '250ms', true), pg_catalog.set_config('lock_timeout', '250ms', true); SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
+			"SELECT pg_catalog.set_config('statement_timeout', '0', true), pg_catalog.set_config('lock_timeout', '250ms', true); SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
 		{one(keys.Int64(7), Xact, false).WaitSQL(1),
 			"SAVEPOINT pglocks_wait; SELECT pg_catalog.set_config('pglocks.statement_timeout', pg_catalog.current_setting('statement_timeout'), true), " +
 				"pg_catalog.set_config('pglocks.lock_timeout', pg_catalog.current_setting('lock_timeout'), true), " +
-				"pg_catalog.set_config('statement_timeout', '1ms', true), pg_catalog.set_config('lock_timeout', '1ms', true); " +
+				"pg_catalog.set_config('statement_timeout', '0', true), pg_catalog.set_config('lock_timeout', '1ms', true); " +
 				"SELECT pg_catalog.pg_advisory_xact_lock('7'::bigint); " +
 				"SELECT pg_catalog.set_config('statement_timeout', pg_catalog.current_setting('pglocks.statement_timeout'), true), " +
 				"pg_catalog.set_config('lock_timeout', pg_catalog.current_setting('pglocks.lock_timeout'), true); RELEASE SAVEPOINT pglocks_wait"},
@@ -89,7 +89,8 @@ func TestSetStatements(t *testing.T) {
 	}
 	// lock_timeout bounds each key's wait, statement_timeout their sum: both
 	// are set once, whatever the number of keys.
-	if q := s.WaitSQL(250); strings.Count(q, "set_config('lock_timeout', '250ms', true)") != 1 || strings.Count(q, "set_config('statement_timeout', '250ms', true)") != 1 {
+	if q := s.WaitSQL(250); strings.Count(q, "set_config('lock_timeout', '250ms', true)") != 1 || strings.Count(q, "set_config('statement_timeout', '250ms', true)") != 1 ||
+		!strings.HasSuffix(q, "], 1); SELECT pg_catalog.pg_sleep(0)") {
 		t.Errorf("timed wait of a set: %s", q)
 	}
 	if q := x.WaitSQL(250); !strings.HasPrefix(q, "SAVEPOINT pglocks_wait; ") || !strings.HasSuffix(q, "; RELEASE SAVEPOINT pglocks_wait") {
@@ -162,7 +163,7 @@ func TestSetup(t *testing.T) {
 		{Request{Keys: []keys.Key{k}}.SetupSQL(), "SELECT CASE WHEN COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v2 ka=off idle=0') THEN NULL WHEN " + guard +
 			" ELSE pg_catalog.concat(pg_catalog.set_config('idle_session_timeout', '0', false), pg_catalog.set_config('pglocks.session', 'v2 ka=off idle=0', false)) END"},
 		{s.WaitSQL(0), s.SetupSQL() + "; SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
-		{s.WaitSQL(5), s.SetupSQL() + ", pg_catalog.set_config('statement_timeout', '5ms', true), pg_catalog.set_config('lock_timeout', '5ms', true); SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
+		{s.WaitSQL(5), s.SetupSQL() + ", pg_catalog.set_config('statement_timeout', '0', true), pg_catalog.set_config('lock_timeout', '5ms', true); SELECT pg_catalog.pg_advisory_lock('7'::bigint)"},
 		{x.WaitSQL(0), "SAVEPOINT pglocks_wait; " + x.SetupSQL() + "; SELECT pg_catalog.pg_advisory_xact_lock('7'::bigint); RELEASE SAVEPOINT pglocks_wait"},
 		{Request{Keys: []keys.Key{k, keys.Int64(8)}, Keepalive: DefaultKeepalive(), Try: true}.TrySQL(), s.SetupSQL() + "; " +
 			Request{Keys: []keys.Key{k, keys.Int64(8)}, Proven: true}.TrySQL()},
