@@ -38,10 +38,18 @@ func TestLockerFreshPool(t *testing.T) {
 			lk, err := l.Lock(ctx, testkit.UniqueKey())
 			took := time.Since(start)
 			cancel()
-			if err != nil {
-				t.Errorf("trial %d: Lock on a fresh pool 5 ms away with a %v deadline = %v after %v", trial, deadline, err, took)
-			} else if err := lk.Unlock(context.Background()); err != nil {
-				t.Error(err)
+			switch {
+			case err != nil && !rawFreshLock(t, driver, proxied, deadline):
+				// The raw statements now miss the deadline too: the machine
+				// was too loaded at that moment to tell.
+				counted--
+				slow++
+			case err != nil:
+				t.Errorf("trial %d: Lock on a fresh pool 5 ms away with a %v deadline = %v after %v (the raw statements fit before and after)", trial, deadline, err, took)
+			default:
+				if err := lk.Unlock(context.Background()); err != nil {
+					t.Error(err)
+				}
 			}
 			_ = l.Close()
 			_ = db.Close()
