@@ -29,6 +29,7 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 		return nil, err
 	}
 	defer l.inflight.Done()
+	defer l.startCheck()
 
 	// actx is ctx, also ended by Close.
 	actx, cancel := context.WithCancelCause(ctx)

@@ -94,8 +94,8 @@ const (
 // The check proves, once per Locker, whether its pool shares server
 // sessions between connections (PgBouncer in transaction pooling mode),
 // where no session lock can work: it is [CheckSessionLocks], run in the
-// background from the Locker's first acquisition on, on two connections of
-// its own, bounded by a few seconds and by Close. It never delays a call or
+// background from the end of the Locker's first acquisition on, on two
+// connections of its own, bounded by a few seconds and by Close. It never delays a call or
 // spends the caller's deadline. Once it has proved the sharing, the Locker
 // ends every lock it holds as lost (cause [ErrTransactionPooling]) and every
 // later acquisition fails with ErrTransactionPooling; [Locker.Lead] returns
@@ -120,21 +120,27 @@ type sessionCheck struct {
 	pooled  atomic.Bool // proved: the pool shares server sessions
 }
 
-// verdict starts the check on the Locker's first acquisition, and returns
-// ErrTransactionPooling once the check has proved the sharing. It never
-// waits for the check.
+// verdict returns ErrTransactionPooling once the check has proved the
+// sharing. It never waits for the check.
 func (l *Locker) verdict() error {
+	if l.check.enabled && l.check.pooled.Load() {
+		return ErrTransactionPooling
+	}
+	return nil
+}
+
+// startCheck starts the check once, when the Locker's first acquisition
+// ends: its two connections then never compete with that acquisition's
+// (for the pool, the dial, the server's backend start) on the caller's
+// deadline.
+func (l *Locker) startCheck() {
 	if !l.check.enabled {
-		return nil
+		return
 	}
 	l.check.once.Do(func() {
 		l.watchers.Add(1)
 		go l.checkSessions()
 	})
-	if l.check.pooled.Load() {
-		return ErrTransactionPooling
-	}
-	return nil
 }
 
 var errPoolFull = errors.New("the pool has no room for the check's two connections")
