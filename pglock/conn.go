@@ -56,7 +56,7 @@ import (
 // Cost: one round trip when the lock is free, with or without a deadline.
 func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
 	req, ok := newRequest(engine.LockConn, []keys.Key{key}, opts)
-	_, err := lockOn(ctx, "lock", conn, req, ok, true, engine.Caller)
+	_, err := lockOn(ctx, "lock", conn, req, ok, true, engine.Caller())
 	return err
 }
 
@@ -70,7 +70,7 @@ func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option)
 // without sending anything. Errors have Op "trylock". Cost: one round trip.
 func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) (bool, error) {
 	req, ok := newRequest(engine.TryLockConn, []keys.Key{key}, opts)
-	return lockOn(ctx, "trylock", conn, req, ok, false, engine.Caller)
+	return lockOn(ctx, "trylock", conn, req, ok, false, engine.Caller())
 }
 
 // UnlockConn releases one hold of a session-level advisory lock taken on conn.

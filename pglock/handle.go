@@ -31,7 +31,7 @@ var (
 // h usable, unless the error wraps ErrSessionLost. A *sql.Conn whose outcome
 // could not be settled is closed, which releases whatever it held.
 //
-// b bounds the call (see engine.Bounds): engine.Caller on the caller's
+// b bounds the call (see engine.Bounds): engine.Caller() on the caller's
 // handle. A statement abandoned at that bound leaves the handle to be
 // discarded in the background once the statement returns.
 func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, error) {

@@ -128,9 +128,9 @@ func lookup[H Handle](ctx context.Context, h H, ks []keys.Key) ([]Holder, []erro
 		err error
 	)
 	if db, pool := any(h).(*sql.DB); pool {
-		hs, err = engine.LookupHoldersPooled(ctx, db, ks, engine.Owned)
+		hs, err = engine.LookupHoldersPooled(ctx, db, ks, engine.Owned())
 	} else {
-		hs, err = engine.LookupHolders(ctx, any(h).(engine.Handle), ks, true, engine.Owned)
+		hs, err = engine.LookupHolders(ctx, any(h).(engine.Handle), ks, true, engine.Owned())
 	}
 	if err == nil {
 		return holders(hs), nil

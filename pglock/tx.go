@@ -46,7 +46,7 @@ import (
 // savepoint travels in the same message); a failed wait costs one more.
 func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
 	req, ok := newRequest(engine.LockTx, []keys.Key{key}, opts)
-	_, err := lockOn(ctx, "lock", tx, req, ok, true, engine.Caller)
+	_, err := lockOn(ctx, "lock", tx, req, ok, true, engine.Caller())
 	return err
 }
 
@@ -57,7 +57,7 @@ func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error
 // ctx is cancelled. Errors have Op "trylock". Cost: one round trip.
 func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (bool, error) {
 	req, ok := newRequest(engine.TryLockTx, []keys.Key{key}, opts)
-	return lockOn(ctx, "trylock", tx, req, ok, false, engine.Caller)
+	return lockOn(ctx, "trylock", tx, req, ok, false, engine.Caller())
 }
 
 // LockAllTx takes transaction-level advisory locks on every key of ks in tx,
@@ -79,6 +79,6 @@ func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (b
 // any key is busy. An empty ks, or a zero key in it, returns [ErrInvalidKey].
 func LockAllTx(ctx context.Context, tx *sql.Tx, ks []keys.Key, opts ...Option) error {
 	req, ok := newRequest(engine.LockAllTx, ks, opts)
-	_, err := lockOn(ctx, "lock", tx, req, ok, true, engine.Caller)
+	_, err := lockOn(ctx, "lock", tx, req, ok, true, engine.Caller())
 	return err
 }

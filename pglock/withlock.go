@@ -96,7 +96,7 @@ func withTx(ctx context.Context, tx *sql.Tx, key keys.Key, fn func(context.Conte
 	if fn == nil {
 		return newError("lock", req, ErrNilHandle, errNilFunc)
 	}
-	held, err := lockOn(ctx, "lock", tx, req, ok, false, engine.Caller)
+	held, err := lockOn(ctx, "lock", tx, req, ok, false, engine.Caller())
 	if err != nil {
 		return err
 	}
@@ -117,7 +117,7 @@ func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context
 	}
 	// A try first, as on a connection from the pool (see withDB), so that
 	// both send the same statements.
-	r, _ := engine.TryFirst(ctx, conn, req, engine.Caller)
+	r, _ := engine.TryFirst(ctx, conn, req, engine.Caller())
 	held, err := outcome("lock", conn, req, r, false)
 	if err != nil || !held {
 		if err != nil {

@@ -91,16 +91,16 @@ type Bounds struct {
 	From context.Context
 }
 
-// Owned are the bounds on a connection the library owns.
-var Owned = Bounds{DeadlineGrace: OwnedGrace, CancelGrace: OwnedGrace}
+// Owned returns the bounds on a connection the library owns.
+func Owned() Bounds { return Bounds{DeadlineGrace: OwnedGrace, CancelGrace: OwnedGrace} }
 
-// Caller are the bounds on the caller's *sql.Conn or *sql.Tx.
-var Caller = Bounds{DeadlineGrace: CallerDeadlineGrace, CancelGrace: CallerCancelGrace}
+// Caller returns the bounds on the caller's *sql.Conn or *sql.Tx.
+func Caller() Bounds { return Bounds{DeadlineGrace: CallerDeadlineGrace, CancelGrace: CallerCancelGrace} }
 
 // OwnedBy returns Owned bounds for a connection taken from db, with the
 // escalation of a lost cancellation through db.
 func OwnedBy(db *sql.DB) Bounds {
-	b := Owned
+	b := Owned()
 	b.Pool = db
 	return b
 }
@@ -243,7 +243,7 @@ func escalate(db *sql.DB, tag pgsql.Tag, returned <-chan struct{}) {
 		case <-t.C:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), escalateTimeout)
-		limit, stop := Owned.Limit(ctx)
+		limit, stop := Owned().Limit(ctx)
 		bounded(ctx, limit, db, Bounds{Keep: true}, 0, func(ctx context.Context) Answer {
 			return exec(ctx, db, q)
 		})

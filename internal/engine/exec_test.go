@@ -73,7 +73,7 @@ func TestRunAbandonsAStuckStatement(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	t0 := time.Now()
-	r := Run(ctx, c, req, Owned)
+	r := Run(ctx, c, req, Owned())
 	late := time.Since(t0) - 100*time.Millisecond
 	if r.Granted || r.Failure != Lost || !Abandoned(r.Err) || !errors.Is(r.Ctx, context.DeadlineExceeded) {
 		t.Fatalf("Run = %+v", r)
@@ -103,7 +103,7 @@ func TestRunCancelGraceOnCallerHandle(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(50*time.Millisecond, cancel)
 	t0 := time.Now()
-	r := Run(ctx, c, pgsql.Request{Keys: []keys.Key{keys.Int64(7)}}, Caller)
+	r := Run(ctx, c, pgsql.Request{Keys: []keys.Key{keys.Int64(7)}}, Caller())
 	late := time.Since(t0) - 50*time.Millisecond
 	if !Abandoned(r.Err) || !errors.Is(r.Ctx, context.Canceled) {
 		t.Fatalf("Run = %+v", r)
@@ -139,12 +139,12 @@ func TestReleaseFloor(t *testing.T) {
 
 // Limit is nil for a ctx that never ends.
 func TestLimitNilWithoutEnd(t *testing.T) {
-	if l, stop := Owned.Limit(context.Background()); l != nil {
+	if l, stop := Owned().Limit(context.Background()); l != nil {
 		stop()
 		t.Fatal("a limit for a ctx that never ends")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	b := Owned
+	b := Owned()
 	b.From = context.Background()
 	if l, stop := b.Limit(ctx); l != nil {
 		stop()
@@ -161,7 +161,7 @@ func TestRunAbandonsAStuckHoldersLookup(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	t0 := time.Now()
-	r := Run(ctx, c, pgsql.Request{Keys: []keys.Key{keys.Int64(7)}, Try: true, Report: true}, Owned)
+	r := Run(ctx, c, pgsql.Request{Keys: []keys.Key{keys.Int64(7)}, Try: true, Report: true}, Owned())
 	if took := time.Since(t0); r.Failure != Lost || !Abandoned(r.Err) || took > 100*time.Millisecond+OwnedGrace+300*time.Millisecond {
 		t.Fatalf("Run = %+v after %v", r, took)
 	}

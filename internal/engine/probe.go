@@ -30,7 +30,7 @@ func ProbeSessions(ctx context.Context, db *sql.DB) (bool, error) {
 	if _, err := rand.Read(tok[:]); err != nil {
 		return false, err
 	}
-	c1, err := Conn(ctx, db, Owned)
+	c1, err := Conn(ctx, db, Owned())
 	if err != nil {
 		return false, err
 	}
@@ -41,7 +41,7 @@ func ProbeSessions(ctx context.Context, db *sql.DB) (bool, error) {
 	defer func() {
 		limit, stop := ReleaseLimit(ctx)
 		defer stop()
-		_ = settle(ctx, limit, c1, Owned, pgsql.ProbeClearSQL)
+		_ = settle(ctx, limit, c1, Owned(), pgsql.ProbeClearSQL)
 	}()
 	// 1. The first connection again: a pooler that rotates server sessions
 	// (round robin, or others using them meanwhile) moves it.
@@ -57,7 +57,7 @@ func ProbeSessions(ctx context.Context, db *sql.DB) (bool, error) {
 // probeSecond asks a second connection whether its session carries the
 // token, and the first whether its session still does, probeRounds times.
 func probeSecond(ctx context.Context, db *sql.DB, c1 *sql.Conn, tok pgsql.ProbeToken) (bool, error) {
-	c2, err := Conn(ctx, db, Owned)
+	c2, err := Conn(ctx, db, Owned())
 	if err != nil {
 		return false, err
 	}
@@ -87,8 +87,8 @@ func ask(ctx context.Context, c *sql.Conn, q string) (bool, error) {
 	if err := Ended(ctx); err != nil {
 		return false, err
 	}
-	limit, stop := Owned.Limit(ctx)
+	limit, stop := Owned().Limit(ctx)
 	defer stop()
-	a := settle(ctx, limit, c, Owned, q)
+	a := settle(ctx, limit, c, Owned(), q)
 	return a.Rows == 1, a.Err
 }

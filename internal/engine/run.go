@@ -152,6 +152,6 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
 	limit, stop := ReleaseLimit(ctx)
 	defer stop()
-	a := settle(ctx, limit, h, Owned, req.UnlockSQL())
+	a := settle(ctx, limit, h, Owned(), req.UnlockSQL())
 	return a.Rows, a.Err
 }

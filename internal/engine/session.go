@@ -32,7 +32,7 @@ func OwnLocks(conn *sql.Conn, timeout time.Duration) (map[HeldKey]bool, error) {
 		defer stop()
 	}
 	var held map[HeldKey]bool
-	a := bounded(ctx, limit, conn, Owned, 0, func(ctx context.Context) Answer {
+	a := bounded(ctx, limit, conn, Owned(), 0, func(ctx context.Context) Answer {
 		var err error
 		held, err = ownLocks(ctx, conn)
 		return Answer{Err: err}
