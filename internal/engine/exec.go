@@ -95,7 +95,9 @@ type Bounds struct {
 func Owned() Bounds { return Bounds{DeadlineGrace: OwnedGrace, CancelGrace: OwnedGrace} }
 
 // Caller returns the bounds on the caller's *sql.Conn or *sql.Tx.
-func Caller() Bounds { return Bounds{DeadlineGrace: CallerDeadlineGrace, CancelGrace: CallerCancelGrace} }
+func Caller() Bounds {
+	return Bounds{DeadlineGrace: CallerDeadlineGrace, CancelGrace: CallerCancelGrace}
+}
 
 // OwnedBy returns Owned bounds for a connection taken from db, with the
 // escalation of a lost cancellation through db.
