@@ -207,3 +207,16 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// waitUnpinned waits until no connection of db is in use, at most 5 s, and
+// returns how many still are. A statement that a call abandoned at its
+// bound (see internal/engine's Bounds) keeps its connection until it
+// returns, and the reaper discards it then: on a loaded machine that can
+// outlast the call by a moment, never by seconds.
+func waitUnpinned(db *sql.DB) int {
+	for end := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if n := db.Stats().InUse; n == 0 || time.Now().After(end) {
+			return n
+		}
+	}
+}
