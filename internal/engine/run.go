@@ -42,6 +42,14 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 	p := NewPlan(req, ms)
 	var holders []Holder
 	for !p.Done() {
+		if p.Refresh() && !req.Try {
+			// The gated wait took nothing: bound the full one by the time
+			// left now.
+			if ms, err = lockTimeout(ctx, req); err != nil {
+				return Result{Failure: NotRun, Err: err}
+			}
+			p.SetTimeout(ms)
+		}
 		var a Answer
 		switch st := p.Step(); {
 		case st.Query:
