@@ -92,12 +92,12 @@ func UnlockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Optio
 	req, ok := newRequest(engine.UnlockConn, []keys.Key{key}, opts)
 	switch {
 	case conn == nil:
-		return newError("unlock", req, ErrNilHandle)
+		return newError("unlock", detached(req), ErrNilHandle)
 	case !ok:
-		return invalid("unlock", req)
+		return invalid("unlock", detached(req))
 	}
 	if err := unlockOn(ctx, conn, req); err != nil {
-		return newError("unlock", req, err)
+		return newError("unlock", detached(req), err)
 	}
 	return nil
 }

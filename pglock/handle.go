@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"slices"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/internal/pgsql"
@@ -71,6 +72,14 @@ func acquireError(op string, req request, r engine.Result) *Error {
 	}
 	e.Holders = holders(r.Holders)
 	return e
+}
+
+// detached is req with a copy of its keys, for an error to keep: the
+// caller's keys then never escape to the heap on the success path (a call
+// of one key passes them in a slice literal, which stays on its stack).
+func detached(req request) request {
+	req.Keys = slices.Clone(req.Keys)
+	return req
 }
 
 // unlockOn releases one hold of each of req's session locks on h, shielded

@@ -157,7 +157,16 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 // later, and never longer than ReleaseCap: then it is abandoned (the error wraps
 // [ErrAbandoned]) and h's connection is discarded once it returns, which
 // releases the locks on the server.
+//
+// A ctx that can never end bounds nothing, and the release is not shielded
+// either: it runs on ctx itself, on the caller's goroutine, as the raw
+// statement would (see "Faults" in docs/guarantees.md: such a call has no
+// bound but the driver's).
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
+	if never(ctx) {
+		a := exec(ctx, h, req.UnlockSQL())
+		return a.Rows, a.Err
+	}
 	limit, stop := ReleaseLimit(ctx)
 	defer stop()
 	a := settle(ctx, limit, h, Owned(), req.UnlockSQL())

@@ -390,7 +390,11 @@ func (r Request) TrySQL() string {
 //	SELECT 1 FROM pg_catalog.unnest(ARRAY[pg_catalog.pg_advisory_unlock('1'::bigint), ...]) AS u(ok) WHERE u.ok
 func (r Request) UnlockSQL() string {
 	if r.single() {
-		return "SELECT 1 WHERE " + r.unlockFn() + "(" + args(r.Keys[0]) + ")"
+		var b strings.Builder
+		b.Grow(96)
+		b.WriteString("SELECT 1 WHERE ")
+		writeCall(&b, r.unlockFn(), r.Keys[0])
+		return b.String()
 	}
 	return "SELECT 1 FROM pg_catalog.unnest(ARRAY[" + r.calls(func(_ int, k keys.Key) string { return r.unlockFn() + "(" + args(k) + ")" }) +
 		"]) AS u(ok) WHERE u.ok"
