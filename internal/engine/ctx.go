@@ -51,13 +51,17 @@ func Ended(ctx context.Context) error {
 // A ctx that can never end, without a deadline, is handed to the driver as
 // it is: nothing is to be passed on, and a driver watches no context whose
 // Done is nil (no allocation, no goroutine).
-func waitContext(ctx context.Context, serverBounded bool) (context.Context, context.CancelFunc) {
+//
+// abandoned says the caller abandons the statement, and cancels the
+// returned context, sooner than DeadlineGrace after ctx's deadline (see
+// [Bounds]): the driver context then needs no deadline of its own.
+func waitContext(ctx context.Context, serverBounded, abandoned bool) (context.Context, context.CancelFunc) {
 	if never(ctx) {
 		return ctx, func() {}
 	}
 	base, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	dctx, cancelDeadline := base, context.CancelFunc(func() {})
-	if dl, ok := ctx.Deadline(); ok && serverBounded {
+	if dl, ok := ctx.Deadline(); ok && serverBounded && !abandoned {
 		dctx, cancelDeadline = context.WithDeadline(base, dl.Add(DeadlineGrace))
 	}
 	stop := context.AfterFunc(ctx, func() {

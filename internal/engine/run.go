@@ -106,7 +106,10 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 	if try {
 		qctx, stop = Shield(ctx)
 	} else {
-		qctx, stop = waitContext(ctx, timed)
+		// A limit on ctx's own deadline abandons the wait before
+		// DeadlineGrace ends.
+		abandoned := limit != nil && b.From == nil && b.DeadlineGrace < DeadlineGrace
+		qctx, stop = waitContext(ctx, timed, abandoned)
 	}
 	var a Answer
 	if limit == nil { // no closure: it would escape to the heap
