@@ -82,7 +82,10 @@ const (
 // what a call sends by construction.
 //
 // The uncontended path is one statement, one round trip, whatever the number
-// of keys. Anything uncertain (ctx ended while the statement ran, or the
+// of keys. An unproven request of one key sends its gated statement first
+// ([pgsql.Request.GatedSQL]): on a session already set up that is the
+// whole call; on one that is not, it takes nothing and the full statement
+// follows (one more round trip, once per session). Anything uncertain (ctx ended while the statement ran, or the
 // statement failed while the session may still be alive) is settled by
 // asking pg_locks on the same session, because drivers and the server can
 // each report failure after granting the lock, or success after the session

@@ -25,7 +25,10 @@ type Handle interface {
 // deadline, and interrupted through the driver only DeadlineGrace after
 // it; a cancellation interrupts it through the driver at once. Every other
 // statement is shielded from ctx and bounded by SettleTimeout. A ctx that is
-// done before the call sends nothing.
+// done before the call sends nothing. When the gated statement of an
+// unproven request finds the session not set up (see [Plan]), the full
+// statement's lock_timeout is taken again from the time left; a deadline
+// that passed meanwhile ends the call with ctx's error, nothing held.
 //
 // Whatever the driver does, Run returns within b's grace after ctx ends (see
 // [Bounds]): a statement that has not answered by then is abandoned, the
