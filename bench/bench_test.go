@@ -100,8 +100,8 @@ func allocsOp(tb testing.TB, h handle, op string, n int) (allocs, bytes float64)
 // on the same pool, in rotating order, so that load from other processes
 // hits all alike. Metrics: ns/op, the library's mean; raw-ns/op, the
 // baseline's in the same iterations; x-raw, their ratio (for raw itself, two
-// raw connections: the noise floor); x-lit, the ratio to raw-literal in the
-// same iterations; allocs/op and B/op, the library's alone, measured after
+// raw connections: the noise floor); x-lit, the ratio of the library's
+// median to raw-literal's in the same iterations; allocs/op and B/op, the library's alone, measured after
 // the timing.
 //
 //	go test -run XXX -bench Uncontended -benchtime 3000x
@@ -122,20 +122,23 @@ func BenchmarkUncontended(b *testing.B) {
 					}
 					b.ResetTimer()
 					var sums [3]time.Duration
+					ds := [3][]time.Duration{}
 					for i := 0; i < b.N; i++ {
 						for j := range hs {
 							k := (i + j) % len(hs)
-							sums[k] += timeOp(b, hs[k], op)
+							d := timeOp(b, hs[k], op)
+							sums[k] += d
+							ds[k] = append(ds[k], d)
 						}
 					}
 					b.StopTimer()
-					own, raw, lit := sums[0], sums[1], sums[2]
+					own, raw := sums[0], sums[1]
 					allocs, bytes := allocsOp(b, h, op, 200)
 					b.ReportAllocs() // prints the two below
 					b.ReportMetric(float64(own.Nanoseconds())/float64(b.N), "ns/op")
 					b.ReportMetric(float64(raw.Nanoseconds())/float64(b.N), "raw-ns/op")
 					b.ReportMetric(float64(own)/float64(raw), "x-raw")
-					b.ReportMetric(float64(own)/float64(lit), "x-lit")
+					b.ReportMetric(medianRatio(ds[0], ds[2]), "x-lit")
 					b.ReportMetric(allocs, "allocs/op")
 					b.ReportMetric(bytes, "B/op")
 				})
@@ -176,6 +179,15 @@ func allocsPair(tb testing.TB, h handle, timed bool, n int) float64 {
 	return float64(a) / float64(n)
 }
 
+// medianRatio is the ratio of the medians of own and base: robust to the
+// outliers a loaded machine adds to either side.
+func medianRatio(own, base []time.Duration) float64 {
+	o, b := slices.Clone(own), slices.Clone(base)
+	slices.Sort(o)
+	slices.Sort(b)
+	return float64(percentile(o, 50)) / float64(percentile(b, 50))
+}
+
 // pairPeers are the pglock paths the pair benchmark holds to the
 // raw-literal floor.
 var pairPeers = []peer{pglockConnPeer, pglockTxPeer, pglockLockerPeer}
@@ -185,7 +197,8 @@ var pairPeers = []peer{pglockConnPeer, pglockTxPeer, pglockLockerPeer}
 // a deadline on the acquire, against raw-literal (the literal lock and
 // unlock statements on a pinned connection, without the library) in the
 // same iterations, in alternating order. BEGIN is not timed. Metrics:
-// ns/op, the library's pair; lit-ns/op, raw-literal's; x-lit, their ratio;
+// ns/op, the library's mean pair; lit-ns/op, raw-literal's; x-lit, the ratio
+// of their medians (robust to a loaded machine's outliers);
 // allocs/pair, the library's; +allocs/pair, its allocations minus
 // raw-literal's (measured after the timing, ctx included on both sides).
 //
@@ -207,21 +220,21 @@ func BenchmarkPair(b *testing.B) {
 						pairOp(b, l, timed)
 					}
 					b.ResetTimer()
-					var own, lit time.Duration
+					own, lit := make([]time.Duration, 0, b.N), make([]time.Duration, 0, b.N)
 					for i := 0; i < b.N; i++ {
 						if i%2 == 0 {
-							lit += pairOp(b, l, timed)
-							own += pairOp(b, h, timed)
+							lit = append(lit, pairOp(b, l, timed))
+							own = append(own, pairOp(b, h, timed))
 						} else {
-							own += pairOp(b, h, timed)
-							lit += pairOp(b, l, timed)
+							own = append(own, pairOp(b, h, timed))
+							lit = append(lit, pairOp(b, l, timed))
 						}
 					}
 					b.StopTimer()
 					ah, al := allocsPair(b, h, timed, 200), allocsPair(b, l, timed, 200)
-					b.ReportMetric(float64(own.Nanoseconds())/float64(b.N), "ns/op")
-					b.ReportMetric(float64(lit.Nanoseconds())/float64(b.N), "lit-ns/op")
-					b.ReportMetric(float64(own)/float64(lit), "x-lit")
+					b.ReportMetric(mean(own), "ns/op")
+					b.ReportMetric(mean(lit), "lit-ns/op")
+					b.ReportMetric(medianRatio(own, lit), "x-lit")
 					b.ReportMetric(ah, "allocs/pair")
 					b.ReportMetric(ah-al, "+allocs/pair")
 				})
