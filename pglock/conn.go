@@ -99,7 +99,7 @@ func UnlockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Optio
 	case !ok:
 		return invalid("unlock", detached(req))
 	}
-	if err := unlockOn(ctx, conn, req); err != nil {
+	if err := unlockCallerOn(ctx, conn, req); err != nil {
 		return newError("unlock", detached(req), err)
 	}
 	return nil

@@ -92,6 +92,20 @@ func detached(req request) request {
 // locks on the server).
 func unlockOn(ctx context.Context, h engine.Handle, req request) error {
 	n, err := engine.Release(ctx, h, req)
+	return released(req, n, err)
+}
+
+// unlockCallerOn is unlockOn on the caller's own *sql.Conn (UnlockConn,
+// WithLock's release), through engine.ReleaseCaller: a ctx that can never
+// end is handed to the driver as it is.
+func unlockCallerOn(ctx context.Context, conn *sql.Conn, req request) error {
+	n, err := engine.ReleaseCaller(ctx, conn, req)
+	return released(req, n, err)
+}
+
+// released is unlockOn's error once the release of req answered n (keys
+// held and released) or err.
+func released(req request, n int64, err error) error {
 	switch {
 	case err == nil && n < int64(len(req.Keys)):
 		return ErrNotHeld

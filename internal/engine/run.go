@@ -145,6 +145,21 @@ func settle(ctx, limit context.Context, h Handle, b Bounds, q string) Answer {
 	return bounded(sctx, limit, h, b, 0, func(sctx context.Context) Answer { return exec(sctx, h, q) })
 }
 
+// ReleaseCaller is [Release] on the caller's own handle (UnlockConn, and
+// WithLock's release on a *sql.Conn). A ctx that can never end bounds
+// nothing there, and the release is not shielded either: it runs on ctx
+// itself, on the caller's goroutine, as the raw statement would (see
+// "Faults" in docs/guarantees.md: such a call has no bound but the
+// driver's), which costs no context, timer or driver watcher. Any other ctx
+// is as for Release.
+func ReleaseCaller(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
+	if never(ctx) {
+		a := exec(ctx, h, req.UnlockSQL())
+		return a.Rows, a.Err
+	}
+	return Release(ctx, h, req)
+}
+
 // exec runs q and reads its row count.
 func exec(ctx context.Context, h Handle, q string) Answer {
 	res, err := h.ExecContext(ctx, q)
@@ -163,16 +178,7 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 // later, and never longer than ReleaseCap: then it is abandoned (the error wraps
 // [ErrAbandoned]) and h's connection is discarded once it returns, which
 // releases the locks on the server.
-//
-// A ctx that can never end bounds nothing, and the release is not shielded
-// either: it runs on ctx itself, on the caller's goroutine, as the raw
-// statement would (see "Faults" in docs/guarantees.md: such a call has no
-// bound but the driver's).
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
-	if never(ctx) {
-		a := exec(ctx, h, req.UnlockSQL())
-		return a.Rows, a.Err
-	}
 	limit, stop := ReleaseLimit(ctx)
 	defer stop()
 	a := settle(ctx, limit, h, Owned(), req.UnlockSQL())
