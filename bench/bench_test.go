@@ -94,13 +94,15 @@ func allocsOp(tb testing.TB, h handle, op string, n int) (allocs, bytes float64)
 // acquire is the lock statement in an open transaction and release is
 // COMMIT (BEGIN is not timed).
 //
-// Each iteration times one call of the library and one of its raw SQL
-// baseline (raw, or raw-tx for transaction locks) on the same pool, in
-// alternating order, so that load from other processes hits both alike.
-// Metrics: ns/op, the library's mean; raw-ns/op, the baseline's in the same
-// iterations; x-raw, their ratio (for raw itself, two raw connections: the
-// noise floor); allocs/op and B/op, the library's alone, measured after the
-// timing.
+// Each iteration times one call of the library, one of its raw SQL
+// baseline (raw, or raw-tx for transaction locks) and one of raw-literal
+// (the floor: the literal statement pglock's shape, without the library)
+// on the same pool, in rotating order, so that load from other processes
+// hits all alike. Metrics: ns/op, the library's mean; raw-ns/op, the
+// baseline's in the same iterations; x-raw, their ratio (for raw itself, two
+// raw connections: the noise floor); x-lit, the ratio of the library's
+// median to raw-literal's in the same iterations; allocs/op and B/op, the library's alone, measured after
+// the timing.
 //
 //	go test -run XXX -bench Uncontended -benchtime 3000x
 func BenchmarkUncontended(b *testing.B) {
@@ -111,29 +113,130 @@ func BenchmarkUncontended(b *testing.B) {
 					e := newEnv(b, driver, dsn)
 					h, _ := p.open(b, e, uniqueKey())
 					r, _ := baselineOf(p).open(b, e, uniqueKey())
-					for i := 0; i < 3; i++ { // warm: pgx prepares on first use
-						timeOp(b, h, op)
-						timeOp(b, r, op)
+					l, _ := rawLiteralPeer.open(b, e, uniqueKey())
+					hs := []handle{h, r, l}
+					for i := 0; i < 3; i++ { // warm: pgx prepares on first use; pglock sets the session up
+						for _, x := range hs {
+							timeOp(b, x, op)
+						}
 					}
 					b.ResetTimer()
-					var own, raw time.Duration
+					var sums [3]time.Duration
+					ds := [3][]time.Duration{}
 					for i := 0; i < b.N; i++ {
-						if i%2 == 0 {
-							raw += timeOp(b, r, op)
-							own += timeOp(b, h, op)
-						} else {
-							own += timeOp(b, h, op)
-							raw += timeOp(b, r, op)
+						for j := range hs {
+							k := (i + j) % len(hs)
+							d := timeOp(b, hs[k], op)
+							sums[k] += d
+							ds[k] = append(ds[k], d)
 						}
 					}
 					b.StopTimer()
+					own, raw := sums[0], sums[1]
 					allocs, bytes := allocsOp(b, h, op, 200)
 					b.ReportAllocs() // prints the two below
 					b.ReportMetric(float64(own.Nanoseconds())/float64(b.N), "ns/op")
 					b.ReportMetric(float64(raw.Nanoseconds())/float64(b.N), "raw-ns/op")
 					b.ReportMetric(float64(own)/float64(raw), "x-raw")
+					b.ReportMetric(medianRatio(ds[0], ds[2]), "x-lit")
 					b.ReportMetric(allocs, "allocs/op")
 					b.ReportMetric(bytes, "B/op")
+				})
+			}
+		}
+	}
+}
+
+// pairOp makes one acquire and release on h, begin untimed, and returns
+// its duration. With timed, the acquire's ctx has a deadline (a minute
+// away): the path that bounds the wait on the server.
+func pairOp(tb testing.TB, h handle, timed bool) time.Duration {
+	ctx := context.Background()
+	must(tb, "begin", h.begin(ctx))
+	t0 := time.Now()
+	lctx, cancel := ctx, context.CancelFunc(func() {})
+	if timed {
+		lctx, cancel = context.WithTimeout(ctx, time.Minute)
+	}
+	must(tb, "lock", h.lock(lctx))
+	cancel()
+	must(tb, "unlock", h.unlock(ctx))
+	return time.Since(t0)
+}
+
+// allocsPair returns the mean allocations of pairOp over n pairs on h,
+// read from runtime.MemStats around the pair (the ctx with a deadline
+// counts: the caller builds it either way).
+func allocsPair(tb testing.TB, h handle, timed bool, n int) float64 {
+	var m0, m1 runtime.MemStats
+	var a uint64
+	for i := 0; i < n; i++ {
+		runtime.ReadMemStats(&m0)
+		pairOp(tb, h, timed)
+		runtime.ReadMemStats(&m1)
+		a += m1.Mallocs - m0.Mallocs
+	}
+	return float64(a) / float64(n)
+}
+
+// medianRatio is the ratio of the medians of own and base: robust to the
+// outliers a loaded machine adds to either side.
+func medianRatio(own, base []time.Duration) float64 {
+	o, b := slices.Clone(own), slices.Clone(base)
+	slices.Sort(o)
+	slices.Sort(b)
+	return float64(percentile(o, 50)) / float64(percentile(b, 50))
+}
+
+// pairPeers are the pglock paths the pair benchmark holds to the
+// raw-literal floor.
+var pairPeers = []peer{pglockConnPeer, pglockTxPeer, pglockLockerPeer}
+
+// BenchmarkPair: one acquire and its release of a free lock (LockConn +
+// UnlockConn, LockTx + COMMIT, Locker.Lock + Lock.Unlock), with and without
+// a deadline on the acquire, against raw-literal (the literal lock and
+// unlock statements on a pinned connection, without the library) in the
+// same iterations, in alternating order. BEGIN is not timed. Metrics:
+// ns/op, the library's mean pair; lit-ns/op, raw-literal's; x-lit, the ratio
+// of their medians (robust to a loaded machine's outliers);
+// allocs/pair, the library's; +allocs/pair, its allocations minus
+// raw-literal's (measured after the timing, ctx included on both sides).
+//
+//	go test -run XXX -bench Pair -benchtime 2000x
+func BenchmarkPair(b *testing.B) {
+	for _, driver := range drivers {
+		for _, p := range pairPeers {
+			for _, timed := range []bool{false, true} {
+				name := driver + "/" + p.name
+				if timed {
+					name += "/deadline"
+				}
+				b.Run(name, func(b *testing.B) {
+					e := newEnv(b, driver, dsn)
+					h, _ := p.open(b, e, uniqueKey())
+					l, _ := rawLiteralPeer.open(b, e, uniqueKey())
+					for i := 0; i < 3; i++ {
+						pairOp(b, h, timed)
+						pairOp(b, l, timed)
+					}
+					b.ResetTimer()
+					own, lit := make([]time.Duration, 0, b.N), make([]time.Duration, 0, b.N)
+					for i := 0; i < b.N; i++ {
+						if i%2 == 0 {
+							lit = append(lit, pairOp(b, l, timed))
+							own = append(own, pairOp(b, h, timed))
+						} else {
+							own = append(own, pairOp(b, h, timed))
+							lit = append(lit, pairOp(b, l, timed))
+						}
+					}
+					b.StopTimer()
+					ah, al := allocsPair(b, h, timed, 200), allocsPair(b, l, timed, 200)
+					b.ReportMetric(mean(own), "ns/op")
+					b.ReportMetric(mean(lit), "lit-ns/op")
+					b.ReportMetric(medianRatio(own, lit), "x-lit")
+					b.ReportMetric(ah, "allocs/pair")
+					b.ReportMetric(ah-al, "+allocs/pair")
 				})
 			}
 		}

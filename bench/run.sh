@@ -30,6 +30,7 @@ if [ "${1:-}" != report ]; then
 	for r in $(seq "$ROUNDS"); do
 		echo "=== round $r of $ROUNDS"
 		bench uncontended '^BenchmarkUncontended$' 3000x
+		bench pair '^BenchmarkPair$' 2000x
 		if [ "$r" -le $(( (ROUNDS + 1) / 2 )) ]; then
 			bench handoff '^BenchmarkHandoff$/.*/(raw|pglock|migrate)' 200x
 			bench throughput '^BenchmarkThroughput$' 1s

@@ -29,8 +29,10 @@ func countRoundTrips(t testing.TB, op func() int) int {
 }
 
 // TestRoundTrips asserts the README's round-trip table: an uncontended
-// acquire costs one round trip on every path, including a session lock with a
-// deadline and a transaction lock with a deadline.
+// acquire on a warm session (one pglock already set up, see
+// TestRoundTripsFirstCall for a fresh one) costs one round trip on every
+// path, including a session lock with a deadline and a transaction lock with
+// a deadline.
 func TestRoundTrips(t *testing.T) {
 	// Exact counting, no delay: a delay-based timing version of this test
 	// flaked under load in CI (a scheduling pause of half a round trip
@@ -279,6 +281,118 @@ func TestRoundTrips(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRoundTripsFirstCall asserts the cost of the first acquisition on a
+// fresh session, of a new pool: at most 2 round trips (the gated statement
+// finds the session not set up and takes nothing; the full one sets it up
+// and takes the lock), and 1 from the second call on. The connection is
+// dialled before the count (a ping): dialling is the pool's cost, not the
+// call's.
+func TestRoundTripsFirstCall(t *testing.T) {
+	proxy, proxied := pgproxy.Start(t, dsn)
+	ctx := context.Background()
+	type call struct {
+		name string
+		op   func(db *sql.DB, c *sql.Conn) error // one acquisition (and its release, when not counted apart)
+	}
+	lockConn := func(opts ...pglock.Option) func(*sql.DB, *sql.Conn) error {
+		return func(_ *sql.DB, c *sql.Conn) error {
+			key := testkit.UniqueKey()
+			if err := pglock.LockConn(ctx, c, key, opts...); err != nil {
+				return err
+			}
+			return pglock.UnlockConn(ctx, c, key)
+		}
+	}
+	inTx := func(f func(tx *sql.Tx) error) func(*sql.DB, *sql.Conn) error {
+		return func(_ *sql.DB, c *sql.Conn) error {
+			tx, err := c.BeginTx(ctx, nil)
+			if err != nil {
+				return err
+			}
+			if err := f(tx); err != nil {
+				_ = tx.Rollback()
+				return err
+			}
+			return tx.Commit()
+		}
+	}
+	calls := []struct {
+		call
+		first, then int // round trips of the counted part: the first call, and the next one
+		extra       int // statements around the acquisition that are counted too (the unlock, BEGIN, COMMIT)
+	}{
+		{call{"LockConn", lockConn()}, 2, 1, 1},
+		{call{"LockConn with deadline", func(db *sql.DB, c *sql.Conn) error {
+			dctx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			key := testkit.UniqueKey()
+			if err := pglock.LockConn(dctx, c, key); err != nil {
+				return err
+			}
+			return pglock.UnlockConn(ctx, c, key)
+		}}, 2, 1, 1},
+		{call{"LockConn NoWait", lockConn(pglock.NoWait())}, 2, 1, 1},
+		{call{"LockTx", inTx(func(tx *sql.Tx) error { return pglock.LockTx(ctx, tx, testkit.UniqueKey()) })}, 2, 1, 2},
+		{call{"TryLockTx", inTx(func(tx *sql.Tx) error {
+			ok, err := pglock.TryLockTx(ctx, tx, testkit.UniqueKey())
+			if err == nil && !ok {
+				err = errors.New("not acquired")
+			}
+			return err
+		})}, 2, 1, 2},
+		{call{"WithLock(*sql.Conn)", func(_ *sql.DB, c *sql.Conn) error {
+			return pglock.WithLock(ctx, c, testkit.UniqueKey(), func(context.Context, bool) error { return nil })
+		}}, 2, 1, 1},
+		{call{"WithLock(*sql.DB)", func(db *sql.DB, _ *sql.Conn) error {
+			return pglock.WithLock(ctx, db, testkit.UniqueKey(), func(context.Context, bool) error { return nil })
+		}}, 2, 1, 1},
+	}
+	for _, driver := range drivers {
+		for _, tc := range calls {
+			t.Run(driver+"/"+tc.name, func(t *testing.T) {
+				db, err := openPool(driver, proxied)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer db.Close()
+				db.SetMaxOpenConns(1) // one session: the one the ping dials
+				var c *sql.Conn
+				if tc.name != "WithLock(*sql.DB)" {
+					c = conn(t, db)
+					if err := c.PingContext(ctx); err != nil {
+						t.Fatal(err)
+					}
+				} else if n := proxy.Count(func() {
+					// pgx does housekeeping on a pooled connection's first
+					// checkout after it was returned: a plain statement pays
+					// it here, not the call.
+					for i := 0; i < 2; i++ {
+						if _, err := db.ExecContext(ctx, "SELECT 1"); err != nil {
+							t.Error(err)
+						}
+					}
+				}); n != 2 {
+					t.Logf("warm-up: %d round trips for 2 statements", n)
+				}
+				count := func() int {
+					before := proxy.Turns()
+					if err := tc.op(db, c); err != nil {
+						t.Fatal(err)
+					}
+					return int(proxy.Turns()-before) - tc.extra
+				}
+				first := count()
+				then := countRoundTrips(t, count)
+				if first > tc.first || then != tc.then {
+					t.Errorf("%s on a fresh session: first call %d round trips, then %d; want at most %d, then %d", tc.name, first, then, tc.first, tc.then)
+				} else {
+					t.Logf("%s: first call %d round trip(s), then %d", tc.name, first, then)
+				}
+			})
+		}
 	}
 }
 

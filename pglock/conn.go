@@ -53,7 +53,9 @@ import (
 // With NoWait, LockConn tries once and returns ErrNotAcquired if the lock is
 // busy. Shared takes the shared lock. Errors have Op "lock".
 //
-// Cost: one round trip when the lock is free, with or without a deadline.
+// Cost: one round trip when the lock is free, with or without a deadline, on
+// a session pglock has already set up; the first acquisition on a fresh
+// session costs one more, once (see "Round trips" in docs/guarantees.md).
 func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
 	req, ok := newRequest(engine.LockConn, []keys.Key{key}, opts)
 	_, err := lockOn(ctx, "lock", conn, req, ok, true, engine.Caller())
@@ -67,7 +69,8 @@ func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option)
 // Once sent, the statement is allowed to finish even if ctx is cancelled
 // (bounded by a few seconds), so that its outcome is always known and conn is
 // never closed by a cancellation; a ctx that is already done returns its error
-// without sending anything. Errors have Op "trylock". Cost: one round trip.
+// without sending anything. Errors have Op "trylock". Cost: one round trip
+// (two on a session not yet set up, once, as for LockConn).
 func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) (bool, error) {
 	req, ok := newRequest(engine.TryLockConn, []keys.Key{key}, opts)
 	return lockOn(ctx, "trylock", conn, req, ok, false, engine.Caller())
@@ -92,12 +95,12 @@ func UnlockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Optio
 	req, ok := newRequest(engine.UnlockConn, []keys.Key{key}, opts)
 	switch {
 	case conn == nil:
-		return newError("unlock", req, ErrNilHandle)
+		return newError("unlock", detached(req), ErrNilHandle)
 	case !ok:
-		return invalid("unlock", req)
+		return invalid("unlock", detached(req))
 	}
-	if err := unlockOn(ctx, conn, req); err != nil {
-		return newError("unlock", req, err)
+	if err := unlockCallerOn(ctx, conn, req); err != nil {
+		return newError("unlock", detached(req), err)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"slices"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/internal/pgsql"
@@ -73,6 +74,14 @@ func acquireError(op string, req request, r engine.Result) *Error {
 	return e
 }
 
+// detached is req with a copy of its keys, for an error to keep: the
+// caller's keys then never escape to the heap on the success path (a call
+// of one key passes them in a slice literal, which stays on its stack).
+func detached(req request) request {
+	req.Keys = slices.Clone(req.Keys)
+	return req
+}
+
 // unlockOn releases one hold of each of req's session locks on h, shielded
 // from ctx but waited for only until ctx ends (at least
 // engine.ReleaseFloor, and engine.ReleaseCap when ctx never ends). It
@@ -83,6 +92,20 @@ func acquireError(op string, req request, r engine.Result) *Error {
 // locks on the server).
 func unlockOn(ctx context.Context, h engine.Handle, req request) error {
 	n, err := engine.Release(ctx, h, req)
+	return released(req, n, err)
+}
+
+// unlockCallerOn is unlockOn on the caller's own *sql.Conn (UnlockConn,
+// WithLock's release), through engine.ReleaseCaller: a ctx that can never
+// end is handed to the driver as it is.
+func unlockCallerOn(ctx context.Context, conn *sql.Conn, req request) error {
+	n, err := engine.ReleaseCaller(ctx, conn, req)
+	return released(req, n, err)
+}
+
+// released is unlockOn's error once the release of req answered n (keys
+// held and released) or err.
+func released(req request, n int64, err error) error {
 	switch {
 	case err == nil && n < int64(len(req.Keys)):
 		return ErrNotHeld

@@ -43,12 +43,14 @@ var (
 	rollbackSP     = "ROLLBACK TO SAVEPOINT pglocks_wait; RELEASE SAVEPOINT pglocks_wait"
 )
 
-// sent is the acquiring statement of call on k, without a deadline.
+// sent is the acquiring statement of call on k, without a deadline, on a
+// session already set up: the gated statement (pgsql.Request.GatedSQL),
+// which takes the lock with one row.
 func sent(call engine.Call, k keys.Key, shared bool) string {
 	o := engine.DefaultOptions()
 	o.Shared = shared
 	r, _ := call.Request([]keys.Key{k}, o)
-	return r.AcquireSQL(0)
+	return r.GatedSQL(0)
 }
 
 // timedPattern matches the acquiring statement of call on key 42 with a
@@ -56,7 +58,7 @@ func sent(call engine.Call, k keys.Key, shared bool) string {
 func timedPattern(call engine.Call) *regexp.Regexp {
 	o := engine.DefaultOptions()
 	r, _ := call.Request([]keys.Key{keys.Int64(42)}, o)
-	a, b := r.AcquireSQL(111111), r.AcquireSQL(222222)
+	a, b := r.GatedSQL(111111), r.GatedSQL(222222)
 	i := strings.Index(a, "111111")
 	if i < 0 || a[:i] != b[:i] {
 		panic("timedPattern: no lock_timeout in " + a)
@@ -164,7 +166,7 @@ func TestDeadlineSQL(t *testing.T) {
 		// The time left before the deadline, in milliseconds, is in the
 		// statement that waits.
 		r, _ := call.Request([]keys.Key{keys.Int64(42)}, engine.DefaultOptions())
-		want := "^" + strings.ReplaceAll(regexp.QuoteMeta(r.AcquireSQL(777777)), "777777", `(29\d\d\d|30000)`) + "$"
+		want := "^" + strings.ReplaceAll(regexp.QuoteMeta(r.GatedSQL(777777)), "777777", `(29\d\d\d|30000)`) + "$"
 		mock.ExpectExec(want).WillReturnResult(rows(1))
 		if tx {
 			t2, err := db.Begin()

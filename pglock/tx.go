@@ -43,7 +43,10 @@ import (
 // busy. Shared takes the shared lock. Errors have Op "lock".
 //
 // Cost: one round trip when the lock is free, with or without a deadline (the
-// savepoint travels in the same message); a failed wait costs one more.
+// savepoint travels in the same message); a failed wait costs one more. The
+// first acquisition on a session pglock has not set up costs one more, once
+// (see "Round trips" in docs/guarantees.md); a transaction that rolls back
+// undoes that setup with everything else it did.
 func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
 	req, ok := newRequest(engine.LockTx, []keys.Key{key}, opts)
 	_, err := lockOn(ctx, "lock", tx, req, ok, true, engine.Caller())
@@ -54,7 +57,8 @@ func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error
 // waiting. It returns true when the transaction now holds the lock and false
 // when another session holds it. A failure to take a busy lock does not abort
 // tx. Like TryLockConn, once sent the statement is allowed to finish even if
-// ctx is cancelled. Errors have Op "trylock". Cost: one round trip.
+// ctx is cancelled. Errors have Op "trylock". Cost: one round trip (two on
+// a session not yet set up, as for LockTx).
 func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (bool, error) {
 	req, ok := newRequest(engine.TryLockTx, []keys.Key{key}, opts)
 	return lockOn(ctx, "trylock", tx, req, ok, false, engine.Caller())

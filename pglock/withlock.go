@@ -126,7 +126,7 @@ func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context
 		return fn(ctx, false)
 	}
 	defer func() {
-		if uerr := unlockOn(ctx, conn, req); uerr != nil {
+		if uerr := unlockCallerOn(ctx, conn, req); uerr != nil {
 			err = causes(err, newError("unlock", req, uerr))
 		}
 	}()

@@ -74,6 +74,11 @@
 // mock primed by its helper, for every outcome and option, with and without
 // a deadline, and fail if one statement differs.
 //
+// The simulated session is one pglock has already set up: a call of one key
+// is expected to send its gated statement (the one a warm session gets,
+// without the session setup), whose answer is the outcome; the setup a
+// fresh session gets first is not part of the expectations.
+//
 // # Locker
 //
 // There are no helpers for [pglock.Locker]. The statements it sends depend on

@@ -113,29 +113,40 @@ func TestWaitPattern(t *testing.T) {
 		{Keys: []keys.Key{keys.Pair(1, 2)}},
 		{Keys: []keys.Key{keys.Int64(-1), keys.Int64(sentinelB), keys.Pair(5, 6)}, Scope: pgsql.Xact},
 	}
+	render := func(r pgsql.Request, gated bool) func(int64) string {
+		if gated {
+			return r.GatedSQL
+		}
+		return r.WaitSQL
+	}
 	for i, req := range reqs {
-		p, err := waitPattern(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		re := regexp.MustCompile(p)
-		for _, ms := range []int64{0, 1, 250, 59_999, pgsql.MaxLockTimeoutMillis} {
-			if q := req.WaitSQL(ms); !re.MatchString(q) {
-				t.Errorf("request %d: %s does not match %s", i, q, p)
+		for _, gated := range []bool{false, true} {
+			if gated && !req.Gated() {
+				continue
 			}
-		}
-		others := []pgsql.Request{req, req, req}
-		others[0].Shared = !req.Shared
-		others[1].Scope = 1 - req.Scope
-		others[2].Keys = append([]keys.Key{keys.Int64(sentinelB + 1)}, req.Keys[1:]...)
-		for _, o := range others {
-			for _, ms := range []int64{0, 250} {
-				if q := o.WaitSQL(ms); re.MatchString(q) {
-					t.Errorf("request %d: %s matches %s", i, q, p)
+			p, err := waitPattern(req, render(req, gated))
+			if err != nil {
+				t.Fatal(err)
+			}
+			re := regexp.MustCompile(p)
+			for _, ms := range []int64{0, 1, 250, 59_999, pgsql.MaxLockTimeoutMillis} {
+				if q := render(req, gated)(ms); !re.MatchString(q) {
+					t.Errorf("request %d: %s does not match %s", i, q, p)
 				}
 			}
-			if q := o.TrySQL(); re.MatchString(q) {
-				t.Errorf("request %d: %s matches %s", i, q, p)
+			others := []pgsql.Request{req, req, req}
+			others[0].Shared = !req.Shared
+			others[1].Scope = 1 - req.Scope
+			others[2].Keys = append([]keys.Key{keys.Int64(sentinelB + 1)}, req.Keys[1:]...)
+			for _, o := range others {
+				for _, ms := range []int64{0, 250} {
+					if q := render(o, gated)(ms); re.MatchString(q) {
+						t.Errorf("request %d: %s matches %s", i, q, p)
+					}
+				}
+				if q := o.TrySQL(); re.MatchString(q) {
+					t.Errorf("request %d: %s matches %s", i, q, p)
+				}
 			}
 		}
 	}
@@ -147,23 +158,33 @@ func TestWaitPattern(t *testing.T) {
 // breaks with it.
 func TestStatementsPinned(t *testing.T) {
 	k := []keys.Key{keys.Int64(42)}
-	// The setup a session not yet set up gets (pinned in internal/pgsql).
-	setupS := pgsql.Request{Keys: k, Keepalive: pgsql.DefaultKeepalive()}.SetupSQL()
-	setupX := pgsql.Request{Keys: k, Scope: pgsql.Xact, Keepalive: pgsql.DefaultKeepalive()}.SetupSQL()
+	// The mocked session is set up already: the helpers expect each
+	// call's gated statement (pgsql.Request.GatedSQL), whose done check is
+	// the default keepalive's marker.
+	doneS := "COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v2 ka=10,5,3,25000 idle=0')"
+	doneX := "COALESCE(pg_catalog.current_setting('pglocks.session', true), '') IN ('v2 ka=10,5,3,25000', 'v2 ka=10,5,3,25000 idle=0')"
 	for _, tc := range []struct {
 		call engine.Call
 		opts []pglock.Option
 		want []string
 	}{
 		{engine.LockConn, nil, []string{
-			setupS + "; SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
-			setupS + ", pg_catalog.set_config('statement_timeout', '0', true), pg_catalog.set_config('lock_timeout', '250ms', true); SELECT pg_catalog.pg_advisory_lock('42'::bigint)",
+			"SELECT 1 WHERE CASE WHEN " + doneS + " THEN pg_catalog.pg_advisory_lock('42'::bigint) IS NOT NULL END",
+			"SELECT pg_catalog.set_config('statement_timeout', '0', true), pg_catalog.set_config('lock_timeout', '250ms', true); " +
+				"SELECT 1 WHERE CASE WHEN " + doneS + " THEN pg_catalog.pg_advisory_lock('42'::bigint) IS NOT NULL END",
 		}},
-		{engine.TryLockConn, []pglock.Option{pglock.Shared()}, []string{pgsql.Request{Keys: k, Shared: true, Try: true, Keepalive: pgsql.DefaultKeepalive()}.TrySQL()}},
+		{engine.TryLockConn, []pglock.Option{pglock.Shared()}, []string{
+			"SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN " + doneS +
+				" THEN CASE WHEN pg_catalog.pg_try_advisory_lock_shared('42'::bigint) THEN 1 ELSE 0 END ELSE 3 END)",
+		}},
 		{engine.LockTx, nil, []string{
-			"SAVEPOINT pglocks_wait; " + setupX + "; SELECT pg_catalog.pg_advisory_xact_lock('42'::bigint); RELEASE SAVEPOINT pglocks_wait",
+			"SAVEPOINT pglocks_wait; SELECT 1 WHERE CASE WHEN " + doneX + " THEN pg_catalog.pg_advisory_xact_lock('42'::bigint) IS NOT NULL END; " +
+				"RELEASE SAVEPOINT pglocks_wait; SELECT 1 WHERE " + doneX,
 		}},
-		{engine.TryLockTx, nil, []string{pgsql.Request{Keys: k, Scope: pgsql.Xact, Try: true, Keepalive: pgsql.DefaultKeepalive()}.TrySQL()}},
+		{engine.TryLockTx, nil, []string{
+			"SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN " + doneX +
+				" THEN CASE WHEN pg_catalog.pg_try_advisory_xact_lock('42'::bigint) THEN 1 ELSE 0 END ELSE 3 END)",
+		}},
 	} {
 		req, _ := tc.call.Request(k, options(tc.opts))
 		steps, err := script(req, Acquired)

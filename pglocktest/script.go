@@ -35,8 +35,11 @@ const (
 // without a deadline (or with one too far away for lock_timeout), or the one
 // sent with a deadline, with any number of milliseconds in it. Both texts
 // come from pgsql, the package that builds what pglock sends.
-func waitPattern(req pgsql.Request) (string, error) {
-	a, b := req.WaitSQL(sentinelA), req.WaitSQL(sentinelB)
+//
+// render is how the plan renders the wait: [pgsql.Request.WaitSQL], or
+// [pgsql.Request.GatedSQL] for its gated step.
+func waitPattern(req pgsql.Request, render func(ms int64) string) (string, error) {
+	a, b := render(sentinelA), render(sentinelB)
 	if len(a) != len(b) || a == b {
 		return "", errors.New("pgsql renders lock_timeout in a way pglocktest does not know: " + a)
 	}
@@ -58,7 +61,7 @@ func waitPattern(req pgsql.Request) (string, error) {
 	}
 	// A wait that can be abandoned on a connection pglock owns may carry a
 	// tag comment first (see pgsql.Tag).
-	return marker + "(?:" + pgsql.TagPattern + ")?(?:" + regexp.QuoteMeta(req.WaitSQL(0)) + "|" + timed.String() + "))$", nil
+	return marker + "(?:" + pgsql.TagPattern + ")?(?:" + regexp.QuoteMeta(render(0)) + "|" + timed.String() + "))$", nil
 }
 
 // step is one statement a call sends, and the server's answer.
@@ -99,7 +102,7 @@ func (s *server) answer(st engine.Step) engine.Answer {
 	}
 	switch st.Kind {
 	case engine.Acquire:
-		return s.acquire()
+		return s.acquire(st.Gated)
 	case engine.HeldInSavepoint:
 		if s.aborted {
 			return engine.Answer{Err: errAborted}
@@ -108,12 +111,15 @@ func (s *server) answer(st engine.Step) engine.Answer {
 	return engine.Answer{} // not held; savepoints succeed
 }
 
-// acquire answers the acquiring statement.
-func (s *server) acquire() engine.Answer {
+// acquire answers the acquiring statement. The simulated session is
+// always set up already, so a gated statement (see
+// [pgsql.Request.GatedSQL]) takes the lock: its row count is one row when
+// it did, and none when a try found the lock busy.
+func (s *server) acquire(gated bool) engine.Answer {
 	var err error
 	switch s.out {
 	case Acquired:
-		if s.req.InSavepoint() {
+		if s.req.InSavepoint() && !gated {
 			// Its row count is that of its last command, RELEASE
 			// SAVEPOINT: 0, as both drivers report it.
 			return engine.Answer{}
@@ -185,7 +191,11 @@ func stepOf(req pgsql.Request, st engine.Step, a engine.Answer) (step, error) {
 	case st.Query:
 		s.holder = req.Keys[0]
 	case st.Kind == engine.Acquire && !req.Try:
-		p, err := waitPattern(req)
+		render := req.WaitSQL
+		if st.Gated {
+			render = req.GatedSQL
+		}
+		p, err := waitPattern(req, render)
 		if err != nil {
 			return s, err
 		}

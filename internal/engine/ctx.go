@@ -47,10 +47,21 @@ func Ended(ctx context.Context) error {
 // driver would close the session, and every lock on it with it. Anything else
 // that ends ctx (a cancellation, or a deadline the server does not know
 // about) is passed on at once, since nothing else can interrupt the wait.
-func waitContext(ctx context.Context, serverBounded bool) (context.Context, context.CancelFunc) {
+//
+// A ctx that can never end, without a deadline, is handed to the driver as
+// it is: nothing is to be passed on, and a driver watches no context whose
+// Done is nil (no allocation, no goroutine).
+//
+// abandoned says the caller abandons the statement, and cancels the
+// returned context, sooner than DeadlineGrace after ctx's deadline (see
+// [Bounds]): the driver context then needs no deadline of its own.
+func waitContext(ctx context.Context, serverBounded, abandoned bool) (context.Context, context.CancelFunc) {
+	if never(ctx) {
+		return ctx, func() {}
+	}
 	base, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 	dctx, cancelDeadline := base, context.CancelFunc(func() {})
-	if dl, ok := ctx.Deadline(); ok && serverBounded {
+	if dl, ok := ctx.Deadline(); ok && serverBounded && !abandoned {
 		dctx, cancelDeadline = context.WithDeadline(base, dl.Add(DeadlineGrace))
 	}
 	stop := context.AfterFunc(ctx, func() {
@@ -63,4 +74,14 @@ func waitContext(ctx context.Context, serverBounded bool) (context.Context, cont
 		cancelDeadline()
 		cancel(context.Canceled)
 	}
+}
+
+// never reports whether ctx can never end and has no deadline
+// (context.Background() and its values).
+func never(ctx context.Context) bool {
+	if ctx.Done() != nil {
+		return false
+	}
+	_, ok := ctx.Deadline()
+	return !ok
 }

@@ -37,7 +37,7 @@ func TestEndedCoversThePassedDeadline(t *testing.T) {
 func TestWaitContext(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
 	defer cancel()
-	dctx, stop := waitContext(ctx, true)
+	dctx, stop := waitContext(ctx, true, false)
 	<-ctx.Done()
 	time.Sleep(20 * time.Millisecond)
 	if dctx.Err() != nil {
@@ -52,7 +52,7 @@ func TestWaitContext(t *testing.T) {
 	}
 
 	cctx, ccancel := context.WithCancel(context.Background())
-	dctx, stop = waitContext(cctx, true)
+	dctx, stop = waitContext(cctx, true, false)
 	defer stop()
 	ccancel()
 	select {

@@ -38,6 +38,10 @@ type Step struct {
 	// other statement is run with ExecContext and answers with its row
 	// count.
 	Query bool
+	// Gated says an Acquire step is the request's gated statement
+	// ([pgsql.Request.GatedSQL]): it takes the lock only on a session
+	// already set up, and its row count says which it did.
+	Gated bool
 }
 
 // Answer is what a statement came back with.
@@ -78,7 +82,10 @@ const (
 // what a call sends by construction.
 //
 // The uncontended path is one statement, one round trip, whatever the number
-// of keys. Anything uncertain (ctx ended while the statement ran, or the
+// of keys. An unproven request of one key sends its gated statement first
+// ([pgsql.Request.GatedSQL]): on a session already set up that is the
+// whole call; on one that is not, it takes nothing and the full statement
+// follows (one more round trip, once per session). Anything uncertain (ctx ended while the statement ran, or the
 // statement failed while the session may still be alive) is settled by
 // asking pg_locks on the same session, because drivers and the server can
 // each report failure after granting the lock, or success after the session
@@ -86,9 +93,11 @@ const (
 // savepoint; a session's wait that failed part way through a set is undone by
 // unlocking the set.
 type Plan struct {
-	req   pgsql.Request
-	ms    int64 // lock_timeout of a wait, 0 for none
-	state state
+	req    pgsql.Request
+	ms     int64 // lock_timeout of a wait, 0 for none
+	state  state
+	gated  bool // the next Acquire is the gated statement
+	regate bool // the gated statement found the session not set up
 
 	first   Answer // the acquiring statement's answer
 	probing bool   // settling a transaction error that may not have come from the server
@@ -103,7 +112,24 @@ type Plan struct {
 // NewPlan returns the plan of req. ms is the lock_timeout, in milliseconds,
 // that bounds a wait on the server (0: none); a try ignores it.
 func NewPlan(req pgsql.Request, ms int64) *Plan {
-	return &Plan{req: req, ms: ms, res: Result{Timed: ms > 0 && !req.Try}}
+	return &Plan{req: req, ms: ms, gated: req.Gated(), res: Result{Timed: ms > 0 && !req.Try}}
+}
+
+// Refresh reports whether the next step is the full acquiring statement
+// sent after the gated one found the session not set up: [Run] then takes
+// the wait's bound again from ctx's deadline (see [Plan.SetTimeout]),
+// since a round trip has passed. It reports true once.
+func (p *Plan) Refresh() bool {
+	r := p.regate
+	p.regate = false
+	return r
+}
+
+// SetTimeout changes the lock_timeout, in milliseconds, of the acquiring
+// statements still to be sent (0: none).
+func (p *Plan) SetTimeout(ms int64) {
+	p.ms = ms
+	p.res.Timed = ms > 0 && !p.req.Try
 }
 
 // Done reports whether the plan has ended: [Plan.Result] is then final.
@@ -118,6 +144,9 @@ func (p *Plan) Step() Step {
 	r := p.req
 	switch p.state {
 	case stAcquire:
+		if p.gated {
+			return Step{Kind: Acquire, SQL: r.GatedSQL(p.ms), Gated: true}
+		}
 		return Step{Kind: Acquire, SQL: r.AcquireSQL(p.ms)}
 	case stHeld:
 		return Step{Kind: Held, SQL: r.HeldSQL()}
@@ -161,11 +190,23 @@ func (p *Plan) Next(a Answer) bool {
 func (p *Plan) afterAcquire(a Answer) {
 	p.first = a
 	p.res.Err, p.res.Ctx = a.Err, a.Ctx
-	if a.Err == nil && a.Ctx == nil {
+	gated := p.gated
+	p.gated = false
+	switch {
+	case a.Err != nil || a.Ctx != nil:
+		// A gated statement fails as the full one does: it may have
+		// taken the lock (the session was set up), or nothing.
+		p.failed(a.Err)
+	case gated && p.req.NotSetUp(a.Rows):
+		// It took nothing: send the full statement, which sets the
+		// session up (or refuses a standby).
+		p.regate = true
+	case gated:
+		// One row when it took the lock; none when a try found it busy.
+		p.finish(Result{Granted: a.Rows == 1, Busy: a.Rows != 1})
+	default:
 		p.answered(a.Rows)
-		return
 	}
-	p.failed(a.Err)
 }
 
 // answered decides on an acquiring statement that succeeded with rows.

@@ -121,6 +121,72 @@ func TestPlan(t *testing.T) {
 	}
 }
 
+// TestPlanGated covers the gated statement of an unproven request of one
+// key: on a session already set up it is the whole call; on one that is
+// not, it takes nothing and the full guarded statement follows.
+func TestPlanGated(t *testing.T) {
+	one := []keys.Key{keys.Int64(42)}
+	ok := func(rows int64) Answer { return Answer{Rows: rows} }
+	tests := []struct {
+		name    string
+		req     pgsql.Request
+		answers []Answer
+		gated   []bool // per step
+		want    Result
+	}{
+		{"wait, set up", pgsql.Request{Keys: one}, []Answer{ok(1)}, []bool{true}, Result{Granted: true}},
+		{"wait, not set up", pgsql.Request{Keys: one}, []Answer{ok(0), ok(1)}, []bool{true, false}, Result{Granted: true}},
+		{"tx wait, not set up (the full one's count is RELEASE's)", pgsql.Request{Keys: one, Scope: pgsql.Xact}, []Answer{ok(0), ok(0)},
+			[]bool{true, false}, Result{Granted: true}},
+		{"try busy, set up", pgsql.Request{Keys: one, Try: true}, []Answer{ok(0)}, []bool{true}, Result{Busy: true}},
+		{"try, not set up, then busy", pgsql.Request{Keys: one, Try: true}, []Answer{ok(pgsql.GateRows), ok(0)}, []bool{true, false},
+			Result{Busy: true}},
+		{"try, not set up, then a standby", pgsql.Request{Keys: one, Try: true, Scope: pgsql.Xact},
+			[]Answer{ok(pgsql.GateRows), ok(pgsql.StandbyRows)}, []bool{true, false}, Result{Failure: Classify, Err: pgsql.StandbyError{}}},
+		{"wait, not set up, then a lock_timeout", pgsql.Request{Keys: one}, []Answer{ok(0), {Err: testkit.LockTimeout}, ok(0)},
+			[]bool{true, false, false}, Result{Failure: Classify, Err: testkit.LockTimeout}},
+		{"proven: never gated", pgsql.Request{Keys: one, Proven: true}, []Answer{ok(0)}, []bool{false}, Result{Granted: true}},
+		{"several keys: never gated", pgsql.Request{Keys: []keys.Key{keys.Int64(1), keys.Int64(2)}}, []Answer{ok(1)}, []bool{false},
+			Result{Granted: true}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := NewPlan(tt.req, 0)
+			var gated []bool
+			refreshed := 0
+			for i := 0; !p.Done(); i++ {
+				if i == len(tt.answers) {
+					t.Fatalf("the plan wants step %d", i)
+				}
+				if p.Refresh() {
+					refreshed++
+				}
+				st := p.Step()
+				gated = append(gated, st.Gated)
+				switch {
+				case st.Kind == Acquire && st.Gated && st.SQL != tt.req.GatedSQL(0):
+					t.Errorf("gated step sends %s", st.SQL)
+				case st.Kind == Acquire && !st.Gated && st.SQL != tt.req.AcquireSQL(0):
+					t.Errorf("full step sends %s", st.SQL)
+				}
+				p.Next(tt.answers[i])
+			}
+			if !slices.Equal(gated, tt.gated) {
+				t.Errorf("gated steps %v, want %v", gated, tt.gated)
+			}
+			if want := 0; len(tt.gated) > 1 && tt.gated[0] && !tt.gated[1] {
+				if want = 1; refreshed != want {
+					t.Errorf("refreshed %d times, want %d", refreshed, want)
+				}
+			}
+			got := p.Result()
+			if got.Granted != tt.want.Granted || got.Busy != tt.want.Busy || got.Failure != tt.want.Failure || !errors.Is(got.Err, tt.want.Err) {
+				t.Errorf("result %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
 // fmtConnDone is sql.ErrConnDone as database/sql returns it.
 var fmtConnDone = errors.Join(errors.New("database/sql"), sqlErrConnDone)
 

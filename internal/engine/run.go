@@ -25,7 +25,10 @@ type Handle interface {
 // deadline, and interrupted through the driver only DeadlineGrace after
 // it; a cancellation interrupts it through the driver at once. Every other
 // statement is shielded from ctx and bounded by SettleTimeout. A ctx that is
-// done before the call sends nothing.
+// done before the call sends nothing. When the gated statement of an
+// unproven request finds the session not set up (see [Plan]), the full
+// statement's lock_timeout is taken again from the time left; a deadline
+// that passed meanwhile ends the call with ctx's error, nothing held.
 //
 // Whatever the driver does, Run returns within b's grace after ctx ends (see
 // [Bounds]): a statement that has not answered by then is abandoned, the
@@ -42,6 +45,14 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 	p := NewPlan(req, ms)
 	var holders []Holder
 	for !p.Done() {
+		if p.Refresh() && !req.Try {
+			// The gated wait took nothing: bound the full one by the time
+			// left now.
+			if ms, err = lockTimeout(ctx, req); err != nil {
+				return Result{Failure: NotRun, Err: err}
+			}
+			p.SetTimeout(ms)
+		}
 		var a Answer
 		switch st := p.Step(); {
 		case st.Query:
@@ -98,7 +109,10 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 	if try {
 		qctx, stop = Shield(ctx)
 	} else {
-		qctx, stop = waitContext(ctx, timed)
+		// A limit on ctx's own deadline abandons the wait before
+		// DeadlineGrace ends.
+		abandoned := limit != nil && b.From == nil && b.DeadlineGrace < DeadlineGrace
+		qctx, stop = waitContext(ctx, timed, abandoned)
 	}
 	var a Answer
 	if limit == nil { // no closure: it would escape to the heap
@@ -129,6 +143,21 @@ func settle(ctx, limit context.Context, h Handle, b Bounds, q string) Answer {
 		return exec(sctx, h, q)
 	}
 	return bounded(sctx, limit, h, b, 0, func(sctx context.Context) Answer { return exec(sctx, h, q) })
+}
+
+// ReleaseCaller is [Release] on the caller's own handle (UnlockConn, and
+// WithLock's release on a *sql.Conn). A ctx that can never end bounds
+// nothing there, and the release is not shielded either: it runs on ctx
+// itself, on the caller's goroutine, as the raw statement would (see
+// "Faults" in docs/guarantees.md: such a call has no bound but the
+// driver's), which costs no context, timer or driver watcher. Any other ctx
+// is as for Release.
+func ReleaseCaller(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
+	if never(ctx) {
+		a := exec(ctx, h, req.UnlockSQL())
+		return a.Rows, a.Err
+	}
+	return Release(ctx, h, req)
 }
 
 // exec runs q and reads its row count.

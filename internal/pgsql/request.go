@@ -226,14 +226,17 @@ func (r Request) AcquireSQL(ms int64) string {
 // A failure can leave the locks taken before it held: for session scope,
 // release them with [Request.UnlockSQL]; for transaction scope
 // [RollbackSavepointSQL] releases them.
-func (r Request) WaitSQL(ms int64) string {
+func (r Request) WaitSQL(ms int64) string { return r.waitSQL(ms, false) }
+
+// waitSQL is [Request.WaitSQL], or [Request.GatedSQL]'s wait when gated.
+func (r Request) waitSQL(ms int64, gated bool) string {
 	var b strings.Builder
 	b.Grow(256 + 64*len(r.Keys))
 	if r.Scope == Xact {
 		b.WriteString(SavepointSQL + "; ")
 	}
 	sep := "SELECT "
-	if !r.Proven {
+	if !r.Proven && !gated {
 		b.WriteString(sep)
 		b.WriteString(r.setupExpr())
 		sep = ", "
@@ -264,7 +267,11 @@ func (r Request) WaitSQL(ms int64) string {
 	if sep == ", " {
 		b.WriteString("; ")
 	}
-	r.writeWait(&b)
+	if gated {
+		r.writeGatedWait(&b)
+	} else {
+		r.writeWait(&b)
+	}
 	if ms > 0 && !r.single() {
 		b.WriteString("; " + absorbSQL)
 	}
@@ -273,6 +280,12 @@ func (r Request) WaitSQL(ms int64) string {
 			b.WriteString("; " + restoreTimeouts)
 		}
 		b.WriteString("; " + ReleaseSavepointSQL)
+		if gated {
+			// The message's row count is its last statement's: one row
+			// when the session was set up, and so the wait ran.
+			b.WriteString("; SELECT 1 WHERE ")
+			b.WriteString(r.done())
+		}
 	}
 	return b.String()
 }
@@ -377,7 +390,11 @@ func (r Request) TrySQL() string {
 //	SELECT 1 FROM pg_catalog.unnest(ARRAY[pg_catalog.pg_advisory_unlock('1'::bigint), ...]) AS u(ok) WHERE u.ok
 func (r Request) UnlockSQL() string {
 	if r.single() {
-		return "SELECT 1 WHERE " + r.unlockFn() + "(" + args(r.Keys[0]) + ")"
+		var b strings.Builder
+		b.Grow(96)
+		b.WriteString("SELECT 1 WHERE ")
+		writeCall(&b, r.unlockFn(), r.Keys[0])
+		return b.String()
 	}
 	return "SELECT 1 FROM pg_catalog.unnest(ARRAY[" + r.calls(func(_ int, k keys.Key) string { return r.unlockFn() + "(" + args(k) + ")" }) +
 		"]) AS u(ok) WHERE u.ok"
