@@ -27,6 +27,9 @@ type Lock struct {
 	req   request
 	gkeys []keys.Key // the in-process gates it holds: req.Keys, unnamed
 	s     *session   // the connection it is held on; set before the Lock is returned
+	// handed counts the in-memory handoffs since the server granted the
+	// lock (see handoff.go).
+	handed int
 
 	ctx    context.Context // cancelled with the reason when the lock ends
 	cancel context.CancelCauseFunc
@@ -52,13 +55,22 @@ func newLock(parent context.Context, l *Locker, req request, gkeys []keys.Key, s
 // The caller holds the turn of the lock's session, which serializes every
 // end of its locks, and has detached it from the session.
 func (lk *Lock) end(reason, cause error) bool {
+	if !lk.finish(reason, cause) {
+		return false
+	}
+	lk.l.gates.leaveAll(lk.gkeys, lk.req.Shared)
+	return true
+}
+
+// finish is end without leaving the gates: for a lock handed over, whose
+// gates its successor holds.
+func (lk *Lock) finish(reason, cause error) bool {
 	if lk.done.Load() {
 		return false
 	}
 	lk.why = ending{reason: reason, cause: cause}
 	lk.done.Store(true) // publishes why to readers that see done
 	lk.cancel(reason)
-	lk.l.gates.leaveAll(lk.gkeys, lk.req.Shared)
 	return true
 }
 
@@ -230,6 +242,13 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 			return nil // already done, or ended before Close came to it
 		}
 		return newError("unlock", lk.req, ErrNotHeld, e.reason, e.cause)
+	}
+	if reason == ErrUnlocked {
+		if nl, w := lk.l.pass(lk); nl != nil {
+			lk.finish(reason, nil) // before the successor runs
+			close(w.ready)
+			return lk.confirm(ctx, nl)
+		}
 	}
 	err := unlockOn(ctx, s.conn, lk.req)
 	switch {

@@ -81,6 +81,7 @@ type Locker struct {
 	width    int // shared connections; 0: a connection per lock
 	log      *slog.Logger
 	check    sessionCheck
+	handoffs int // in-memory handoffs in a row (0: DefaultHandoffs; < 0: none)
 
 	gates gates
 

@@ -1,0 +1,239 @@
+package pglock_test
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/DATA-DOG/go-sqlmock"
+
+	"github.com/pglocks/pglocks/internal/pgsql"
+	"github.com/pglocks/pglocks/internal/testkit"
+	"github.com/pglocks/pglocks/keys"
+	"github.com/pglocks/pglocks/pglock"
+)
+
+// queueLock starts l.Lock(ctx, k) on a goroutine once it has queued in
+// memory behind want-1 others, and returns its result.
+func queueLock(t *testing.T, ctx context.Context, l *pglock.Locker, k keys.Key, want int) <-chan lockResult {
+	t.Helper()
+	got := make(chan lockResult, 1)
+	go func() {
+		lk, err := l.Lock(ctx, k)
+		got <- lockResult{lk, err}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for pglock.Queued(l, k) < want {
+		if time.Now().After(deadline) {
+			t.Fatal("the second caller never queued at the gate")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return got
+}
+
+type lockResult struct {
+	lk  *pglock.Lock
+	err error
+}
+
+func receive(t *testing.T, got <-chan lockResult) *pglock.Lock {
+	t.Helper()
+	select {
+	case r := <-got:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		return r.lk
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiter was not given the lock")
+	}
+	return nil
+}
+
+// An Unlock with a caller of the same Locker waiting for the key hands the
+// lock over: no unlock and no new acquisition on the server, only the check
+// that the connection still held it; the old Lock ends as unlocked, the new
+// one is held on the same connection and released on the server by its own
+// Unlock. After WithHandoffs(n) handoffs in a row the lock is released on
+// the server and taken again there.
+func TestHandoffSQL(t *testing.T) {
+	ctx := context.Background()
+	k := keys.Int64(42)
+	l, mock := newMockLocker(t, pglock.WithHealthCheck(0), pglock.WithHandoffs(2))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k)) // handoff 1
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k)) // handoff 2
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))             // the bound: released on the server
+	mock.ExpectExec(try42).WillReturnResult(rows(1))                // and taken there again
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))             // no waiter: released on the server
+
+	lk, err := l.Lock(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		got := queueLock(t, ctx, l, k, 1)
+		if err := lk.Unlock(ctx); err != nil {
+			t.Fatalf("Unlock %d: %v", i, err)
+		}
+		if lk.Err() != pglock.ErrUnlocked {
+			t.Fatalf("Err() after a handoff = %v, want ErrUnlocked", lk.Err())
+		}
+		select {
+		case <-lk.Done():
+		default:
+			t.Fatal("Done is open after a handoff")
+		}
+		next := receive(t, got)
+		if next == lk || next.Err() != nil || next.Key() != k {
+			t.Fatalf("the waiter got %p (Err %v, key %v)", next, next.Err(), next.Key())
+		}
+		if err := lk.Unlock(ctx); err != nil {
+			t.Fatalf("second Unlock of a handed-over lock: %v", err)
+		}
+		lk = next
+	}
+	if err := lk.Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// WithHandoffs(0) turns handoffs off: every Unlock releases on the server.
+func TestHandoffOff(t *testing.T) {
+	ctx := context.Background()
+	k := keys.Int64(42)
+	l, mock := newMockLocker(t, pglock.WithHealthCheck(0), pglock.WithHandoffs(0))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+	lk, err := l.Lock(ctx, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := queueLock(t, ctx, l, k, 1)
+	if err := lk.Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := receive(t, got).Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A handoff whose check shows the lock gone reports it: the old holder's
+// Unlock returns ErrNotHeld and ErrLost, and the Lock handed over ends lost.
+// A check that fails closes the connection and reports the same.
+func TestHandoffFindsLoss(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		check func(e *sqlmock.ExpectedQuery)
+		want  []error
+	}{
+		{"not shown", func(e *sqlmock.ExpectedQuery) { e.WillReturnRows(ownLocks()) }, []error{pglock.ErrNotHeld, pglock.ErrLost}},
+		{"session lost", func(e *sqlmock.ExpectedQuery) { e.WillReturnError(errTerminated) }, []error{pglock.ErrNotHeld, pglock.ErrLost, pglock.ErrSessionLost}},
+		{"failed", func(e *sqlmock.ExpectedQuery) { e.WillReturnError(errSyntax) }, []error{pglock.ErrLost}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			k := keys.Int64(42)
+			l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
+			mock.ExpectExec(try42).WillReturnResult(rows(1))
+			tc.check(mock.ExpectQuery(pgsql.OwnLocksSQL))
+			lk, err := l.Lock(ctx, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := queueLock(t, ctx, l, k, 1)
+			err = lk.Unlock(ctx)
+			for _, w := range tc.want {
+				if !errors.Is(err, w) {
+					t.Fatalf("Unlock = %v, want %v", err, w)
+				}
+			}
+			next := receive(t, got)
+			select {
+			case <-next.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("the Lock handed over was not reported lost")
+			}
+			if next.Err() != pglock.ErrLost {
+				t.Fatalf("Err() of the Lock handed over = %v", next.Err())
+			}
+			if err := next.Unlock(ctx); !errors.Is(err, pglock.ErrLost) {
+				t.Fatalf("Unlock of the Lock handed over = %v", err)
+			}
+		})
+	}
+}
+
+// Mutual exclusion holds across handoffs, with waiters whose ctx ends at
+// random moments (some as the lock is handed to them) and a Close in the
+// middle: after Close, nothing is held on the server.
+func TestHandoffExclusionAndLeaks(t *testing.T) {
+	srv := testkit.NewFakeServer()
+	db := srv.DB(t)
+	l := pglock.NewLocker(db, pglock.WithSessionCheck(false), pglock.WithHandoffs(3))
+	const key = 7
+	k := keys.Int64(key)
+	var (
+		in, handed atomic.Int32
+		wg         sync.WaitGroup
+	)
+	stop := make(chan struct{})
+	for g := range 16 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(g), 1))
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rng.IntN(3000))*time.Microsecond)
+				lk, err := l.Lock(ctx, k)
+				cancel()
+				if errors.Is(err, pglock.ErrClosed) {
+					return
+				}
+				if err != nil {
+					continue
+				}
+				if n := in.Add(1); n != 1 {
+					t.Errorf("%d holders at once", n)
+				}
+				if srv.Free(key) {
+					t.Error("a Lock is held but the server does not hold the key")
+				}
+				time.Sleep(time.Duration(rng.IntN(200)) * time.Microsecond)
+				in.Add(-1)
+				if err := lk.Unlock(context.Background()); err != nil && !errors.Is(err, pglock.ErrClosed) {
+					t.Errorf("Unlock: %v", err)
+				}
+				handed.Add(1)
+			}
+		})
+	}
+	time.Sleep(time.Second)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	wg.Wait()
+	if !srv.Free(key) {
+		t.Fatal("the key is still held on the server after Close")
+	}
+	if handed.Load() < 16 {
+		t.Fatalf("only %d critical sections ran", handed.Load())
+	}
+}
