@@ -178,62 +178,75 @@ func TestHandoffFindsLoss(t *testing.T) {
 }
 
 // Mutual exclusion holds across handoffs, with waiters whose ctx ends at
-// random moments (some as the lock is handed to them) and a Close in the
-// middle: after Close, nothing is held on the server.
+// random moments (some as the lock is handed to them): once every caller has
+// unlocked, nothing is held on the server. A second round ends with a Close
+// in the middle: after Close, nothing is held either.
 func TestHandoffExclusionAndLeaks(t *testing.T) {
 	srv := testkit.NewFakeServer()
 	db := srv.DB(t)
 	l := pglock.NewLocker(db, pglock.WithSessionCheck(false), pglock.WithHandoffs(3))
+	defer l.Close()
 	const key = 7
 	k := keys.Int64(key)
-	var (
-		in, handed atomic.Int32
-		wg         sync.WaitGroup
-	)
-	stop := make(chan struct{})
-	for g := range 16 {
-		wg.Go(func() {
-			rng := rand.New(rand.NewPCG(uint64(g), 1))
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rng.IntN(3000))*time.Microsecond)
-				lk, err := l.Lock(ctx, k)
-				cancel()
-				if errors.Is(err, pglock.ErrClosed) {
-					return
-				}
-				if err != nil {
-					continue
-				}
-				if n := in.Add(1); n != 1 {
-					t.Errorf("%d holders at once", n)
-				}
-				if srv.Free(key) {
-					t.Error("a Lock is held but the server does not hold the key")
-				}
-				time.Sleep(time.Duration(rng.IntN(200)) * time.Microsecond)
-				in.Add(-1)
-				if err := lk.Unlock(context.Background()); err != nil && !errors.Is(err, pglock.ErrClosed) {
-					t.Errorf("Unlock: %v", err)
-				}
-				handed.Add(1)
+	var in, sections atomic.Int32
+	worker := func(g int, stop <-chan struct{}) {
+		rng := rand.New(rand.NewPCG(uint64(g), 1))
+		for {
+			select {
+			case <-stop:
+				return
+			default:
 			}
-		})
+			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rng.IntN(3000))*time.Microsecond)
+			lk, err := l.Lock(ctx, k)
+			cancel()
+			if errors.Is(err, pglock.ErrClosed) {
+				return
+			}
+			if err != nil {
+				continue
+			}
+			if n := in.Add(1); n != 1 {
+				t.Errorf("%d holders at once", n)
+			}
+			if srv.Free(key) {
+				t.Error("a Lock is held but the server does not hold the key")
+			}
+			time.Sleep(time.Duration(rng.IntN(200)) * time.Microsecond)
+			in.Add(-1)
+			if err := lk.Unlock(context.Background()); err != nil && !errors.Is(err, pglock.ErrClosed) {
+				t.Errorf("Unlock: %v", err)
+			}
+			sections.Add(1)
+		}
 	}
-	time.Sleep(time.Second)
-	if err := l.Close(); err != nil {
-		t.Fatal(err)
+	round := func(d time.Duration, closing bool) {
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for g := range 16 {
+			wg.Go(func() { worker(g, stop) })
+		}
+		time.Sleep(d)
+		if closing {
+			if err := l.Close(); err != nil {
+				t.Error(err)
+			}
+		}
+		close(stop)
+		wg.Wait()
 	}
-	close(stop)
-	wg.Wait()
+	round(time.Second, false)
+	if !srv.Free(key) {
+		t.Fatal("the key is still held on the server after every caller unlocked")
+	}
+	if n := pglock.Queued(l, k); n != 0 {
+		t.Fatalf("%d callers still queued at the gate", n)
+	}
+	if sections.Load() < 16 {
+		t.Fatalf("only %d critical sections ran", sections.Load())
+	}
+	round(300*time.Millisecond, true)
 	if !srv.Free(key) {
 		t.Fatal("the key is still held on the server after Close")
-	}
-	if handed.Load() < 16 {
-		t.Fatalf("only %d critical sections ran", handed.Load())
 	}
 }
