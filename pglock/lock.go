@@ -3,6 +3,7 @@ package pglock
 import (
 	"context"
 	"errors"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync/atomic"
@@ -247,6 +248,10 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 		if nl, w := lk.l.pass(lk); nl != nil {
 			lk.finish(reason, nil) // before the successor runs
 			close(w.ready)
+			// Let the successor run now: it is next on this thread's run
+			// queue, where the goroutines the check below starts would
+			// otherwise push it back until the check is under way.
+			runtime.Gosched()
 			return lk.confirm(ctx, nl)
 		}
 	}
