@@ -19,7 +19,9 @@ import (
 // that conflicts with a queued one queues behind it (so a waiting exclusive
 // request is not starved by a stream of shared ones). A try fails wherever a
 // wait would queue. A release hands the gate to the head of the queue (and to
-// the shared requests right behind it), waking no one else.
+// the shared requests right behind it), waking no one else. A Lock handed
+// over (handoff.go) passes its exclusive holds to the head of the queue
+// without releasing them.
 type gates struct {
 	mu sync.Mutex
 	m  map[keys.Key]*gate

@@ -215,10 +215,25 @@ func (lk *Lock) verifiedAt() time.Time { return lk.s.verifiedAt() }
 //     (and loses the other locks that shared the connection, each reported
 //     through its own Done).
 //
+// When another caller of the same Locker waits for exactly this lock's keys
+// (exclusive, first in line for each), Unlock hands the lock over instead
+// (see "In-process exclusion" in [Locker]; at most [DefaultHandoffs] times
+// in a row): nothing is released on the server, this Lock ends with
+// [ErrUnlocked] (Done is closed) before the waiter's call returns a new Lock
+// on the same connection, without a round trip. Unlock then lists the
+// connection's locks, with the health check's statement, bounded as an
+// unlock is, to confirm the hold: nil means, as above, that the lock was held
+// until it was handed over. If the list does not show it, or the check
+// fails, the error wraps [ErrLost] (and [ErrNotHeld] when the session proved
+// lost or the lock missing), and the Lock handed over is ended as lost (its
+// Done closes; a failed check closes the connection, which loses the other
+// locks on it too).
+//
 // Unlock on a nil *Lock returns an error wrapping [ErrNilHandle]. Errors
 // have Op "unlock".
 //
-// Cost: one round trip, whatever the number of keys.
+// Cost: one round trip, whatever the number of keys (a handoff too: the
+// check; the waiter's call costs none).
 func (lk *Lock) Unlock(ctx context.Context) error {
 	if lk == nil || lk.l == nil {
 		return &Error{Op: "unlock", Scope: "session", Err: ErrNilHandle}
