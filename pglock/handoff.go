@@ -117,6 +117,8 @@ func (l *Locker) pass(lk *Lock) (*Lock, *waiter) {
 	}
 	nl := newLock(w.slot.ctx, l, w.slot.req, w.slot.gkeys, s)
 	nl.handed = lk.handed + 1
+	// Held since lk's last proof, not since now: Lead's lease counts from it.
+	nl.proven = lk.provenAt()
 	delete(s.locks, lk) // the same keys: s.keys stays
 	s.locks[nl] = struct{}{}
 	w.granted = true

@@ -1,6 +1,10 @@
 package pglock
 
-import "github.com/pglocks/pglocks/keys"
+import (
+	"time"
+
+	"github.com/pglocks/pglocks/keys"
+)
 
 // Queued returns how many calls of l wait in memory at k's gate: tests of
 // the in-process handoff wait for a waiter to queue before they unlock.
@@ -12,3 +16,6 @@ func Queued(l *Locker, k keys.Key) int {
 	}
 	return 0
 }
+
+// ProvenAt returns when lk was last known held (Lead's lease counts from it).
+func ProvenAt(lk *Lock) time.Time { return lk.provenAt() }

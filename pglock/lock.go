@@ -31,6 +31,9 @@ type Lock struct {
 	// handed counts the in-memory handoffs since the server granted the
 	// lock (see handoff.go).
 	handed int
+	// proven is when the lock was last known held, before any health
+	// check: its grant, or for a lock handed over its predecessor's proof.
+	proven time.Time
 
 	ctx    context.Context // cancelled with the reason when the lock ends
 	cancel context.CancelCauseFunc
@@ -45,7 +48,7 @@ type ending struct{ reason, cause error }
 // newLock returns a held lock of req on s. Its context keeps parent's
 // values, not its cancellation.
 func newLock(parent context.Context, l *Locker, req request, gkeys []keys.Key, s *session) *Lock {
-	lk := &Lock{l: l, req: req, gkeys: gkeys, s: s}
+	lk := &Lock{l: l, req: req, gkeys: gkeys, s: s, proven: time.Now()}
 	lk.ctx, lk.cancel = context.WithCancelCause(context.WithoutCancel(parent))
 	return lk
 }
@@ -189,6 +192,16 @@ func (lk *Lock) lost() (reason, cause error) {
 // verifiedAt returns when the health check that last verified the lock's
 // connection was sent (zero if none has yet).
 func (lk *Lock) verifiedAt() time.Time { return lk.s.verifiedAt() }
+
+// provenAt returns when the lock was last known held: the later of its
+// grant (for a lock handed over: the last proof of its predecessor) and
+// the last health check of its connection. Lead counts its lease from it.
+func (lk *Lock) provenAt() time.Time {
+	if v := lk.verifiedAt(); v.After(lk.proven) {
+		return v
+	}
+	return lk.proven
+}
 
 // Unlock releases the lock (every key of a LockAll) and, once its
 // connection holds no other lock, gives the connection back to the pool.
