@@ -304,3 +304,57 @@ func TestHandoffProvenAt(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A set is handed over to a waiter for the same set; a waiter for part of
+// it is not handed anything: the set is released on the server.
+func TestHandoffSet(t *testing.T) {
+	ctx := context.Background()
+	k42, k45, k46 := keys.Int64(42), keys.Int64(45), keys.Int64(46)
+	set := pgsql.Request{Keys: []keys.Key{k45, k46}, Proven: true}
+	one := pgsql.Request{Keys: []keys.Key{k45}, Proven: true}
+	l, mock := newHandoffLocker(t, pglock.WithHealthCheck(0))
+	mock.ExpectExec(try42).WillReturnResult(rows(1))
+	mock.ExpectExec(set.TrySQL()).WillReturnResult(rows(1))
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k42, k45, k46)) // handed over
+	mock.ExpectExec(set.UnlockSQL()).WillReturnResult(rows(2))                  // a waiter for part of it
+	mock.ExpectExec(one.TrySQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(one.UnlockSQL()).WillReturnResult(rows(1))
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+
+	a, err := l.Lock(ctx, k42) // the connection the sets are shared on
+	if err != nil {
+		t.Fatal(err)
+	}
+	lk, err := l.LockAll(ctx, []keys.Key{k46, k45})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan lockResult, 1)
+	go func() {
+		lk, err := l.LockAll(ctx, []keys.Key{k45, k46})
+		got <- lockResult{lk, err}
+	}()
+	for pglock.Queued(l, k45) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	if err := lk.Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	next := receive(t, got)
+	if ks := next.Keys(); len(ks) != 2 {
+		t.Fatalf("Keys() = %v", ks)
+	}
+	part := queueLock(t, ctx, l, k45, 1)
+	if err := next.Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := receive(t, part).Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := mock.ExpectationsWereMet(); err != nil {
+		t.Fatal(err)
+	}
+}
