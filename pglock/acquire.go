@@ -41,8 +41,11 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 	for i, k := range req.Keys {
 		a.gkeys[i] = k.Unnamed()
 	}
-	in, err := l.gates.enterAll(actx, a.gkeys, req.Shared, !req.Try)
+	sl := l.newSlot(actx, req, a.gkeys)
+	in, err := l.gates.enterAll(actx, a.gkeys, req.Shared, !req.Try, sl)
 	switch {
+	case sl != nil && sl.lock != nil: // handed over by a caller's Unlock
+		return l.handedOver(ctx, op, sl.lock, err)
 	case err != nil:
 		return nil, newError(op, req, l.interruption(ctx), err)
 	case !in:

@@ -19,7 +19,9 @@ import (
 // that conflicts with a queued one queues behind it (so a waiting exclusive
 // request is not starved by a stream of shared ones). A try fails wherever a
 // wait would queue. A release hands the gate to the head of the queue (and to
-// the shared requests right behind it), waking no one else.
+// the shared requests right behind it), waking no one else. A Lock handed
+// over (handoff.go) passes its exclusive holds to the head of the queue
+// without releasing them.
 type gates struct {
 	mu sync.Mutex
 	m  map[keys.Key]*gate
@@ -35,6 +37,10 @@ type waiter struct {
 	shared  bool
 	granted bool
 	ready   chan struct{} // closed when granted
+	// slot, when set, is where a releasing Lock of this Locker may hand the
+	// waiter its lock, held on the server, instead of leaving the gates (see
+	// handoff.go). It is set only on the waiter of a set's first key.
+	slot *slot
 }
 
 // conflicts reports whether a request in mode shared conflicts with the
@@ -78,6 +84,15 @@ func (g *gate) idle() bool { return !g.exclusive && g.shared == 0 && len(g.queue
 // (false, nil) at once when it would have to queue. Otherwise it waits in
 // line until admitted or until ctx ends, returning ctx's cause.
 func (gs *gates) enter(ctx context.Context, key keys.Key, shared, wait bool) (bool, error) {
+	return gs.enterFor(ctx, key, shared, wait, nil)
+}
+
+// enterFor is enter for a waiter that accepts a handed-over lock in sl
+// (nil: none). When sl.lock is set on return, the lock was handed over: the
+// gates of its keys are held by that Lock (they are left when it ends), and
+// enterFor returns true, or false and ctx's cause when ctx ended as it was
+// handed over (the caller must then release sl.lock).
+func (gs *gates) enterFor(ctx context.Context, key keys.Key, shared, wait bool, sl *slot) (bool, error) {
 	gs.mu.Lock()
 	if gs.m == nil {
 		gs.m = make(map[keys.Key]*gate)
@@ -96,7 +111,7 @@ func (gs *gates) enter(ctx context.Context, key keys.Key, shared, wait bool) (bo
 		gs.mu.Unlock()
 		return false, nil
 	}
-	w := &waiter{shared: shared, ready: make(chan struct{})}
+	w := &waiter{shared: shared, ready: make(chan struct{}), slot: sl}
 	g.queue = append(g.queue, w)
 	gs.mu.Unlock()
 
@@ -107,7 +122,11 @@ func (gs *gates) enter(ctx context.Context, key keys.Key, shared, wait bool) (bo
 	}
 	gs.mu.Lock()
 	defer gs.mu.Unlock()
-	if w.granted { // granted as ctx ended: pass it on
+	switch {
+	case w.granted && sl != nil && sl.lock != nil:
+		// handed over as ctx ended: the caller releases the lock
+		return false, context.Cause(ctx)
+	case w.granted: // granted as ctx ended: pass it on
 		gs.release(key, g, shared)
 		return false, context.Cause(ctx)
 	}
@@ -151,7 +170,11 @@ func (gs *gates) settle(key keys.Key, g *gate) {
 // order: callers that take overlapping sets this way cannot deadlock each
 // other in the process. With wait false it takes all of them at once or none.
 // On failure it leaves the gates it passed.
-func (gs *gates) enterAll(ctx context.Context, ks []keys.Key, shared, wait bool) (bool, error) {
+//
+// A waiting call with a non-nil sl accepts a lock handed over while it waits
+// at the first gate (see enterFor): sl.lock is then set, and the gates of
+// every key are held by that Lock.
+func (gs *gates) enterAll(ctx context.Context, ks []keys.Key, shared, wait bool, sl *slot) (bool, error) {
 	if !wait {
 		gs.mu.Lock()
 		defer gs.mu.Unlock()
@@ -174,7 +197,14 @@ func (gs *gates) enterAll(ctx context.Context, ks []keys.Key, shared, wait bool)
 		return true, nil
 	}
 	for i, k := range ks {
-		if in, err := gs.enter(ctx, k, shared, true); !in {
+		if i > 0 {
+			sl = nil
+		}
+		in, err := gs.enterFor(ctx, k, shared, true, sl)
+		switch {
+		case sl != nil && sl.lock != nil:
+			return in, err // handed over: the Lock holds every gate
+		case !in:
 			gs.leaveAll(ks[:i], shared)
 			return false, err
 		}

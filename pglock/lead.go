@@ -225,7 +225,9 @@ func (c *leadConfig) backoff(n int) time.Duration {
 //   - Lease: a leader steps down (fn's ctx is cancelled with a cause wrapping
 //     [ErrLost]) once its lock has gone L = I + ⅔(D − I) without being
 //     verified (I + 400 ms by default), counted from the start of the last
-//     successful health check, or from the grant. Checks start every I
+//     successful health check, or from the grant (for a lock handed over by
+//     another caller of the Locker, from the last proof of the lock it took
+//     over). Checks start every I
 //     plus one round trip, so the lease runs out only when checks stall or
 //     fail without proving anything; a check that proves the loss (a
 //     terminated session, a restarted server) ends the leadership sooner,
@@ -404,7 +406,7 @@ type termResult struct {
 func (l *Locker) term(ctx context.Context, lk *Lock, req request, fn func(context.Context) error, c *leadConfig) termResult {
 	fctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	g := &leadGuard{l: l, lk: lk, req: req, granted: time.Now(), lease: c.lease(l.interval), stop: make(chan struct{}), stopped: make(chan struct{})}
+	g := &leadGuard{l: l, lk: lk, req: req, granted: lk.provenAt(), lease: c.lease(l.interval), stop: make(chan struct{}), stopped: make(chan struct{})}
 	go g.run(fctx, cancel)
 	t := &termEnd{ctx: ctx, fctx: fctx, g: g, lk: lk, req: req}
 	defer t.finishOnPanic()
@@ -504,7 +506,7 @@ type leadGuard struct {
 	l       *Locker
 	lk      *Lock
 	req     request
-	granted time.Time
+	granted time.Time     // when the lock was last known held as the term began (Lock.provenAt)
 	lease   time.Duration // 0: no lease
 
 	stop    chan struct{} // closed to stop the guard

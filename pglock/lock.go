@@ -3,6 +3,7 @@ package pglock
 import (
 	"context"
 	"errors"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync/atomic"
@@ -27,6 +28,12 @@ type Lock struct {
 	req   request
 	gkeys []keys.Key // the in-process gates it holds: req.Keys, unnamed
 	s     *session   // the connection it is held on; set before the Lock is returned
+	// handed counts the in-memory handoffs since the server granted the
+	// lock (see handoff.go).
+	handed int
+	// proven is when the lock was last known held, before any health
+	// check: its grant, or for a lock handed over its predecessor's proof.
+	proven time.Time
 
 	ctx    context.Context // cancelled with the reason when the lock ends
 	cancel context.CancelCauseFunc
@@ -41,7 +48,7 @@ type ending struct{ reason, cause error }
 // newLock returns a held lock of req on s. Its context keeps parent's
 // values, not its cancellation.
 func newLock(parent context.Context, l *Locker, req request, gkeys []keys.Key, s *session) *Lock {
-	lk := &Lock{l: l, req: req, gkeys: gkeys, s: s}
+	lk := &Lock{l: l, req: req, gkeys: gkeys, s: s, proven: time.Now()}
 	lk.ctx, lk.cancel = context.WithCancelCause(context.WithoutCancel(parent))
 	return lk
 }
@@ -52,13 +59,22 @@ func newLock(parent context.Context, l *Locker, req request, gkeys []keys.Key, s
 // The caller holds the turn of the lock's session, which serializes every
 // end of its locks, and has detached it from the session.
 func (lk *Lock) end(reason, cause error) bool {
+	if !lk.finish(reason, cause) {
+		return false
+	}
+	lk.l.gates.leaveAll(lk.gkeys, lk.req.Shared)
+	return true
+}
+
+// finish is end without leaving the gates: for a lock handed over, whose
+// gates its successor holds.
+func (lk *Lock) finish(reason, cause error) bool {
 	if lk.done.Load() {
 		return false
 	}
 	lk.why = ending{reason: reason, cause: cause}
 	lk.done.Store(true) // publishes why to readers that see done
 	lk.cancel(reason)
-	lk.l.gates.leaveAll(lk.gkeys, lk.req.Shared)
 	return true
 }
 
@@ -177,6 +193,16 @@ func (lk *Lock) lost() (reason, cause error) {
 // connection was sent (zero if none has yet).
 func (lk *Lock) verifiedAt() time.Time { return lk.s.verifiedAt() }
 
+// provenAt returns when the lock was last known held: the later of its
+// grant (for a lock handed over: the last proof of its predecessor) and
+// the last health check of its connection. Lead counts its lease from it.
+func (lk *Lock) provenAt() time.Time {
+	if v := lk.verifiedAt(); v.After(lk.proven) {
+		return v
+	}
+	return lk.proven
+}
+
 // Unlock releases the lock (every key of a LockAll) and, once its
 // connection holds no other lock, gives the connection back to the pool.
 //
@@ -202,10 +228,25 @@ func (lk *Lock) verifiedAt() time.Time { return lk.s.verifiedAt() }
 //     (and loses the other locks that shared the connection, each reported
 //     through its own Done).
 //
+// When another caller of the same Locker waits for exactly this lock's keys
+// (exclusive, first in line for each), Unlock hands the lock over instead
+// (see "In-process exclusion" in [Locker]; at most [DefaultHandoffs] times
+// in a row): nothing is released on the server, this Lock ends with
+// [ErrUnlocked] (Done is closed) before the waiter's call returns a new Lock
+// on the same connection, without a round trip. Unlock then lists the
+// connection's locks, with the health check's statement, bounded as an
+// unlock is, to confirm the hold: nil means, as above, that the lock was held
+// until it was handed over. If the list does not show it, or the check
+// fails, the error wraps [ErrLost] (and [ErrNotHeld] when the session proved
+// lost or the lock missing), and the Lock handed over is ended as lost (its
+// Done closes; a failed check closes the connection, which loses the other
+// locks on it too).
+//
 // Unlock on a nil *Lock returns an error wrapping [ErrNilHandle]. Errors
 // have Op "unlock".
 //
-// Cost: one round trip, whatever the number of keys.
+// Cost: one round trip, whatever the number of keys (a handoff too: the
+// check; the waiter's call costs none).
 func (lk *Lock) Unlock(ctx context.Context) error {
 	if lk == nil || lk.l == nil {
 		return &Error{Op: "unlock", Scope: "session", Err: ErrNilHandle}
@@ -230,6 +271,17 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 			return nil // already done, or ended before Close came to it
 		}
 		return newError("unlock", lk.req, ErrNotHeld, e.reason, e.cause)
+	}
+	if reason == ErrUnlocked {
+		if nl, w := lk.l.pass(lk); nl != nil {
+			lk.finish(reason, nil) // before the successor runs
+			close(w.ready)
+			// Let the successor run now: it is next on this thread's run
+			// queue, where the goroutines the check below starts would
+			// otherwise push it back until the check is under way.
+			runtime.Gosched()
+			return lk.confirm(ctx, nl)
+		}
 	}
 	err := unlockOn(ctx, s.conn, lk.req)
 	switch {

@@ -60,6 +60,18 @@ const DefaultMultiplexing = 4
 // invisible to PostgreSQL's deadlock detector: take keys in a consistent
 // order (LockAll does), or bound waits with a deadline.
 //
+// When a Lock is unlocked while such a caller waits for exactly its keys,
+// in exclusive mode, and is first in line for each of them, the lock is
+// handed over instead of released: the server lock stays held on the same
+// connection, the old Lock ends with [ErrUnlocked] (its Done closed first),
+// and the waiter's call returns a new Lock on that connection without a
+// round trip (see [Lock.Unlock]). Sessions of other processes waiting on the
+// server are passed over at most [DefaultHandoffs] times in a row (see
+// [WithHandoffs]): the next Unlock then releases the lock on the server,
+// where they are granted it in the server's order. A waiter whose ctx has
+// ended is not handed anything. Shared locks are always released on the
+// server.
+//
 // # Health checks
 //
 // Every connection that holds locks is verified every health-check interval
@@ -81,6 +93,7 @@ type Locker struct {
 	width    int // shared connections; 0: a connection per lock
 	log      *slog.Logger
 	check    sessionCheck
+	handoffs int // in-memory handoffs in a row (0: DefaultHandoffs; < 0: none)
 
 	gates gates
 
