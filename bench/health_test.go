@@ -22,9 +22,9 @@ const healthOwnLocks = 50
 const healthHolderSize = 1000
 
 // BenchmarkHealthCheck measures the server CPU of one Locker health check on
-// a session holding 50 locks, while other sessions hold 100, 1,000 or
-// 10,000 advisory locks in the cluster: the full check (pg_locks, the only
-// check before issue 13, sent every interval) against the liveness check
+// a session holding 50 locks, while other sessions hold 0, 100, 1,000, 3,000
+// or 10,000 advisory locks in the cluster: the full check (pg_locks, the
+// only check before issue 13, sent every interval) against the liveness check
 // (one row when the session still runs on the same backend) that replaced
 // it on most intervals. Both go through the engine calls a Locker makes.
 //
@@ -34,7 +34,7 @@ const healthHolderSize = 1000
 // latency the client saw. Run with enough iterations for the ticks to add
 // up (-benchtime 2s, or 20000x for the liveness check).
 func BenchmarkHealthCheck(b *testing.B) {
-	for _, n := range []int{100, 1000, 10000} {
+	for _, n := range []int{0, 100, 1000, 3000, 10000} {
 		b.Run(fmt.Sprintf("locks=%d", n), func(b *testing.B) {
 			db := openDB(b, "pgx")
 			release := holdClusterLocks(b, db, n)
