@@ -294,7 +294,7 @@ func TestLeadLeaseUnverified(t *testing.T) {
 		// From now on the leader's checks fail without reaching the server,
 		// and its backend is terminated: it holds nothing, and cannot know.
 		leader.f.fc.Inject(func(q string) error {
-			if q == pgsql.OwnLocksSQL {
+			if pgsql.IsHealthCheckSQL(q) {
 				return testkit.PgError{Code: "57014", Message: "canceling statement due to statement timeout"}
 			}
 			return nil

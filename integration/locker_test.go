@@ -5,11 +5,11 @@ import (
 	"database/sql"
 	"errors"
 	"math/rand/v2"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/pgsql"
 	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
@@ -380,7 +380,7 @@ func TestLockerLossDetection(t *testing.T) {
 // releases it.
 func TestLockerTransientCheckFailure(t *testing.T) {
 	const interval = 100 * time.Millisecond
-	isCheck := func(q string) bool { return strings.Contains(q, "pg_catalog.pg_locks") }
+	isCheck := pgsql.IsHealthCheckSQL
 	forEachDriver(t, func(t *testing.T, driver string) {
 		ctx := context.Background()
 		obs := newObserver(t)

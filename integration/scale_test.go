@@ -53,7 +53,7 @@ func keyRange(n int) []keys.Key {
 func countChecks(f *lockerFixture) *atomic.Int64 {
 	var n atomic.Int64
 	f.fc.Inject(func(q string) error {
-		if q == pgsql.OwnLocksSQL {
+		if pgsql.IsHealthCheckSQL(q) {
 			n.Add(1)
 		}
 		return nil

@@ -15,11 +15,14 @@ import (
 )
 
 // ownLocks is the health check's answer for a session holding ks exclusively.
+// mockPID is the backend pid of the mocked sessions' full health checks.
+const mockPID = 7
+
 func ownLocks(ks ...keys.Key) *sqlmock.Rows {
-	r := sqlmock.NewRows([]string{"classid", "objid", "objsubid", "shared"})
+	r := sqlmock.NewRows([]string{"classid", "objid", "objsubid", "shared", "pid"})
 	for _, k := range ks {
 		c, o, s := k.LockTag()
-		r.AddRow(int64(c), int64(o), s, false)
+		r.AddRow(int64(c), int64(o), s, false, mockPID)
 	}
 	return r
 }
@@ -109,16 +112,23 @@ func TestLockerUnlockFindsLoss(t *testing.T) {
 	}
 }
 
-// Failed checks that prove nothing are retried; a proof of loss ends the lock.
+// Failed checks that prove nothing are retried, as full checks; a proof of
+// loss ends the lock. The first check is full (it learns the backend's
+// pid), the next ones are liveness checks on that pid.
 func TestLockerHealthCheckRetries(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(20*time.Millisecond))
 	canceled := testkit.Canceled
+	alive := pgsql.LivenessSQL(mockPID)
 	mock.ExpectExec(try42).WillReturnResult(rows(1))
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(canceled)
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(canceled)
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(keys.Int64(42)))
-	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnError(errTerminated)
+	mock.ExpectExec(alive).WillReturnResult(rows(1))
+	mock.ExpectExec(alive).WillReturnError(canceled)
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(keys.Int64(42)))
+	mock.ExpectExec(alive).WillReturnResult(rows(1))
+	mock.ExpectExec(alive).WillReturnError(errTerminated)
 	lk, err := l.Lock(ctx, keys.Int64(42))
 	if err != nil {
 		t.Fatal(err)

@@ -32,8 +32,11 @@ type session struct {
 	stopOnce sync.Once
 
 	// Health-check state, guarded by turn.
-	failing time.Time // when the current run of unverifiable checks began
-	retries int
+	failing   time.Time // when the current run of unverifiable checks began
+	retries   int
+	pid       int32 // the session's backend pid, learned by its first full check; 0: unknown
+	sinceFull int   // liveness checks since the last full check
+	suspect   bool  // a check failed without proving anything: the next one is full
 
 	// verified is when the last successful health check was sent: every
 	// lock still on the session was held then.

@@ -16,13 +16,32 @@ type HeldKey struct {
 	Shared bool
 }
 
-// OwnLocks lists the advisory locks granted to conn's session: a Locker's
-// health check, one statement whatever the number of locks. It is shielded
-// from cancellation, and waited for at most timeout (when positive): a
-// check that has not answered by then is abandoned (the error wraps
+// OwnLocks lists the advisory locks granted to conn's session, and returns
+// its backend pid too (0 when it holds none): a Locker's full health check,
+// one statement whatever the number of locks. It is shielded from
+// cancellation, and waited for at most timeout (when positive): a check
+// that has not answered by then is abandoned (the error wraps
 // [ErrAbandoned]) and conn's connection is closed once it returns. Rows
 // that are not a key pglocks takes are skipped.
-func OwnLocks(conn *sql.Conn, timeout time.Duration) (map[HeldKey]bool, error) {
+func OwnLocks(conn *sql.Conn, timeout time.Duration) (map[HeldKey]bool, int32, error) {
+	var (
+		held map[HeldKey]bool
+		pid  int32
+	)
+	err := healthCheck(conn, timeout, func(ctx context.Context) error {
+		var err error
+		held, pid, err = ownLocks(ctx, conn)
+		return err
+	})
+	if err != nil {
+		return nil, 0, err // held is not read: an abandoned check may still write it
+	}
+	return held, pid, nil
+}
+
+// healthCheck runs check on conn, shielded from cancellation and waited for
+// at most timeout (when positive), as [OwnLocks] documents.
+func healthCheck(conn *sql.Conn, timeout time.Duration, check func(ctx context.Context) error) error {
 	ctx, cancel := Shield(context.Background())
 	defer cancel()
 	var limit context.Context
@@ -31,39 +50,34 @@ func OwnLocks(conn *sql.Conn, timeout time.Duration) (map[HeldKey]bool, error) {
 		limit, stop = context.WithTimeout(context.Background(), timeout)
 		defer stop()
 	}
-	var held map[HeldKey]bool
 	a := bounded(ctx, limit, conn, Owned(), 0, func(ctx context.Context) Answer {
-		var err error
-		held, err = ownLocks(ctx, conn)
-		return Answer{Err: err}
+		return Answer{Err: check(ctx)}
 	})
-	if a.Err != nil {
-		return nil, a.Err // held is not read: an abandoned check may still write it
-	}
-	return held, nil
+	return a.Err
 }
 
-func ownLocks(ctx context.Context, conn *sql.Conn) (map[HeldKey]bool, error) {
+func ownLocks(ctx context.Context, conn *sql.Conn) (map[HeldKey]bool, int32, error) {
 	rows, err := conn.QueryContext(ctx, pgsql.OwnLocksSQL)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer rows.Close()
 	held := make(map[HeldKey]bool)
+	var pid int32
 	for rows.Next() {
 		var (
 			classid, objid int64
 			objsubid       int
 			shared         bool
 		)
-		if err := rows.Scan(&classid, &objid, &objsubid, &shared); err != nil {
-			return nil, err
+		if err := rows.Scan(&classid, &objid, &objsubid, &shared, &pid); err != nil {
+			return nil, 0, err
 		}
 		if k, err := DecodeTag(classid, objid, objsubid); err == nil {
 			held[HeldKey{k, shared}] = true
 		}
 	}
-	return held, rows.Err()
+	return held, pid, rows.Err()
 }
 
 // discardWait bounds how long Discard waits for the close.

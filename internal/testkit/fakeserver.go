@@ -26,6 +26,7 @@ type FakeServer struct {
 	owner    map[int64]*fakeConn
 	changed  chan struct{} // closed and replaced when a lock is released
 	checkErr error         // when set, health checks fail with it
+	pids     int32         // the last backend pid given to a connection
 
 	// pooled makes every connection run on one shared server session, as
 	// PgBouncer in transaction pooling mode does: its settings are shared.
@@ -101,8 +102,13 @@ func (s *FakeServer) notify() {
 
 type fakeConnector struct{ s *FakeServer }
 
-func (c fakeConnector) Connect(context.Context) (driver.Conn, error) { return &fakeConn{s: c.s}, nil }
-func (c fakeConnector) Driver() driver.Driver                        { return fakeDriver{} }
+func (c fakeConnector) Connect(context.Context) (driver.Conn, error) {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	c.s.pids++
+	return &fakeConn{s: c.s, pid: c.s.pids}, nil
+}
+func (c fakeConnector) Driver() driver.Driver { return fakeDriver{} }
 
 type fakeDriver struct{}
 
@@ -114,6 +120,7 @@ type fakeConn struct {
 	s       *FakeServer
 	dead    bool   // guarded by s.mu
 	setting string // pglocks.session_probe, guarded by s.mu
+	pid     int32  // its backend pid
 }
 
 var (
@@ -160,6 +167,14 @@ func (c *fakeConn) ExecContext(ctx context.Context, q string, _ []driver.NamedVa
 		return nil, Terminated
 	}
 	switch {
+	case pgsql.IsLivenessSQL(q):
+		if s.checkErr != nil {
+			return nil, s.checkErr
+		}
+		if q == pgsql.LivenessSQL(c.pid) {
+			return driver.RowsAffected(1), nil
+		}
+		return driver.RowsAffected(0), nil
 	case strings.Contains(q, "pg_advisory_lock("):
 		return c.wait(ctx, key(q))
 	case strings.Contains(q, "pg_try_advisory_lock("):
@@ -250,7 +265,7 @@ func (c *fakeConn) QueryContext(_ context.Context, q string, _ []driver.NamedVal
 	for k, o := range s.owner {
 		if o == c {
 			cl, ob, sub := keys.Int64(k).LockTag()
-			r.rows = append(r.rows, []driver.Value{int64(cl), int64(ob), int64(sub), false})
+			r.rows = append(r.rows, []driver.Value{int64(cl), int64(ob), int64(sub), false, int64(c.pid)})
 		}
 	}
 	return r, nil
@@ -258,8 +273,10 @@ func (c *fakeConn) QueryContext(_ context.Context, q string, _ []driver.NamedVal
 
 type fakeRows struct{ rows [][]driver.Value }
 
-func (r *fakeRows) Columns() []string { return []string{"classid", "objid", "objsubid", "shared"} }
-func (r *fakeRows) Close() error      { return nil }
+func (r *fakeRows) Columns() []string {
+	return []string{"classid", "objid", "objsubid", "shared", "pid"}
+}
+func (r *fakeRows) Close() error { return nil }
 func (r *fakeRows) Next(dest []driver.Value) error {
 	if len(r.rows) == 0 {
 		return io.EOF

@@ -36,6 +36,7 @@ func main() {
 	for name, svg := range map[string]string{
 		"handoff.svg":    handoffChart(data),
 		"roundtrips.svg": roundTripChart(data),
+		"health.svg":     healthChart(data),
 	} {
 		if err := os.WriteFile(filepath.Join(*charts, name), []byte(svg), 0o644); err != nil {
 			log.Fatal(err)
@@ -189,6 +190,7 @@ func report(w io.Writer, d data) {
 	roundTripTable(w, d)
 	handoffTable(w, d)
 	throughputTables(w, d)
+	healthTable(w, d)
 	noisyComment(w, d)
 }
 

@@ -1,0 +1,4 @@
+package pglock
+
+// FullCheckEvery exports fullCheckEvery to the tests.
+const FullCheckEvery = fullCheckEvery
