@@ -150,25 +150,40 @@ func (gs *gates) successor(gkeys []keys.Key) *waiter {
 var errHandoffUnconfirmed = errors.New("the lock was handed to the next caller of the Locker, but its connection could not confirm it still held the lock; the connection was closed")
 
 // confirm ends an Unlock that handed lk over to nl (on the same session):
-// it lists the session's locks, as a health check does, to prove that the
-// session still held every key, and so held it from lk's acquisition until
-// the handoff. On a live session that no longer shows them all, nl is
-// reported lost at once (what it still held is released); on a failure, the
-// connection is closed, which releases the lock on the server and reports
-// nl, and every other lock on the connection, lost. Either way Unlock
-// returns an error wrapping [ErrNotHeld] and [ErrLost] (or, when nothing
-// could be proved, [ErrLost] alone). The caller holds s.turn.
+// it proves that the session still held every key, and so held it from
+// lk's acquisition until the handoff. Where the session's backend pid is
+// known it sends the liveness check of the health checks (alive, same
+// backend, not reset: nothing else sends statements on a Locker's
+// connection, so such a session holds what the Locker took on it); else,
+// or when that check answers for another backend or a reset session, the
+// pg_locks check. On a live session that no longer shows every key, nl is
+// reported lost at once (what it still held is released); on a failure,
+// the connection is closed, which releases the lock on the server and
+// reports nl, and every other lock on the connection, lost. Either way
+// Unlock returns an error wrapping [ErrNotHeld] and [ErrLost] (or, when
+// nothing could be proved, [ErrLost] alone). The caller holds s.turn.
 func (lk *Lock) confirm(ctx context.Context, nl *Lock) error {
 	s := lk.s
-	held, err := engine.OwnLocks(s.conn, confirmTimeout(ctx))
-	if err != nil {
-		lk.l.log.Warn("pglock: handoff not confirmed; connection closed", "key", lk.describe(), "error", err)
-		if !engine.Abandoned(err) && pgsql.IsSessionLost(err) {
-			s.kill(causes(ErrSessionLost, err))
-			return newError("unlock", lk.req, ErrNotHeld, ErrLost, ErrSessionLost, err)
+	timeout := confirmTimeout(ctx)
+	if s.pid != 0 && !s.suspect {
+		same, err := engine.Alive(s.conn, s.pid, timeout)
+		switch {
+		case err != nil:
+			return lk.unconfirmed(err)
+		case same:
+			return nil
 		}
-		s.kill(causes(errHandoffUnconfirmed, err))
-		return newError("unlock", lk.req, ErrLost, errHandoffUnconfirmed, err)
+	}
+	held, pid, err := engine.OwnLocks(s.conn, timeout)
+	switch {
+	case err != nil:
+		return lk.unconfirmed(err)
+	case s.pid != 0 && pid != 0 && pid != s.pid:
+		cause := errSwapped(s.pid, false)
+		s.kill(cause)
+		return newError("unlock", lk.req, ErrNotHeld, ErrLost, cause)
+	case s.pid == 0:
+		s.pid = pid
 	}
 	for _, k := range lk.gkeys {
 		if !held[engine.HeldKey{Key: k}] {
@@ -179,6 +194,20 @@ func (lk *Lock) confirm(ctx context.Context, nl *Lock) error {
 		}
 	}
 	return nil
+}
+
+// unconfirmed ends an Unlock whose handoff check failed with err: the
+// connection is closed, which releases the lock on the server and reports
+// the successor, and every other lock on the connection, lost.
+func (lk *Lock) unconfirmed(err error) error {
+	s := lk.s
+	lk.l.log.Warn("pglock: handoff not confirmed; connection closed", "key", lk.describe(), "error", err)
+	if !engine.Abandoned(err) && pgsql.IsSessionLost(err) {
+		s.kill(causes(ErrSessionLost, err))
+		return newError("unlock", lk.req, ErrNotHeld, ErrLost, ErrSessionLost, err)
+	}
+	s.kill(causes(errHandoffUnconfirmed, err))
+	return newError("unlock", lk.req, ErrLost, errHandoffUnconfirmed, err)
 }
 
 // confirmTimeout is how long confirm waits for its answer: as long as an

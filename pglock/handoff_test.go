@@ -83,7 +83,8 @@ func receive(t *testing.T, got <-chan lockResult) *pglock.Lock {
 
 // An Unlock with a caller of the same Locker waiting for the key hands the
 // lock over: no unlock and no new acquisition on the server, only the check
-// that the connection still held it; the old Lock ends as unlocked, the new
+// that the connection still held it (pg_locks the first time, which learns
+// the session's pid; then the liveness check); the old Lock ends as unlocked, the new
 // one is held on the same connection and released on the server by its own
 // Unlock. After WithHandoffs(n) handoffs in a row the lock is released on
 // the server and taken again there.
@@ -93,7 +94,7 @@ func TestHandoffSQL(t *testing.T) {
 	l, mock := newHandoffLocker(t, pglock.WithHealthCheck(0), pglock.WithHandoffs(2))
 	mock.ExpectExec(try42).WillReturnResult(rows(1))
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k)) // handoff 1
-	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k)) // handoff 2
+	mock.ExpectExec(pgsql.LivenessSQL(mockPID)).WillReturnResult(rows(1)) // handoff 2: the pid is known
 	mock.ExpectExec(unlock42).WillReturnResult(rows(1))             // the bound: released on the server
 	mock.ExpectExec(anyTry42).WillReturnResult(rows(1))             // and taken there again
 	mock.ExpectExec(unlock42).WillReturnResult(rows(1))             // no waiter: released on the server

@@ -54,14 +54,17 @@ const fullCheckEvery = 720
 //
 // Most checks are liveness checks ([pgsql.LivenessSQL]): one statement whose
 // server cost does not depend on the locks the cluster holds, proving that
-// the session is alive and that its connection still reaches the backend
-// whose pid the first full check learned. Nothing else sends statements on
+// the session is alive, that its connection still reaches the backend
+// whose pid the first full check learned, and that the session was not reset
+// (the mark of its setup is still set: DISCARD ALL and RESET ALL clear it). Nothing else sends statements on
 // a Locker's connection, so a live session on the same backend still holds
 // every lock the Locker took on it: a terminated backend, a restart or a
 // partition fails the check, and a backend swapped by a pooler in between
-// fails the pid test. Only a pg_advisory_unlock_all or DISCARD ALL sent on
-// the session by something in between can release locks behind a live,
-// unchanged backend; that is what the full check ([pgsql.OwnLocksSQL], which
+// fails the pid test, and DISCARD ALL (which releases advisory locks) the
+// mark test; either is followed at once by a full check. Only a
+// pg_advisory_unlock_all sent on the session by something in between can
+// release locks behind a live, unchanged, unreset backend; that is what the
+// full check ([pgsql.OwnLocksSQL], which
 // reads pg_locks at a cost that grows with every lock in the cluster) is
 // for. It runs as the first check of a session (learning its pid), as the
 // retry after a check that failed without proving anything, and every
@@ -74,13 +77,15 @@ func (s *session) check(interval time.Duration) (time.Duration, bool) {
 		return 0, false
 	}
 	if s.pid == 0 || s.suspect || s.sinceFull+1 >= fullCheckEvery {
-		return s.checkFull(interval, locks)
+		return s.checkFull(interval, locks, false)
 	}
-	return s.checkAlive(interval)
+	return s.checkAlive(interval, locks)
 }
 
-// checkAlive runs a liveness check (see check).
-func (s *session) checkAlive(interval time.Duration) (time.Duration, bool) {
+// checkAlive runs a liveness check (see check). One that answers for
+// another backend or a reset session is followed at once by the full check,
+// which finds what was lost.
+func (s *session) checkAlive(interval time.Duration, locks []*Lock) (time.Duration, bool) {
 	sent := time.Now()
 	same, err := engine.Alive(s.conn, s.pid, engine.HealthTimeout)
 	if err != nil {
@@ -88,8 +93,9 @@ func (s *session) checkAlive(interval time.Duration) (time.Duration, bool) {
 		return s.unverified(err, interval)
 	}
 	if !same {
-		s.kill(errSwapped(s.pid))
-		return 0, false
+		// Another backend, or a session reset behind the Locker's back:
+		// the full check tells which, and what is still held.
+		return s.checkFull(interval, locks, true)
 	}
 	s.sinceFull++
 	s.verifiedNow(sent)
@@ -98,16 +104,18 @@ func (s *session) checkAlive(interval time.Duration) (time.Duration, bool) {
 }
 
 // checkFull verifies every lock on the session with one pg_locks statement,
-// and learns the session's backend pid (see check).
-func (s *session) checkFull(interval time.Duration, locks []*Lock) (time.Duration, bool) {
+// and learns the session's backend pid (see check). missed says a liveness
+// check just failed its pid or mark test: a full check that then finds no
+// lock at all on the session reports it swapped or reset.
+func (s *session) checkFull(interval time.Duration, locks []*Lock, missed bool) (time.Duration, bool) {
 	sent := time.Now()
 	held, pid, err := engine.OwnLocks(s.conn, engine.HealthTimeout)
 	if err != nil {
 		s.suspect = true
 		return s.unverified(err, interval)
 	}
-	if pid != 0 && s.pid != 0 && pid != s.pid {
-		s.kill(errSwapped(s.pid))
+	if s.pid != 0 && (pid != 0 && pid != s.pid || missed && pid == 0) {
+		s.kill(errSwapped(s.pid, pid == 0))
 		return 0, false
 	}
 	if s.pid == 0 {
@@ -134,11 +142,16 @@ func (s *session) verifiedNow(sent time.Time) {
 }
 
 // errSwapped is the cause of the locks of a session whose connection no
-// longer reaches backend pid.
-func errSwapped(pid int32) error {
-	return fmt.Errorf("the connection no longer reaches server backend %d, which held its locks: "+
+// longer reaches backend pid with its locks; orReset says the session may
+// instead have been reset on that backend (it shows no lock at all).
+func errSwapped(pid int32, orReset bool) error {
+	how := "handed it another server session"
+	if orReset {
+		how += ", or reset the session (DISCARD ALL, which releases its advisory locks)"
+	}
+	return fmt.Errorf("the connection no longer reaches server backend %d with its locks: "+
 		"something between the client and the server (a pooler in transaction or statement mode) "+
-		"handed it another server session; the connection is closed", pid)
+		"%s; the connection is closed", pid, how)
 }
 
 // snapshot returns the locks on s, and whether s is gone.

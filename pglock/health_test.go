@@ -36,8 +36,9 @@ func lostWith(t *testing.T, lk *pglock.Lock, want string) {
 }
 
 // A liveness check that does not run on the backend the first (full) check
-// learned ends every lock on the session as lost, saying why, and closes
-// the connection.
+// learned (or on a reset session) is followed at once by a full check; one
+// that shows no lock ends every lock on the session as lost, saying why,
+// and closes the connection.
 func TestLockerHealthCheckBackendSwapped(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(5*time.Millisecond))
@@ -45,6 +46,8 @@ func TestLockerHealthCheckBackendSwapped(t *testing.T) {
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(keys.Int64(42)))
 	mock.ExpectExec(pgsql.LivenessSQL(mockPID)).WillReturnResult(rows(1))
 	mock.ExpectExec(pgsql.LivenessSQL(mockPID)).WillReturnResult(rows(0))
+	// The full check that follows at once shows no lock on the session.
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(sqlmock.NewRows([]string{"classid", "objid", "objsubid", "shared", "pid"}))
 	lk, err := l.Lock(ctx, keys.Int64(42))
 	if err != nil {
 		t.Fatal(err)

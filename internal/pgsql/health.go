@@ -18,14 +18,21 @@ const OwnLocksSQL = "SELECT classid::bigint, objid::bigint, objsubid::integer, m
 // livenessPrefix is the text of every [LivenessSQL] statement before the pid.
 const livenessPrefix = "SELECT 1 WHERE pg_catalog.pg_backend_pid() = '"
 
+// livenessMarked is the rest of every [LivenessSQL] statement after the
+// pid: the session still carries the mark of its setup (see [Request.SetupSQL]),
+// which DISCARD ALL and RESET ALL clear.
+const livenessMarked = "'::integer AND COALESCE(pg_catalog.current_setting('" + sessionSetting + "', true), '') <> ''"
+
 // LivenessSQL is a Locker's cheap health check on a session whose backend
-// pid is pid: it returns one row when the statement runs on that backend,
-// and none when it runs on another one (a pooler in between handed the
-// connection another server session). Its server cost does not depend on
-// the locks the cluster holds. Run it with ExecContext and read the row
-// count.
+// pid is pid: it returns one row when the statement runs on that backend
+// and the session still carries the mark its setup set, and none when it
+// runs on another backend (a pooler in between handed the connection
+// another server session) or on a session that was reset (DISCARD ALL,
+// which also releases its advisory locks, or RESET ALL). Its server cost
+// does not depend on the locks the cluster holds. Run it with ExecContext
+// and read the row count.
 func LivenessSQL(pid int32) string {
-	return livenessPrefix + strconv.FormatInt(int64(pid), 10) + "'::integer"
+	return livenessPrefix + strconv.FormatInt(int64(pid), 10) + livenessMarked
 }
 
 // IsLivenessSQL reports whether q is a [LivenessSQL] statement.
