@@ -154,9 +154,13 @@ func (l *Locker) take(ctx context.Context, a attempt) (*Lock, *Error) {
 }
 
 // pick chooses where to take a set of keys (gkeys, unnamed):
-//   - a shared connection that holds none of the keys (reserved: pending);
+//   - a shared connection that holds none of the keys (reserved: pending):
+//     the one with the fewest acquisitions under way and, of those, the
+//     fewest locks, so that locks spread evenly over the connections;
 //   - or none, to open a new one (counted: it will be shared, and counts
-//     against the multiplexing width while it opens);
+//     against the multiplexing width while it opens): while there are fewer
+//     than the width and none of them is empty, or when every one holds
+//     LocksPerConn keys or more (one at a time), pool limits permitting;
 //   - or a channel to wait on, when the width is reached by connections that
 //     are still opening.
 func (l *Locker) pick(gkeys []keys.Key) (s *session, counted bool, changed chan struct{}) {
@@ -167,8 +171,8 @@ func (l *Locker) pick(gkeys []keys.Key) (s *session, counted bool, changed chan 
 	}
 	best := l.leastBusy(gkeys)
 	switch {
-	case best != nil && best.pending == 0:
-	case len(l.sessions)+l.opening < l.width && !l.poolFull():
+	case best != nil && best.pending == 0 && len(best.keys) == 0:
+	case l.mayOpen(best):
 		l.opening++
 		return nil, true, nil
 	case best != nil:
@@ -181,17 +185,30 @@ func (l *Locker) pick(gkeys []keys.Key) (s *session, counted bool, changed chan 
 	return best, false, nil
 }
 
+// mayOpen reports whether pick opens a new shared connection rather than
+// use best (nil: none fits): below the width when best is busy or not
+// empty, or when best is full (LocksPerConn) and no other is opening; and
+// only when the pool has room or the Locker keeps an idle connection. The
+// caller holds l.mu.
+func (l *Locker) mayOpen(best *session) bool {
+	below := len(l.sessions)+l.opening < l.width
+	full := best == nil || len(best.keys) >= LocksPerConn
+	if !below && !(full && l.opening == 0) {
+		return false
+	}
+	return len(l.idle) > 0 || !l.poolFull()
+}
+
 // leastBusy returns the shared connection that holds none of gkeys with the
-// fewest acquisitions under way, and of those the one holding the most locks
-// (so that connections empty out and go back to the pool). The caller holds
-// l.mu.
+// fewest acquisitions under way, and of those the one holding the fewest
+// keys. The caller holds l.mu.
 func (l *Locker) leastBusy(gkeys []keys.Key) *session {
 	var best *session
 	for c := range l.sessions {
 		if c.gone || c.holdsAny(gkeys) {
 			continue
 		}
-		if best == nil || c.pending < best.pending || (c.pending == best.pending && len(c.locks) > len(best.locks)) {
+		if best == nil || c.pending < best.pending || (c.pending == best.pending && len(c.keys) < len(best.keys)) {
 			best = c
 		}
 	}
@@ -249,13 +266,13 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 // dedicated takes a's keys on a connection of its own from the pool, waiting
 // unless a is a try; once granted, the connection joins the shared ones.
 // counted says pick counted it as opening. A pool connection found dead
-// before it could take anything is replaced (engine.RunPooled).
+// before it could take anything is replaced (see runPooled).
 func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock, *Error) {
 	req := a.req
 	// The connection holds nothing else: a huge set's failed wait closes it
 	// rather than settle and undo thousands of keys.
 	req.Disposable = len(req.Keys) > disposableSet
-	conn, r, err := engine.RunPooled(ctx, l.db, req, a.bounds)
+	conn, r, err := l.runPooled(ctx, req, a.bounds)
 	if err != nil {
 		l.opened(nil, counted)
 		if pgsql.SQLState(err) == pgsql.CodeOutOfSharedMemory {
@@ -270,7 +287,7 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		if r.Busy {
 			errs = []error{ErrNotAcquired}
 		}
-		errs = giveBack(ctx, conn, r, errs)
+		errs = l.giveBack(ctx, conn, r, errs)
 		e := newError(a.op, a.req, errs...)
 		e.Holders = holders(r.Holders)
 		return nil, e
@@ -286,8 +303,9 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 
 // giveBack ends a dedicated connection whose acquisition failed with
 // errs: closed (discarded) when its session is lost or its outcome was not
-// settled, else returned to the pool. It returns the errors to report.
-func giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error) []error {
+// settled, else kept for reuse or returned to the pool (see putIdle). It
+// returns the errors to report.
+func (l *Locker) giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error) []error {
 	switch lost := slices.Contains(errs, ErrSessionLost); {
 	case engine.Abandoned(r.Err):
 		// Its reaper closes the connection once the statement returns.
@@ -302,7 +320,7 @@ func giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error
 	case lost, r.Discard:
 		engine.Discard(conn)
 	default:
-		_ = conn.Close() // settled: this session holds no lock
+		l.putIdle(conn) // settled: this session holds no lock
 	}
 	return errs
 }

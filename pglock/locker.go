@@ -22,9 +22,20 @@ const DefaultHealthCheck = 5 * time.Second
 // [Locker.Close]).
 const CloseTimeout = 3 * time.Second
 
-// DefaultMultiplexing is how many connections a [Locker] shares among the
-// uncontended locks it holds, unless [WithMultiplexing] says otherwise.
+// DefaultMultiplexing is how many connections a [Locker] spreads the
+// uncontended locks it holds over, unless [WithMultiplexing] says otherwise.
 const DefaultMultiplexing = 4
+
+// LocksPerConn is how many locks (keys: a LockAll set counts each of its
+// keys) a [Locker] puts on one shared connection before it opens another,
+// beyond the multiplexing width, pool limits permitting. PostgreSQL makes
+// every statement of a backend pay for the locks it holds (each transaction
+// end scans the backend's lock table: a bare SELECT 1 costs about 20 times
+// more server time at 10,000 locks than at none), so a Locker holding
+// 10,000 locks holds them on about 10,000 / LocksPerConn connections, each
+// of whose statements stays cheap. When the pool is at its SetMaxOpenConns
+// limit the connections fill beyond it instead.
+const LocksPerConn = 500
 
 // Locker hands out session-level advisory locks taken on connections of a
 // *sql.DB, and watches them while they are held. It is the managed
@@ -93,6 +104,10 @@ type Locker struct {
 	opening  int                   // new shared connections being opened
 	changed  chan struct{}         // closed (and replaced) when sessions or opening change
 
+	keepIdle  time.Duration // how long an emptied connection is kept (see IdleKeep); 0: not kept
+	idle      []idleConn    // emptied connections kept for reuse, oldest first
+	idleTimer *time.Timer   // expires idle
+
 	inflight  sync.WaitGroup // acquisitions under way
 	watchers  sync.WaitGroup // health-check and session-check goroutines
 	closeDone chan struct{}
@@ -141,6 +156,7 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 		db:        db,
 		interval:  DefaultHealthCheck,
 		width:     DefaultMultiplexing,
+		keepIdle:  IdleKeep,
 		check:     sessionCheck{enabled: true},
 		sessions:  make(map[*session]struct{}),
 		changed:   make(chan struct{}),
@@ -287,6 +303,7 @@ func (l *Locker) Close() error {
 	l.mu.Unlock()
 
 	l.stopClosing(ErrClosed)
+	l.dropIdle()
 	done := make(chan error, 1)
 	go func() {
 		l.inflight.Wait() // an acquisition that wins the race releases its lock itself
@@ -308,38 +325,20 @@ func (l *Locker) Close() error {
 
 var errCloseTimeout = errors.New("the server did not answer within CloseTimeout: statements still under way were left to end in the background, and their connections are closed when they do")
 
-// releaseAll releases every lock, one connection at a time per connection,
-// all connections at once.
+// releaseAll releases every lock, in one round trip per connection (per
+// mode: see session.closeAll), all connections at once.
 func (l *Locker) releaseAll() error {
 	l.mu.Lock()
-	var groups [][]*Lock
+	sessions := make([]*session, 0, len(l.sessions))
 	for s := range l.sessions {
-		group := make([]*Lock, 0, len(s.locks))
-		for lk := range s.locks {
-			group = append(group, lk)
-		}
-		groups = append(groups, group)
+		sessions = append(sessions, s)
 	}
 	l.mu.Unlock()
 
-	var (
-		errMu sync.Mutex
-		errs  []error
-		wg    sync.WaitGroup
-	)
-	for _, group := range groups {
-		wg.Go(func() {
-			for _, lk := range group {
-				ctx, cancel := context.WithTimeout(context.Background(), engine.ReleaseCap)
-				err := lk.release(ctx, ErrClosed)
-				cancel()
-				if err != nil {
-					errMu.Lock()
-					errs = append(errs, err)
-					errMu.Unlock()
-				}
-			}
-		})
+	errs := make([]error, len(sessions))
+	var wg sync.WaitGroup
+	for i, s := range sessions {
+		wg.Go(func() { errs[i] = s.closeAll() })
 	}
 	wg.Wait()
 	return errors.Join(errs...)

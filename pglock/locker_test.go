@@ -139,14 +139,15 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 	}
 }
 
-// Uncontended locks share one connection: the first lock is taken on a new
+// Uncontended locks share one connection (WithMultiplexing(1): by default
+// they spread over several): the first lock is taken on a new
 // connection (a try first, as on every connection from the pool), the next
 // ones are tried on it, a set is one statement, and a
 // health check is one statement for all of them; a proof that one key is
 // gone ends only the lock that held it.
 func TestLockerMultiplexingSQL(t *testing.T) {
 	ctx := context.Background()
-	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
+	l, mock := newMockLocker(t, pglock.WithHealthCheck(0), pglock.WithMultiplexing(1))
 	// The first lock sets its new connection up; the next ones are tried on
 	// a connection already set up.
 	set := pgsql.Request{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}, Proven: true}

@@ -108,9 +108,10 @@ func (s *session) isGone() bool {
 	return s.gone
 }
 
-// retireIfEmpty gives s's connection back to the pool once it holds no lock
-// and no acquisition has picked it: every lock it held was released and
-// confirmed, so it holds no advisory lock. The caller holds s.turn.
+// retireIfEmpty retires s once it holds no lock and no acquisition has
+// picked it: every lock it held was released and confirmed, so it holds no
+// advisory lock, and its connection is kept for reuse or given back to the
+// pool (see putIdle). The caller holds s.turn.
 func (s *session) retireIfEmpty() {
 	l := s.l
 	l.mu.Lock()
@@ -123,7 +124,7 @@ func (s *session) retireIfEmpty() {
 	l.notify()
 	l.mu.Unlock()
 	s.stopOnce.Do(func() { close(s.stop) })
-	_ = s.conn.Close()
+	l.putIdle(s.conn)
 }
 
 // kill closes s's connection, which makes the server release whatever it
