@@ -31,24 +31,26 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 	defer l.inflight.Done()
 	defer l.startCheck()
 
-	// actx is ctx, also ended by Close.
-	actx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	defer context.AfterFunc(l.closing, func() { cancel(ErrClosed) })()
-
 	a := attempt{op: op, req: req, gkeys: make([]keys.Key, len(req.Keys)), bounds: engine.OwnedBy(l.db)}
 	a.bounds.From = ctx
 	for i, k := range req.Keys {
 		a.gkeys[i] = k.Unnamed()
 	}
-	in, err := l.gates.enterAll(actx, a.gkeys, req.Shared, !req.Try)
+	// The gates are tried first without waiting: only a wait needs ctx
+	// to be ended by Close too (see closeable), which costs allocations.
+	in, err := l.gates.enterAll(ctx, a.gkeys, req.Shared, false)
+	if !in && !req.Try {
+		actx, stop := l.closeable(ctx)
+		in, err = l.gates.enterAll(actx, a.gkeys, req.Shared, true)
+		stop()
+	}
 	switch {
 	case err != nil:
 		return nil, newError(op, req, l.interruption(ctx), err)
 	case !in:
 		return nil, newError(op, req, ErrNotAcquired)
 	}
-	lk, e := l.take(actx, a)
+	lk, e := l.take(ctx, a)
 	if e != nil {
 		l.gates.leaveAll(a.gkeys, req.Shared)
 		if !errors.Is(e, ErrNotAcquired) {
@@ -110,6 +112,14 @@ func (l *Locker) keep(op string, lk *Lock) (*Lock, error) {
 	return nil, newError(op, lk.req, reason)
 }
 
+// closeable returns ctx, also ended with cause ErrClosed by Close, for a
+// wait that Close must interrupt. stop releases it.
+func (l *Locker) closeable(ctx context.Context) (actx context.Context, stop func()) {
+	actx, cancel := context.WithCancelCause(ctx)
+	unhook := context.AfterFunc(l.closing, func() { cancel(ErrClosed) })
+	return actx, func() { unhook(); cancel(nil) }
+}
+
 // interruption says what ended an acquisition early: ctx's error (a dial
 // cut short by a deadline reports only an i/o timeout, say), or ErrClosed
 // when Close did; nil otherwise.
@@ -125,7 +135,8 @@ func (l *Locker) interruption(ctx context.Context) error {
 
 // take acquires a's keys once their gates are passed: first by a try on a
 // shared connection, then, if one is busy and the call may wait (or there is
-// no connection to share), on a connection of its own.
+// no connection to share), on a connection of its own. Close interrupts its
+// waits.
 func (l *Locker) take(ctx context.Context, a attempt) (*Lock, *Error) {
 	for {
 		s, counted, changed := l.pick(a.gkeys)
@@ -146,6 +157,8 @@ func (l *Locker) take(ctx context.Context, a attempt) (*Lock, *Error) {
 			case <-changed:
 			case <-ctx.Done():
 				return nil, newError(a.op, a.req, context.Cause(ctx))
+			case <-l.closing.Done():
+				return nil, newError(a.op, a.req, ErrClosed)
 			}
 		default:
 			return l.dedicated(ctx, a, counted)
@@ -248,10 +261,10 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 	// A shared connection holds locks: an earlier acquisition set it up.
 	req.Try, req.Report, req.Proven = true, a.req.Try && a.req.Report, true
 	r := engine.Run(ctx, s.conn, req, a.bounds)
-	if errs := failure(r); !r.Granted && !r.Busy && slices.Contains(errs, ErrSessionLost) {
-		s.kill(causes(errs...))
-	}
 	if !r.Granted {
+		if errs := failure(r); !r.Busy && slices.Contains(errs, ErrSessionLost) {
+			s.kill(causes(errs...))
+		}
 		s.unreserve()
 		return nil, r
 	}
@@ -268,6 +281,8 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 // counted says pick counted it as opening. A pool connection found dead
 // before it could take anything is replaced (see runPooled).
 func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock, *Error) {
+	ctx, stop := l.closeable(ctx)
+	defer stop()
 	req := a.req
 	// The connection holds nothing else: a huge set's failed wait closes it
 	// rather than settle and undo thousands of keys.

@@ -32,72 +32,139 @@ import (
 // statement, a try, and replaced, as a dead connection from the pool is.
 const IdleKeep = time.Second
 
-// idleConn is a connection a Locker keeps, and since when.
+// idleConn is a connection a Locker keeps outside any session (a wait
+// that failed and was settled), and since when.
 type idleConn struct {
 	conn  *sql.Conn
 	since time.Time
 }
 
+// keeps reports whether the Locker keeps a connection that holds nothing
+// rather than give it back to the pool. The caller holds l.mu.
+func (l *Locker) keeps() bool {
+	return !l.closed && l.keepIdle > 0 && !l.poolFull()
+}
+
+// armIdle makes sure expireIdle runs within keepIdle. The caller holds
+// l.mu.
+func (l *Locker) armIdle() {
+	switch {
+	case l.idleArmed:
+	case l.idleTimer == nil:
+		l.idleTimer = time.AfterFunc(l.keepIdle, l.expireIdle)
+	default:
+		l.idleTimer.Reset(l.keepIdle)
+	}
+	l.idleArmed = true
+}
+
 // putIdle keeps conn, which holds no advisory lock of the Locker, for the
-// Locker's next acquisition, or gives it back to the pool when the Locker
-// keeps nothing (closed, or keepIdle off) or the pool is full.
+// Locker's next acquisition, or gives it back to the pool (see keeps).
 func (l *Locker) putIdle(conn *sql.Conn) {
 	l.mu.Lock()
-	if l.closed || l.keepIdle <= 0 || l.poolFull() {
+	if !l.keeps() {
 		l.mu.Unlock()
 		_ = conn.Close()
 		return
 	}
 	l.idle = append(l.idle, idleConn{conn: conn, since: time.Now()})
-	if len(l.idle) == 1 {
-		if l.idleTimer == nil {
-			l.idleTimer = time.AfterFunc(l.keepIdle, l.expireIdle)
-		} else {
-			l.idleTimer.Reset(l.keepIdle)
-		}
-	}
+	l.armIdle()
 	l.mu.Unlock()
 }
 
-// takeIdle returns the connection kept last, or nil.
+// takeIdle returns a connection that holds nothing for a wait or a new
+// shared connection: the one kept last, else the connection of a shared
+// session kept empty (which is retired), or nil.
 func (l *Locker) takeIdle() *sql.Conn {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	n := len(l.idle)
-	if n == 0 {
-		return nil
+	if n := len(l.idle); n > 0 {
+		c := l.idle[n-1].conn
+		l.idle[n-1] = idleConn{}
+		l.idle = l.idle[:n-1]
+		l.mu.Unlock()
+		return c
 	}
-	c := l.idle[n-1].conn
-	l.idle[n-1] = idleConn{}
-	l.idle = l.idle[:n-1]
-	return c
+	defer l.mu.Unlock()
+	for s := range l.sessions {
+		// TryLock: the lock order is turn, then l.mu. A session whose
+		// turn is taken is in use.
+		if !s.isEmpty() || !s.turn.TryLock() {
+			continue
+		}
+		s.retire()
+		s.turn.Unlock()
+		return s.conn
+	}
+	return nil
 }
 
-// expireIdle gives back to the pool the connections kept for IdleKeep or
-// longer. The slice is ordered by since: takeIdle takes the newest.
+// isEmpty reports whether s is kept, holding nothing, picked by no one.
+// The caller holds l.mu.
+func (s *session) isEmpty() bool {
+	return !s.gone && len(s.locks) == 0 && s.pending == 0 && !s.empty.IsZero()
+}
+
+// expireIdle gives back to the pool the connections kept unused for
+// keepIdle or longer, and arms itself again while any is kept.
 func (l *Locker) expireIdle() {
 	l.mu.Lock()
+	l.idleArmed = false
 	now := time.Now()
-	n := 0
-	for n < len(l.idle) && now.Sub(l.idle[n].since) >= l.keepIdle {
-		n++
+	var expired []*sql.Conn
+	kept := l.idle[:0]
+	for _, ic := range l.idle {
+		if now.Sub(ic.since) >= l.keepIdle {
+			expired = append(expired, ic.conn)
+		} else {
+			kept = append(kept, ic)
+		}
 	}
-	expired := make([]*sql.Conn, n)
-	for i := range n {
-		expired[i] = l.idle[i].conn
+	clear(l.idle[len(kept):])
+	l.idle = kept
+	var stale []*session
+	left := len(kept) > 0
+	for s := range l.sessions {
+		switch {
+		case !s.isEmpty():
+		case now.Sub(s.empty) >= l.keepIdle:
+			stale = append(stale, s)
+		default:
+			left = true
+		}
 	}
-	l.idle = append(l.idle[:0], l.idle[n:]...)
-	clear(l.idle[len(l.idle):cap(l.idle)])
-	if len(l.idle) > 0 {
-		l.idleTimer.Reset(l.idle[0].since.Add(l.keepIdle).Sub(now))
+	if left {
+		l.armIdle()
 	}
 	l.mu.Unlock()
 	for _, c := range expired {
 		_ = c.Close()
 	}
+	for _, s := range stale {
+		s.expire(now)
+	}
 }
 
-// dropIdle gives every kept connection back to the pool (Close).
+// expire retires s if it is still kept empty and unused since before
+// now - keepIdle: its connection goes back to the pool.
+func (s *session) expire(now time.Time) {
+	s.turn.Lock()
+	defer s.turn.Unlock()
+	l := s.l
+	l.mu.Lock()
+	if !s.isEmpty() || now.Sub(s.empty) < l.keepIdle {
+		if s.isEmpty() {
+			l.armIdle()
+		}
+		l.mu.Unlock()
+		return
+	}
+	s.retire()
+	l.mu.Unlock()
+	_ = s.conn.Close()
+}
+
+// dropIdle gives every kept connection outside a session back to the pool
+// (Close; the sessions kept empty are retired by releaseAll).
 func (l *Locker) dropIdle() {
 	l.mu.Lock()
 	idle := l.idle
@@ -105,6 +172,7 @@ func (l *Locker) dropIdle() {
 	if l.idleTimer != nil {
 		l.idleTimer.Stop()
 	}
+	l.idleArmed = false
 	l.mu.Unlock()
 	for _, ic := range idle {
 		_ = ic.conn.Close()

@@ -106,7 +106,8 @@ type Locker struct {
 
 	keepIdle  time.Duration // how long an emptied connection is kept (see IdleKeep); 0: not kept
 	idle      []idleConn    // emptied connections kept for reuse, oldest first
-	idleTimer *time.Timer   // expires idle
+	idleTimer *time.Timer   // runs expireIdle
+	idleArmed bool          // idleTimer is set to run
 
 	inflight  sync.WaitGroup // acquisitions under way
 	watchers  sync.WaitGroup // health-check and session-check goroutines

@@ -37,7 +37,8 @@ func newMockLocker(t *testing.T, opts ...pglock.LockerOption) (*pglock.Locker, s
 }
 
 // Lock and Unlock each send exactly one statement: on a connection taken
-// from the pool, Lock's first statement is a try.
+// from the pool, Lock's first statement is a try. The connection left empty
+// is kept shared (IdleKeep): the next call tries on it, set up already.
 func TestLockerSQL(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
@@ -54,7 +55,7 @@ func TestLockerSQL(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	mock.ExpectExec(try42).WillReturnResult(rows(0))
+	mock.ExpectExec(pgsql.Request{Keys: []keys.Key{keys.Int64(42)}, Try: true, Proven: true}.TrySQL()).WillReturnResult(rows(0))
 	if _, err := l.TryLock(ctx, keys.Int64(42)); !errors.Is(err, pglock.ErrNotAcquired) {
 		t.Fatalf("busy TryLock: %v", err)
 	}
