@@ -46,17 +46,30 @@ const LocksPerConn = 500
 //
 // A Locker holds many locks on a few shared connections (multiplexing; see
 // [WithMultiplexing]). An acquisition first tries the lock, without waiting,
-// on a shared connection that already holds other locks of this Locker but
-// not this key: one round trip. Only when the lock is busy and the call may
-// wait does it take a connection of its own from the pool to wait on, so that
-// a release or a health check never queues behind a waiting statement; once
-// granted, that connection joins the shared ones. A connection never holds
-// the same key twice, and goes back to the pool as soon as it holds nothing:
-// the pool gets a connection back only once the library knows it holds no
+// on a shared connection that does not hold this key: one round trip. Only
+// when the lock is busy and the call may wait does it take a connection of
+// its own to wait on, so that a release or a health check never queues
+// behind a waiting statement; once granted, that connection joins the
+// shared ones. A connection never holds the same key twice.
+//
+// Locks are spread evenly: a new lock goes to the shared connection holding
+// the fewest, and another shared connection is opened while there are fewer
+// than the multiplexing width, or when every one holds [LocksPerConn] keys
+// (pool limits permitting), because PostgreSQL makes every statement of a
+// backend pay for the locks the backend holds. With the defaults, 1000
+// uncontended locks are held on 4 connections (250 each), and 10,000 on
+// 20 (500 each).
+//
+// A connection that holds nothing (its last lock was unlocked, or a wait on
+// it failed and was settled) is kept by the Locker for [IdleKeep], outside
+// the pool's idle limit, and used first by the next acquisition, so that a
+// Locker on a pool with database/sql's default SetMaxIdleConns(2) does not
+// dial a connection for every wait. It then goes back to the pool. A
+// connection goes back to the pool only once the library knows it holds no
 // advisory lock (after confirmed unlocks, or after a failed acquisition that
-// was settled as not held). On any doubt the connection is closed instead,
-// which makes the server release whatever it held. With the default, 1000
-// uncontended locks are held on at most 4 connections.
+// was settled as not held); on any doubt it is closed instead, which makes
+// the server release whatever it held. Kept connections count as in use in
+// db.Stats(); when the pool is at its SetMaxOpenConns limit nothing is kept.
 //
 // Sharing has one cost: when a shared connection is lost (its backend is
 // terminated, the network fails), every lock on it is lost together, each
@@ -128,12 +141,18 @@ func WithHealthCheck(interval time.Duration) LockerOption {
 	return func(l *Locker) { l.interval = interval }
 }
 
-// WithMultiplexing sets how many connections the Locker shares among
-// uncontended locks (default [DefaultMultiplexing]). More connections let
-// more acquisitions and releases run at once; fewer hold more locks each. A
-// contended wait always takes a connection of its own while it waits, and
-// that connection is shared once the lock is granted, so the Locker can hold
-// more connections than n for a while.
+// WithMultiplexing sets over how many shared connections the Locker spreads
+// uncontended locks (default [DefaultMultiplexing]): a new lock goes to the
+// shared connection that holds the fewest, and a new shared connection is
+// opened while there are fewer than n. More connections let more
+// acquisitions and releases run at once, and keep each backend's lock table
+// (which every statement on it pays for) small; fewer use fewer server
+// sessions. Beyond n, another shared connection is opened whenever every
+// one holds [LocksPerConn] keys, pool limits (SetMaxOpenConns) permitting.
+// A contended wait always takes a connection of its own while it waits, and
+// that connection is shared once the lock is granted, so the Locker can
+// hold more connections than n for a while. Connections left empty are kept
+// for [IdleKeep].
 //
 // n <= 0 turns multiplexing off: every lock holds a connection of its own
 // for as long as it is held, so that losing one connection loses one lock.
@@ -180,12 +199,13 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 //
 // A nil error means the lock is held, even if ctx ended at the same moment.
 // Any error means nothing is held because of this call; a connection taken
-// for the wait has been given back to the pool (or closed, when in doubt),
+// for the wait is kept for reuse or given back to the pool (see [IdleKeep];
+// closed, when in doubt),
 // and a shared connection holds what it held before. As with [LockConn]:
 //
 //   - A deadline is enforced by the server (lock_timeout for that one
 //     statement): the error wraps context.DeadlineExceeded and the connection
-//     goes back to the pool, so timed-out calls cost no new connections.
+//     is kept for the next one, so timed-out calls cost no new connections.
 //   - A cancellation interrupts the wait through the driver, which closes
 //     that connection (it held nothing else: waits never run on a shared
 //     connection); the error wraps context.Canceled.
@@ -289,7 +309,14 @@ func (l *Locker) TryLockAll(ctx context.Context, ks []keys.Key, opts ...Option) 
 // under way at CloseTimeout, Close returns an error saying so; the rest
 // finishes in the background.
 //
-// Cost: one round trip per lock, run concurrently across connections.
+// Cost: one round trip per connection (two when it holds shared and
+// exclusive locks), run concurrently across connections, whatever the
+// number of locks: every lock on a connection is released by one statement
+// whose row count confirms them all. If the count falls short, some lock on
+// that connection was lost before Close came to it and the statement cannot
+// tell which: every lock of that statement then ends with ErrClosed, and
+// Close reports an error wrapping [ErrNotHeld] and [ErrLost]. The
+// connections the Locker kept empty go back to the pool (see [IdleKeep]).
 func (l *Locker) Close() error {
 	if l == nil || l.db == nil {
 		return &Error{Op: "close", Scope: "session", Err: ErrNilHandle}
