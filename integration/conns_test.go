@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"sync"
@@ -160,4 +161,19 @@ func TestLockerNoChurnContended(t *testing.T) {
 			t.Fatalf("%d pairs opened %d connections, want at most %d", pairs, opened, limit)
 		}
 	})
+}
+
+// waitReturned waits until the pool has at most inUse connections in use:
+// a Locker keeps the connections it emptied for pglock.IdleKeep before it
+// gives them back. It returns the pool's stats then (or at the timeout).
+func waitReturned(t testing.TB, db *sql.DB, inUse int) sql.DBStats {
+	t.Helper()
+	deadline := time.Now().Add(pglock.IdleKeep + 3*time.Second)
+	for {
+		st := db.Stats()
+		if st.InUse <= inUse || time.Now().After(deadline) {
+			return st
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
