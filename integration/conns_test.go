@@ -177,3 +177,44 @@ func waitReturned(t testing.TB, db *sql.DB, inUse int) sql.DBStats {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestLockerSpread: locks taken one after another spread over the shared
+// connections (the one holding the fewest first), and beyond the width a
+// new shared connection is opened when every one holds LocksPerConn keys,
+// so that no backend carries most of the locks.
+func TestLockerSpread(t *testing.T) {
+	n := 4*pglock.LocksPerConn + pglock.LocksPerConn/5
+	forEachDriver(t, func(t *testing.T, driver string) {
+		ctx := context.Background()
+		obs := newObserver(t)
+		f := newLocker(t, driver, pglock.WithHealthCheck(0))
+		for i := range n {
+			if _, err := f.l.Lock(ctx, testkit.UniqueKey()); err != nil {
+				t.Fatal(err)
+			}
+			if i == 2*pglock.DefaultMultiplexing-1 {
+				if per := obs.maxLocksPerSession(t, f.app); per > 2 {
+					t.Fatalf("%d locks: one session holds %d, want 2 on each of %d", i+1, per, pglock.DefaultMultiplexing)
+				}
+			}
+		}
+		conns, per := obs.holdingSessions(t, f.app), obs.maxLocksPerSession(t, f.app)
+		t.Logf("%d locks on %d sessions, at most %d on one", n, conns, per)
+		if want := pglock.DefaultMultiplexing + 1; conns != want || per > pglock.LocksPerConn {
+			t.Fatalf("%d locks on %d sessions, at most %d on one; want %d sessions, at most %d each", n, conns, per, want, pglock.LocksPerConn)
+		}
+	})
+}
+
+// holdingSessions returns how many sessions of app hold 50 advisory locks
+// or more (application names are unique in one test process only: a test
+// running at the same time in another process may share app).
+func (o *observer) holdingSessions(t testing.TB, app string) int {
+	t.Helper()
+	var n int
+	if err := o.db.QueryRow(`SELECT count(*) FROM (SELECT l.pid FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a USING (pid)
+		WHERE l.locktype = 'advisory' AND a.application_name = $1 GROUP BY l.pid HAVING count(*) >= 50) AS s`, app).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}

@@ -209,3 +209,48 @@ func TestLockerLockAllBadInput(t *testing.T) {
 		t.Errorf("LockAllTx(nil tx): %v", err)
 	}
 }
+
+// Close releases every lock on a connection with one statement, whatever
+// their number, and a row count that falls short reports a loss.
+func TestLockerCloseBulk(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name     string
+		released int64
+	}{{"confirmed", 3}, {"one lost before Close", 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, mock := newMockLocker(t, pglock.WithHealthCheck(0), pglock.WithMultiplexing(1))
+			one := func(k int64) pgsql.Request {
+				return pgsql.Request{Keys: []keys.Key{keys.Int64(k)}, Try: true, Proven: true}
+			}
+			mock.ExpectExec(try42).WillReturnResult(rows(1))
+			mock.ExpectExec(one(43).TrySQL()).WillReturnResult(rows(1))
+			mock.ExpectExec(one(44).TrySQL()).WillReturnResult(rows(1))
+			all := pgsql.Request{Keys: []keys.Key{keys.Int64(42), keys.Int64(43), keys.Int64(44)}}
+			mock.ExpectExec(all.UnlockSQL()).WillReturnResult(rows(tc.released))
+			var locks []*pglock.Lock
+			for _, k := range []int64{42, 43, 44} {
+				lk, err := l.Lock(ctx, keys.Int64(k))
+				if err != nil {
+					t.Fatal(err)
+				}
+				locks = append(locks, lk)
+			}
+			err := l.Close()
+			switch {
+			case tc.released == 3 && err != nil:
+				t.Fatalf("Close: %v", err)
+			case tc.released < 3 && (!errors.Is(err, pglock.ErrNotHeld) || !errors.Is(err, pglock.ErrLost)):
+				t.Fatalf("Close with a lock lost before it: %v, want ErrNotHeld and ErrLost", err)
+			}
+			for _, lk := range locks {
+				if lk.Err() != pglock.ErrClosed {
+					t.Fatalf("%v: Err() = %v, want ErrClosed", lk.Key(), lk.Err())
+				}
+			}
+			if err := mock.ExpectationsWereMet(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
