@@ -10,7 +10,8 @@ import (
 )
 
 // IdleKeep is how long a [Locker] keeps a connection that holds nothing
-// before it gives it back to the pool.
+// before it gives it back to the pool, unless [WithIdleKeep] says
+// otherwise.
 //
 // A Locker's connection empties all the time: its last lock is unlocked, or
 // a wait fails (a deadline) and is settled. Given back to the pool at once,
@@ -31,6 +32,15 @@ import (
 // was kept (a terminated backend, a restart) is found dead by its first
 // statement, a try, and replaced, as a dead connection from the pool is.
 const IdleKeep = time.Second
+
+// WithIdleKeep sets how long the Locker keeps a connection that holds
+// nothing before it gives it back to the pool (default [IdleKeep]). d <= 0
+// keeps nothing: every connection goes back to the pool as soon as it holds
+// nothing, as database/sql's idle limit (SetMaxIdleConns) then decides
+// whether it is closed; size that limit for the Locker's connections.
+func WithIdleKeep(d time.Duration) LockerOption {
+	return func(l *Locker) { l.keepIdle = max(d, 0) }
+}
 
 // idleConn is a connection a Locker keeps outside any session (a wait
 // that failed and was settled), and since when.
