@@ -254,3 +254,43 @@ func TestLockerCloseBulk(t *testing.T) {
 		})
 	}
 }
+
+// A connection left empty is kept for the idle period, then given back to
+// the pool; WithIdleKeep(0) gives it back at once.
+func TestLockerIdleKeep(t *testing.T) {
+	ctx := context.Background()
+	for _, keep := range []time.Duration{0, 50 * time.Millisecond} {
+		db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherEqual))
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := pglock.NewLocker(db, pglock.WithSessionCheck(false), pglock.WithHealthCheck(0), pglock.WithIdleKeep(keep))
+		mock.ExpectExec(try42).WillReturnResult(rows(1))
+		mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+		lk, err := l.Lock(ctx, keys.Int64(42))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lk.Unlock(ctx); err != nil {
+			t.Fatal(err)
+		}
+		want := 1
+		if keep == 0 {
+			want = 0
+		}
+		if n := db.Stats().InUse; n != want {
+			t.Fatalf("keep %v: %d connections in use right after Unlock, want %d", keep, n, want)
+		}
+		deadline := time.Now().Add(2 * time.Second)
+		for db.Stats().InUse > 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if n := db.Stats().InUse; n != 0 {
+			t.Fatalf("keep %v: %d connections still in use after the idle period", keep, n)
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		db.Close()
+	}
+}
