@@ -21,9 +21,23 @@ type attempt struct {
 	bounds engine.Bounds
 }
 
+// acquireOne is acquire for one key: the key and its gate share one
+// allocation.
+func (l *Locker) acquireOne(ctx context.Context, op string, call engine.Call, key keys.Key, opts []Option) (*Lock, error) {
+	buf := make([]keys.Key, 2)
+	buf[0], buf[1] = key, key.Unnamed()
+	return l.acquireGated(ctx, op, call, buf[:1], buf[1:], opts)
+}
+
 // acquire is Lock, TryLock, LockAll, TryLockAll and Do: it passes the keys'
 // in-process gates, then takes the keys on a connection (see take).
 func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []keys.Key, opts []Option) (*Lock, error) {
+	return l.acquireGated(ctx, op, call, ks, nil, opts)
+}
+
+// acquireGated is acquire, with the keys' gates (unnamed) already computed
+// when gkeys is not nil: then ks is one key, owned by the call.
+func (l *Locker) acquireGated(ctx context.Context, op string, call engine.Call, ks, gkeys []keys.Key, opts []Option) (*Lock, error) {
 	req, ok := newRequest(call, ks, opts)
 	if err := l.begin(ctx, op, req, ok); err != nil {
 		return nil, err
@@ -31,10 +45,13 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 	defer l.inflight.Done()
 	defer l.startCheck()
 
-	a := attempt{op: op, req: req, gkeys: make([]keys.Key, len(req.Keys)), bounds: engine.OwnedBy(l.db)}
+	a := attempt{op: op, req: req, gkeys: gkeys, bounds: engine.OwnedBy(l.db)}
 	a.bounds.From = ctx
-	for i, k := range req.Keys {
-		a.gkeys[i] = k.Unnamed()
+	if a.gkeys == nil {
+		a.gkeys = make([]keys.Key, len(req.Keys))
+		for i, k := range req.Keys {
+			a.gkeys[i] = k.Unnamed()
+		}
 	}
 	// The gates are tried first without waiting: only a wait needs ctx
 	// to be ended by Close too (see closeable), which costs allocations.

@@ -242,7 +242,7 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 // try, sent again on another connection when the session proves gone, and
 // a busy lock is waited for only after that try, one round trip more.
 func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
-	return l.acquire(ctx, "lock", engine.LockerLock, []keys.Key{key}, opts)
+	return l.acquireOne(ctx, "lock", engine.LockerLock, key, opts)
 }
 
 // TryLock tries once to take the session-level advisory lock key, without
@@ -254,7 +254,7 @@ func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock,
 // [Locker.Lock] does (the connection, with every lock on it, is then lost).
 // Errors have Op "trylock". Cost: one round trip.
 func (l *Locker) TryLock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
-	return l.acquire(ctx, "trylock", engine.LockerTry, []keys.Key{key}, opts)
+	return l.acquireOne(ctx, "trylock", engine.LockerTry, key, opts)
 }
 
 // LockAll takes the session-level advisory locks of every key in ks, all or
