@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/pglock"
@@ -134,4 +135,111 @@ func BenchmarkLockAll(b *testing.B) {
 			})
 		})
 	}
+}
+
+// BenchmarkLockerSpread takes N (10,000 by default, PGLOCKS_SPREAD_LOCKS)
+// uncontended locks one after another on one Locker, then closes it. Every
+// statement of a backend pays for the locks the backend holds, so the
+// Locker spreads them (see pglock.LocksPerConn). Metrics: ns/lock-first,
+// the time per Lock of the first 1,000; ns/lock-all, of all N; ratio,
+// their quotient; conns, the server sessions used; max-per-conn, the most
+// locks one session held; close-ms, the time Close took to release all N.
+//
+//	go test -run XXX -bench LockerSpread -benchtime 1x ./integration
+func BenchmarkLockerSpread(b *testing.B) {
+	n := envInt(b, "PGLOCKS_SPREAD_LOCKS", 10_000)
+	const first = 1000
+	for _, driver := range []string{"postgres", "pgx"} {
+		b.Run(driver, func(b *testing.B) {
+			ctx := context.Background()
+			obs := newObserver(b)
+			var firstNs, allNs, closeNs time.Duration
+			var conns, maxPer int
+			for i := 0; i < b.N; i++ {
+				f := newLocker(b, driver, pglock.WithHealthCheck(0))
+				start := time.Now()
+				for j := 0; j < n; j++ {
+					if j == first {
+						firstNs += time.Since(start)
+					}
+					if _, err := f.l.Lock(ctx, testkit.UniqueKey()); err != nil {
+						b.Fatal(err)
+					}
+				}
+				allNs += time.Since(start)
+				b.StopTimer()
+				conns = obs.sessions(b, f.app)
+				maxPer = obs.maxLocksPerSession(b, f.app)
+				b.StartTimer()
+				start = time.Now()
+				if err := f.l.Close(); err != nil {
+					b.Fatal(err)
+				}
+				closeNs += time.Since(start)
+			}
+			perFirst := float64(firstNs.Nanoseconds()) / float64(b.N*first)
+			perAll := float64(allNs.Nanoseconds()) / float64(b.N*n)
+			b.ReportMetric(perFirst, "ns/lock-first")
+			b.ReportMetric(perAll, "ns/lock-all")
+			b.ReportMetric(perAll/perFirst, "ratio")
+			b.ReportMetric(float64(conns), "conns")
+			b.ReportMetric(float64(maxPer), "max-per-conn")
+			b.ReportMetric(float64(closeNs.Milliseconds())/float64(b.N), "close-ms")
+		})
+	}
+}
+
+// BenchmarkLockerBulkRelease measures the release of N locks (12,000 by
+// default, PGLOCKS_BULK_LOCKS; mind the server's lock table,
+// max_locks_per_transaction × max_connections): Close of a Locker holding
+// N single-key locks (close-ms), and Unlock of one LockAll of N keys
+// (unlock-ms). Both are one statement per connection.
+//
+//	go test -run XXX -bench LockerBulkRelease -benchtime 1x ./integration
+func BenchmarkLockerBulkRelease(b *testing.B) {
+	n := envInt(b, "PGLOCKS_BULK_LOCKS", 12_000)
+	for _, driver := range []string{"postgres", "pgx"} {
+		b.Run(driver, func(b *testing.B) {
+			ctx := context.Background()
+			var closeNs, unlockNs time.Duration
+			for i := 0; i < b.N; i++ {
+				f := newLocker(b, driver, pglock.WithHealthCheck(0))
+				for j := 0; j < n; j++ {
+					if _, err := f.l.Lock(ctx, testkit.UniqueKey()); err != nil {
+						b.Fatal(err)
+					}
+				}
+				start := time.Now()
+				if err := f.l.Close(); err != nil {
+					b.Fatal(err)
+				}
+				closeNs += time.Since(start)
+
+				g := newLocker(b, driver, pglock.WithHealthCheck(0))
+				lk, err := g.l.LockAll(ctx, keyRange(n))
+				if err != nil {
+					b.Fatal(err)
+				}
+				start = time.Now()
+				if err := lk.Unlock(ctx); err != nil {
+					b.Fatal(err)
+				}
+				unlockNs += time.Since(start)
+			}
+			b.ReportMetric(float64(closeNs.Milliseconds())/float64(b.N), "close-ms")
+			b.ReportMetric(float64(unlockNs.Milliseconds())/float64(b.N), "unlock-ms")
+		})
+	}
+}
+
+// maxLocksPerSession returns the most advisory locks one session of app
+// holds.
+func (o *observer) maxLocksPerSession(t testing.TB, app string) int {
+	t.Helper()
+	var n int
+	if err := o.db.QueryRow(`SELECT COALESCE(max(c), 0) FROM (SELECT count(*) AS c FROM pg_catalog.pg_locks l
+		JOIN pg_catalog.pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND a.application_name = $1 GROUP BY l.pid) AS s`, app).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

@@ -152,7 +152,7 @@ func TestDisruptiveLockTableFull(t *testing.T) {
 			if err := lk.Unlock(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if st := f.db.Stats(); st.InUse != 0 {
+			if st := waitReturned(t, f.db, 0); st.InUse != 0 {
 				t.Fatalf("%d connections in use", st.InUse)
 			}
 		})

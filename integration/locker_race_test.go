@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/pglocks/pglocks/internal/testkit"
+	"github.com/pglocks/pglocks/pglock"
 )
 
 // TestLockerRace is the core contract for Locker.Lock: deadlines and
@@ -25,7 +26,10 @@ func TestLockerRace(t *testing.T) {
 			parallelRace(t, driver)
 			obs := newObserver(t)
 			holder := conn(t, openDB(t, driver))
-			f := newLocker(t, driver)
+			// No kept connections (WithIdleKeep(0)): after every error the
+			// pool must be back to no connection in use at once, which
+			// proves that nothing stays pinned.
+			f := newLocker(t, driver, pglock.WithIdleKeep(0))
 			var st raceStats
 			for i := 0; i < trials; i++ {
 				// The trials race the lock, not the dial: a trial's window

@@ -162,7 +162,7 @@ func TestLockerAcquireRelease(t *testing.T) {
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("Lock past its deadline: %v, want DeadlineExceeded", err)
 		}
-		if st := b.db.Stats(); st.InUse != 0 || st.OpenConnections != 1 {
+		if st := waitReturned(t, b.db, 0); st.InUse != 0 || st.OpenConnections != 1 {
 			t.Fatalf("after failed acquisitions the pool should hold one idle connection: %+v", st)
 		}
 
@@ -181,7 +181,7 @@ func TestLockerAcquireRelease(t *testing.T) {
 		if err := lk.Unlock(ctx); err != nil {
 			t.Fatalf("second Unlock: %v, want nil (idempotent)", err)
 		}
-		if st := a.db.Stats(); st.InUse != 0 || st.Idle != 1 {
+		if st := waitReturned(t, a.db, 0); st.InUse != 0 || st.Idle != 1 {
 			t.Fatalf("after Unlock the connection should be idle in the pool: %+v", st)
 		}
 
@@ -302,7 +302,7 @@ func TestLockerInProcessExclusion(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("the exclusive waiter did not get the lock")
 		}
-		if st := f.db.Stats(); st.InUse != 0 {
+		if st := waitReturned(t, f.db, 0); st.InUse != 0 {
 			t.Fatalf("%d connections in use at the end", st.InUse)
 		}
 	})
@@ -368,7 +368,7 @@ func TestLockerLossDetection(t *testing.T) {
 			}
 		}
 		t.Logf("%d losses detected; slowest %v (interval %v)", rounds*perRound, worst.Round(time.Millisecond), interval)
-		if st := f.db.Stats(); st.InUse != 0 {
+		if st := waitReturned(t, f.db, 0); st.InUse != 0 {
 			t.Fatalf("%d connections in use at the end", st.InUse)
 		}
 	})
@@ -519,7 +519,7 @@ func TestLockerDo(t *testing.T) {
 			t.Fatalf("Do(NoWait) on a busy key = %v, fn ran %v; want ErrNotAcquired without running fn", err, ran)
 		}
 		_ = held.Unlock(ctx)
-		if st := f.db.Stats(); st.InUse != 0 {
+		if st := waitReturned(t, f.db, 0); st.InUse != 0 {
 			t.Fatalf("%d connections in use at the end", st.InUse)
 		}
 	})
@@ -587,7 +587,7 @@ func TestLockerCyclesLeaveNothing(t *testing.T) {
 		if err := blocker.Unlock(ctx); err != nil {
 			t.Fatal(err)
 		}
-		st := f.db.Stats()
+		st := waitReturned(t, f.db, 0)
 		if st.InUse != 0 || st.OpenConnections != st.Idle {
 			t.Fatalf("pool not back to idle: %+v", st)
 		}
@@ -690,7 +690,7 @@ func TestLockerErrors(t *testing.T) {
 			_ = l1.Unlock(ctx)
 			_ = l2.Unlock(ctx)
 			for _, f := range []*lockerFixture{a, b} {
-				if st := f.db.Stats(); st.InUse != 0 || obs.advisoryHolders(t, f.app) != 0 {
+				if st := waitReturned(t, f.db, 0); st.InUse != 0 || obs.advisoryHolders(t, f.app) != 0 {
 					t.Fatalf("after crossed timeouts: %+v in the pool, %d holders", st, obs.advisoryHolders(t, f.app))
 				}
 			}
@@ -724,7 +724,7 @@ func TestLockerErrors(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("Lock did not return after its backend was terminated")
 			}
-			if st := f.db.Stats(); st.InUse != 0 {
+			if st := waitReturned(t, f.db, 0); st.InUse != 0 {
 				t.Fatalf("%d connections in use", st.InUse)
 			}
 		})
@@ -864,7 +864,7 @@ func TestLockerClose(t *testing.T) {
 		if err := f.l.Close(); err != nil {
 			t.Fatalf("second Close: %v", err)
 		}
-		if st := f.db.Stats(); st.InUse != 0 {
+		if st := waitReturned(t, f.db, 0); st.InUse != 0 {
 			t.Fatalf("%d connections in use after Close", st.InUse)
 		}
 	})

@@ -128,7 +128,7 @@ func TestLockerMultiplexing(t *testing.T) {
 		if got := obs.locksOfApp(t, f.app); got != 0 {
 			t.Fatalf("%d locks still held after unlocking all", got)
 		}
-		if st := f.db.Stats(); st.InUse != 0 {
+		if st := waitReturned(t, f.db, 0); st.InUse != 0 {
 			t.Fatalf("%d connections still pinned after unlocking all: a connection that holds nothing goes back to the pool", st.InUse)
 		}
 	})

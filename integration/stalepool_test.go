@@ -247,8 +247,10 @@ func TestStalePoolSharedDead(t *testing.T) {
 	for _, d := range drivers {
 		t.Run(d, func(t *testing.T) {
 			env := newStaleEnv(t, d, staleIdle)
-			// A Locker whose health check would not notice within the test.
-			l := pglock.NewLocker(env.db, pglock.WithSessionCheck(false), pglock.WithHealthCheck(time.Hour))
+			// A Locker whose health check would not notice within the test,
+			// with one shared connection (by default the next lock would go
+			// to a new one: locks spread over the width).
+			l := pglock.NewLocker(env.db, pglock.WithSessionCheck(false), pglock.WithHealthCheck(time.Hour), pglock.WithMultiplexing(1))
 			t.Cleanup(func() { l.Close() })
 			held, err := l.Lock(ctx, testkit.UniqueKey())
 			if err != nil {

@@ -21,9 +21,23 @@ type attempt struct {
 	bounds engine.Bounds
 }
 
+// acquireOne is acquire for one key: the key and its gate share one
+// allocation.
+func (l *Locker) acquireOne(ctx context.Context, op string, call engine.Call, key keys.Key, opts []Option) (*Lock, error) {
+	buf := make([]keys.Key, 2)
+	buf[0], buf[1] = key, key.Unnamed()
+	return l.acquireGated(ctx, op, call, buf[:1], buf[1:], opts)
+}
+
 // acquire is Lock, TryLock, LockAll, TryLockAll and Do: it passes the keys'
 // in-process gates, then takes the keys on a connection (see take).
 func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []keys.Key, opts []Option) (*Lock, error) {
+	return l.acquireGated(ctx, op, call, ks, nil, opts)
+}
+
+// acquireGated is acquire, with the keys' gates (unnamed) already computed
+// when gkeys is not nil: then ks is one key, owned by the call.
+func (l *Locker) acquireGated(ctx context.Context, op string, call engine.Call, ks, gkeys []keys.Key, opts []Option) (*Lock, error) {
 	req, ok := newRequest(call, ks, opts)
 	if err := l.begin(ctx, op, req, ok); err != nil {
 		return nil, err
@@ -31,18 +45,25 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 	defer l.inflight.Done()
 	defer l.startCheck()
 
-	// actx is ctx, also ended by Close.
-	actx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	defer context.AfterFunc(l.closing, func() { cancel(ErrClosed) })()
-
-	a := attempt{op: op, req: req, gkeys: make([]keys.Key, len(req.Keys)), bounds: engine.OwnedBy(l.db)}
+	a := attempt{op: op, req: req, gkeys: gkeys, bounds: engine.OwnedBy(l.db)}
 	a.bounds.From = ctx
-	for i, k := range req.Keys {
-		a.gkeys[i] = k.Unnamed()
+	if a.gkeys == nil {
+		a.gkeys = make([]keys.Key, len(req.Keys))
+		for i, k := range req.Keys {
+			a.gkeys[i] = k.Unnamed()
+		}
 	}
-	sl := l.newSlot(actx, req, a.gkeys)
-	in, err := l.gates.enterAll(actx, a.gkeys, req.Shared, !req.Try, sl)
+	// The gates are tried first without waiting: only a wait needs ctx
+	// to be ended by Close too (see closeable), which costs allocations,
+	// and only a wait can be handed a lock (see newSlot).
+	var sl *slot
+	in, err := l.gates.enterAll(ctx, a.gkeys, req.Shared, false, nil)
+	if !in && !req.Try {
+		actx, stop := l.closeable(ctx)
+		sl = l.newSlot(actx, req, a.gkeys)
+		in, err = l.gates.enterAll(actx, a.gkeys, req.Shared, true, sl)
+		stop()
+	}
 	switch {
 	case sl != nil && sl.lock != nil: // handed over by a caller's Unlock
 		return l.handedOver(ctx, op, sl.lock, err)
@@ -51,7 +72,7 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 	case !in:
 		return nil, newError(op, req, ErrNotAcquired)
 	}
-	lk, e := l.take(actx, a)
+	lk, e := l.take(ctx, a)
 	if e != nil {
 		l.gates.leaveAll(a.gkeys, req.Shared)
 		if !errors.Is(e, ErrNotAcquired) {
@@ -113,6 +134,14 @@ func (l *Locker) keep(op string, lk *Lock) (*Lock, error) {
 	return nil, newError(op, lk.req, reason)
 }
 
+// closeable returns ctx, also ended with cause ErrClosed by Close, for a
+// wait that Close must interrupt. stop releases it.
+func (l *Locker) closeable(ctx context.Context) (actx context.Context, stop func()) {
+	actx, cancel := context.WithCancelCause(ctx)
+	unhook := context.AfterFunc(l.closing, func() { cancel(ErrClosed) })
+	return actx, func() { unhook(); cancel(nil) }
+}
+
 // interruption says what ended an acquisition early: ctx's error (a dial
 // cut short by a deadline reports only an i/o timeout, say), or ErrClosed
 // when Close did; nil otherwise.
@@ -128,7 +157,8 @@ func (l *Locker) interruption(ctx context.Context) error {
 
 // take acquires a's keys once their gates are passed: first by a try on a
 // shared connection, then, if one is busy and the call may wait (or there is
-// no connection to share), on a connection of its own.
+// no connection to share), on a connection of its own. Close interrupts its
+// waits.
 func (l *Locker) take(ctx context.Context, a attempt) (*Lock, *Error) {
 	for {
 		s, counted, changed := l.pick(a.gkeys)
@@ -149,6 +179,8 @@ func (l *Locker) take(ctx context.Context, a attempt) (*Lock, *Error) {
 			case <-changed:
 			case <-ctx.Done():
 				return nil, newError(a.op, a.req, context.Cause(ctx))
+			case <-l.closing.Done():
+				return nil, newError(a.op, a.req, ErrClosed)
 			}
 		default:
 			return l.dedicated(ctx, a, counted)
@@ -157,9 +189,13 @@ func (l *Locker) take(ctx context.Context, a attempt) (*Lock, *Error) {
 }
 
 // pick chooses where to take a set of keys (gkeys, unnamed):
-//   - a shared connection that holds none of the keys (reserved: pending);
+//   - a shared connection that holds none of the keys (reserved: pending):
+//     the one with the fewest acquisitions under way and, of those, the
+//     fewest locks, so that locks spread evenly over the connections;
 //   - or none, to open a new one (counted: it will be shared, and counts
-//     against the multiplexing width while it opens);
+//     against the multiplexing width while it opens): while there are fewer
+//     than the width and none of them is empty, or when every one holds
+//     LocksPerConn keys or more (one at a time), pool limits permitting;
 //   - or a channel to wait on, when the width is reached by connections that
 //     are still opening.
 func (l *Locker) pick(gkeys []keys.Key) (s *session, counted bool, changed chan struct{}) {
@@ -170,8 +206,8 @@ func (l *Locker) pick(gkeys []keys.Key) (s *session, counted bool, changed chan 
 	}
 	best := l.leastBusy(gkeys)
 	switch {
-	case best != nil && best.pending == 0:
-	case len(l.sessions)+l.opening < l.width && !l.poolFull():
+	case best != nil && best.pending == 0 && len(best.keys) == 0:
+	case l.mayOpen(best):
 		l.opening++
 		return nil, true, nil
 	case best != nil:
@@ -184,17 +220,30 @@ func (l *Locker) pick(gkeys []keys.Key) (s *session, counted bool, changed chan 
 	return best, false, nil
 }
 
+// mayOpen reports whether pick opens a new shared connection rather than
+// use best (nil: none fits): below the width when best is busy or not
+// empty, or when best is full (LocksPerConn) and no other is opening; and
+// only when the pool has room or the Locker keeps an idle connection. The
+// caller holds l.mu.
+func (l *Locker) mayOpen(best *session) bool {
+	below := len(l.sessions)+l.opening < l.width
+	full := best == nil || len(best.keys) >= LocksPerConn
+	if !below && !(full && l.opening == 0) {
+		return false
+	}
+	return len(l.idle) > 0 || !l.poolFull()
+}
+
 // leastBusy returns the shared connection that holds none of gkeys with the
-// fewest acquisitions under way, and of those the one holding the most locks
-// (so that connections empty out and go back to the pool). The caller holds
-// l.mu.
+// fewest acquisitions under way, and of those the one holding the fewest
+// keys. The caller holds l.mu.
 func (l *Locker) leastBusy(gkeys []keys.Key) *session {
 	var best *session
 	for c := range l.sessions {
 		if c.gone || c.holdsAny(gkeys) {
 			continue
 		}
-		if best == nil || c.pending < best.pending || (c.pending == best.pending && len(c.locks) > len(best.locks)) {
+		if best == nil || c.pending < best.pending || (c.pending == best.pending && len(c.keys) < len(best.keys)) {
 			best = c
 		}
 	}
@@ -234,10 +283,10 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 	// A shared connection holds locks: an earlier acquisition set it up.
 	req.Try, req.Report, req.Proven = true, a.req.Try && a.req.Report, true
 	r := engine.Run(ctx, s.conn, req, a.bounds)
-	if errs := failure(r); !r.Granted && !r.Busy && slices.Contains(errs, ErrSessionLost) {
-		s.kill(causes(errs...))
-	}
 	if !r.Granted {
+		if errs := failure(r); !r.Busy && slices.Contains(errs, ErrSessionLost) {
+			s.kill(causes(errs...))
+		}
 		s.unreserve()
 		return nil, r
 	}
@@ -252,13 +301,15 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 // dedicated takes a's keys on a connection of its own from the pool, waiting
 // unless a is a try; once granted, the connection joins the shared ones.
 // counted says pick counted it as opening. A pool connection found dead
-// before it could take anything is replaced (engine.RunPooled).
+// before it could take anything is replaced (see runPooled).
 func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock, *Error) {
+	ctx, stop := l.closeable(ctx)
+	defer stop()
 	req := a.req
 	// The connection holds nothing else: a huge set's failed wait closes it
 	// rather than settle and undo thousands of keys.
 	req.Disposable = len(req.Keys) > disposableSet
-	conn, r, err := engine.RunPooled(ctx, l.db, req, a.bounds)
+	conn, r, err := l.runPooled(ctx, req, a.bounds)
 	if err != nil {
 		l.opened(nil, counted)
 		if pgsql.SQLState(err) == pgsql.CodeOutOfSharedMemory {
@@ -273,7 +324,7 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		if r.Busy {
 			errs = []error{ErrNotAcquired}
 		}
-		errs = giveBack(ctx, conn, r, errs)
+		errs = l.giveBack(ctx, conn, r, errs)
 		e := newError(a.op, a.req, errs...)
 		e.Holders = holders(r.Holders)
 		return nil, e
@@ -289,8 +340,9 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 
 // giveBack ends a dedicated connection whose acquisition failed with
 // errs: closed (discarded) when its session is lost or its outcome was not
-// settled, else returned to the pool. It returns the errors to report.
-func giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error) []error {
+// settled, else kept for reuse or returned to the pool (see putIdle). It
+// returns the errors to report.
+func (l *Locker) giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error) []error {
 	switch lost := slices.Contains(errs, ErrSessionLost); {
 	case engine.Abandoned(r.Err):
 		// Its reaper closes the connection once the statement returns.
@@ -305,7 +357,7 @@ func giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error
 	case lost, r.Discard:
 		engine.Discard(conn)
 	default:
-		_ = conn.Close() // settled: this session holds no lock
+		l.putIdle(conn) // settled: this session holds no lock
 	}
 	return errs
 }

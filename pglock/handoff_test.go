@@ -313,7 +313,8 @@ func TestHandoffSet(t *testing.T) {
 	k42, k45, k46 := keys.Int64(42), keys.Int64(45), keys.Int64(46)
 	set := pgsql.Request{Keys: []keys.Key{k45, k46}, Proven: true}
 	one := pgsql.Request{Keys: []keys.Key{k45}, Proven: true}
-	l, mock := newHandoffLocker(t, pglock.WithHealthCheck(0))
+	// One shared connection, so that the sets join the first lock's.
+	l, mock := newHandoffLocker(t, pglock.WithHealthCheck(0), pglock.WithMultiplexing(1))
 	mock.ExpectExec(try42).WillReturnResult(rows(1))
 	mock.ExpectExec(set.TrySQL()).WillReturnResult(rows(1))
 	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k42, k45, k46)) // handed over

@@ -204,7 +204,8 @@ func (lk *Lock) provenAt() time.Time {
 }
 
 // Unlock releases the lock (every key of a LockAll) and, once its
-// connection holds no other lock, gives the connection back to the pool.
+// connection holds no other lock, gives the connection back to the pool
+// (after [IdleKeep]: the Locker keeps it for its next acquisition until then).
 //
 // The unlock statement is not interrupted by ctx: a cancelled or expired ctx
 // still releases the lock on a healthy server. But Unlock waits for it only

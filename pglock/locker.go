@@ -22,9 +22,20 @@ const DefaultHealthCheck = 5 * time.Second
 // [Locker.Close]).
 const CloseTimeout = 3 * time.Second
 
-// DefaultMultiplexing is how many connections a [Locker] shares among the
-// uncontended locks it holds, unless [WithMultiplexing] says otherwise.
+// DefaultMultiplexing is how many connections a [Locker] spreads the
+// uncontended locks it holds over, unless [WithMultiplexing] says otherwise.
 const DefaultMultiplexing = 4
+
+// LocksPerConn is how many locks (keys: a LockAll set counts each of its
+// keys) a [Locker] puts on one shared connection before it opens another,
+// beyond the multiplexing width, pool limits permitting. PostgreSQL makes
+// every statement of a backend pay for the locks it holds (each transaction
+// end scans the backend's lock table: a bare SELECT 1 costs about 20 times
+// more server time at 10,000 locks than at none), so a Locker holding
+// 10,000 locks holds them on about 10,000 / LocksPerConn connections, each
+// of whose statements stays cheap. When the pool is at its SetMaxOpenConns
+// limit the connections fill beyond it instead.
+const LocksPerConn = 500
 
 // Locker hands out session-level advisory locks taken on connections of a
 // *sql.DB, and watches them while they are held. It is the managed
@@ -35,17 +46,30 @@ const DefaultMultiplexing = 4
 //
 // A Locker holds many locks on a few shared connections (multiplexing; see
 // [WithMultiplexing]). An acquisition first tries the lock, without waiting,
-// on a shared connection that already holds other locks of this Locker but
-// not this key: one round trip. Only when the lock is busy and the call may
-// wait does it take a connection of its own from the pool to wait on, so that
-// a release or a health check never queues behind a waiting statement; once
-// granted, that connection joins the shared ones. A connection never holds
-// the same key twice, and goes back to the pool as soon as it holds nothing:
-// the pool gets a connection back only once the library knows it holds no
+// on a shared connection that does not hold this key: one round trip. Only
+// when the lock is busy and the call may wait does it take a connection of
+// its own to wait on, so that a release or a health check never queues
+// behind a waiting statement; once granted, that connection joins the
+// shared ones. A connection never holds the same key twice.
+//
+// Locks are spread evenly: a new lock goes to the shared connection holding
+// the fewest, and another shared connection is opened while there are fewer
+// than the multiplexing width, or when every one holds [LocksPerConn] keys
+// (pool limits permitting), because PostgreSQL makes every statement of a
+// backend pay for the locks the backend holds. With the defaults, 1000
+// uncontended locks are held on 4 connections (250 each), and 10,000 on
+// 20 (500 each).
+//
+// A connection that holds nothing (its last lock was unlocked, or a wait on
+// it failed and was settled) is kept by the Locker for [IdleKeep], outside
+// the pool's idle limit, and used first by the next acquisition, so that a
+// Locker on a pool with database/sql's default SetMaxIdleConns(2) does not
+// dial a connection for every wait. It then goes back to the pool. A
+// connection goes back to the pool only once the library knows it holds no
 // advisory lock (after confirmed unlocks, or after a failed acquisition that
-// was settled as not held). On any doubt the connection is closed instead,
-// which makes the server release whatever it held. With the default, 1000
-// uncontended locks are held on at most 4 connections.
+// was settled as not held); on any doubt it is closed instead, which makes
+// the server release whatever it held. Kept connections count as in use in
+// db.Stats(); when the pool is at its SetMaxOpenConns limit nothing is kept.
 //
 // Sharing has one cost: when a shared connection is lost (its backend is
 // terminated, the network fails), every lock on it is lost together, each
@@ -106,6 +130,11 @@ type Locker struct {
 	opening  int                   // new shared connections being opened
 	changed  chan struct{}         // closed (and replaced) when sessions or opening change
 
+	keepIdle  time.Duration // how long an emptied connection is kept (see IdleKeep); 0: not kept
+	idle      []idleConn    // emptied connections kept for reuse, oldest first
+	idleTimer *time.Timer   // runs expireIdle
+	idleArmed bool          // idleTimer is set to run
+
 	inflight  sync.WaitGroup // acquisitions under way
 	watchers  sync.WaitGroup // health-check and session-check goroutines
 	closeDone chan struct{}
@@ -125,12 +154,18 @@ func WithHealthCheck(interval time.Duration) LockerOption {
 	return func(l *Locker) { l.interval = interval }
 }
 
-// WithMultiplexing sets how many connections the Locker shares among
-// uncontended locks (default [DefaultMultiplexing]). More connections let
-// more acquisitions and releases run at once; fewer hold more locks each. A
-// contended wait always takes a connection of its own while it waits, and
-// that connection is shared once the lock is granted, so the Locker can hold
-// more connections than n for a while.
+// WithMultiplexing sets over how many shared connections the Locker spreads
+// uncontended locks (default [DefaultMultiplexing]): a new lock goes to the
+// shared connection that holds the fewest, and a new shared connection is
+// opened while there are fewer than n. More connections let more
+// acquisitions and releases run at once, and keep each backend's lock table
+// (which every statement on it pays for) small; fewer use fewer server
+// sessions. Beyond n, another shared connection is opened whenever every
+// one holds [LocksPerConn] keys, pool limits (SetMaxOpenConns) permitting.
+// A contended wait always takes a connection of its own while it waits, and
+// that connection is shared once the lock is granted, so the Locker can
+// hold more connections than n for a while. Connections left empty are kept
+// for [IdleKeep].
 //
 // n <= 0 turns multiplexing off: every lock holds a connection of its own
 // for as long as it is held, so that losing one connection loses one lock.
@@ -154,6 +189,7 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 		db:        db,
 		interval:  DefaultHealthCheck,
 		width:     DefaultMultiplexing,
+		keepIdle:  IdleKeep,
 		check:     sessionCheck{enabled: true},
 		sessions:  make(map[*session]struct{}),
 		changed:   make(chan struct{}),
@@ -176,12 +212,13 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 //
 // A nil error means the lock is held, even if ctx ended at the same moment.
 // Any error means nothing is held because of this call; a connection taken
-// for the wait has been given back to the pool (or closed, when in doubt),
+// for the wait is kept for reuse or given back to the pool (see [IdleKeep];
+// closed, when in doubt),
 // and a shared connection holds what it held before. As with [LockConn]:
 //
 //   - A deadline is enforced by the server (lock_timeout for that one
 //     statement): the error wraps context.DeadlineExceeded and the connection
-//     goes back to the pool, so timed-out calls cost no new connections.
+//     is kept for the next one, so timed-out calls cost no new connections.
 //   - A cancellation interrupts the wait through the driver, which closes
 //     that connection (it held nothing else: waits never run on a shared
 //     connection); the error wraps context.Canceled.
@@ -218,7 +255,7 @@ func NewLocker(db *sql.DB, opts ...LockerOption) *Locker {
 // try, sent again on another connection when the session proves gone, and
 // a busy lock is waited for only after that try, one round trip more.
 func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
-	return l.acquire(ctx, "lock", engine.LockerLock, []keys.Key{key}, opts)
+	return l.acquireOne(ctx, "lock", engine.LockerLock, key, opts)
 }
 
 // TryLock tries once to take the session-level advisory lock key, without
@@ -230,7 +267,7 @@ func (l *Locker) Lock(ctx context.Context, key keys.Key, opts ...Option) (*Lock,
 // [Locker.Lock] does (the connection, with every lock on it, is then lost).
 // Errors have Op "trylock". Cost: one round trip.
 func (l *Locker) TryLock(ctx context.Context, key keys.Key, opts ...Option) (*Lock, error) {
-	return l.acquire(ctx, "trylock", engine.LockerTry, []keys.Key{key}, opts)
+	return l.acquireOne(ctx, "trylock", engine.LockerTry, key, opts)
 }
 
 // LockAll takes the session-level advisory locks of every key in ks, all or
@@ -285,7 +322,14 @@ func (l *Locker) TryLockAll(ctx context.Context, ks []keys.Key, opts ...Option) 
 // under way at CloseTimeout, Close returns an error saying so; the rest
 // finishes in the background.
 //
-// Cost: one round trip per lock, run concurrently across connections.
+// Cost: one round trip per connection (two when it holds shared and
+// exclusive locks), run concurrently across connections, whatever the
+// number of locks: every lock on a connection is released by one statement
+// whose row count confirms them all. If the count falls short, some lock on
+// that connection was lost before Close came to it and the statement cannot
+// tell which: every lock of that statement then ends with ErrClosed, and
+// Close reports an error wrapping [ErrNotHeld] and [ErrLost]. The
+// connections the Locker kept empty go back to the pool (see [IdleKeep]).
 func (l *Locker) Close() error {
 	if l == nil || l.db == nil {
 		return &Error{Op: "close", Scope: "session", Err: ErrNilHandle}
@@ -300,6 +344,7 @@ func (l *Locker) Close() error {
 	l.mu.Unlock()
 
 	l.stopClosing(ErrClosed)
+	l.dropIdle()
 	done := make(chan error, 1)
 	go func() {
 		l.inflight.Wait() // an acquisition that wins the race releases its lock itself
@@ -321,38 +366,20 @@ func (l *Locker) Close() error {
 
 var errCloseTimeout = errors.New("the server did not answer within CloseTimeout: statements still under way were left to end in the background, and their connections are closed when they do")
 
-// releaseAll releases every lock, one connection at a time per connection,
-// all connections at once.
+// releaseAll releases every lock, in one round trip per connection (per
+// mode: see session.closeAll), all connections at once.
 func (l *Locker) releaseAll() error {
 	l.mu.Lock()
-	var groups [][]*Lock
+	sessions := make([]*session, 0, len(l.sessions))
 	for s := range l.sessions {
-		group := make([]*Lock, 0, len(s.locks))
-		for lk := range s.locks {
-			group = append(group, lk)
-		}
-		groups = append(groups, group)
+		sessions = append(sessions, s)
 	}
 	l.mu.Unlock()
 
-	var (
-		errMu sync.Mutex
-		errs  []error
-		wg    sync.WaitGroup
-	)
-	for _, group := range groups {
-		wg.Go(func() {
-			for _, lk := range group {
-				ctx, cancel := context.WithTimeout(context.Background(), engine.ReleaseCap)
-				err := lk.release(ctx, ErrClosed)
-				cancel()
-				if err != nil {
-					errMu.Lock()
-					errs = append(errs, err)
-					errMu.Unlock()
-				}
-			}
-		})
+	errs := make([]error, len(sessions))
+	var wg sync.WaitGroup
+	for i, s := range sessions {
+		wg.Go(func() { errs[i] = s.closeAll() })
 	}
 	wg.Wait()
 	return errors.Join(errs...)

@@ -40,7 +40,8 @@ func newMockLocker(t *testing.T, opts ...pglock.LockerOption) (*pglock.Locker, s
 }
 
 // Lock and Unlock each send exactly one statement: on a connection taken
-// from the pool, Lock's first statement is a try.
+// from the pool, Lock's first statement is a try. The connection left empty
+// is kept shared (IdleKeep): the next call tries on it, set up already.
 func TestLockerSQL(t *testing.T) {
 	ctx := context.Background()
 	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
@@ -57,7 +58,7 @@ func TestLockerSQL(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	mock.ExpectExec(try42).WillReturnResult(rows(0))
+	mock.ExpectExec(pgsql.Request{Keys: []keys.Key{keys.Int64(42)}, Try: true, Proven: true}.TrySQL()).WillReturnResult(rows(0))
 	if _, err := l.TryLock(ctx, keys.Int64(42)); !errors.Is(err, pglock.ErrNotAcquired) {
 		t.Fatalf("busy TryLock: %v", err)
 	}
@@ -149,14 +150,15 @@ func TestLockerHealthCheckRetries(t *testing.T) {
 	}
 }
 
-// Uncontended locks share one connection: the first lock is taken on a new
+// Uncontended locks share one connection (WithMultiplexing(1): by default
+// they spread over several): the first lock is taken on a new
 // connection (a try first, as on every connection from the pool), the next
 // ones are tried on it, a set is one statement, and a
 // health check is one statement for all of them; a proof that one key is
 // gone ends only the lock that held it.
 func TestLockerMultiplexingSQL(t *testing.T) {
 	ctx := context.Background()
-	l, mock := newMockLocker(t, pglock.WithHealthCheck(0))
+	l, mock := newMockLocker(t, pglock.WithHealthCheck(0), pglock.WithMultiplexing(1))
 	// The first lock sets its new connection up; the next ones are tried on
 	// a connection already set up.
 	set := pgsql.Request{Keys: []keys.Key{keys.Int64(45), keys.Int64(46)}, Proven: true}
@@ -215,5 +217,90 @@ func TestLockerLockAllBadInput(t *testing.T) {
 	}
 	if err := pglock.LockAllTx(ctx, nil, []keys.Key{keys.Int64(1)}); !errors.Is(err, pglock.ErrNilHandle) {
 		t.Errorf("LockAllTx(nil tx): %v", err)
+	}
+}
+
+// Close releases every lock on a connection with one statement, whatever
+// their number, and a row count that falls short reports a loss.
+func TestLockerCloseBulk(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name     string
+		released int64
+	}{{"confirmed", 3}, {"one lost before Close", 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, mock := newMockLocker(t, pglock.WithHealthCheck(0), pglock.WithMultiplexing(1))
+			one := func(k int64) pgsql.Request {
+				return pgsql.Request{Keys: []keys.Key{keys.Int64(k)}, Try: true, Proven: true}
+			}
+			mock.ExpectExec(try42).WillReturnResult(rows(1))
+			mock.ExpectExec(one(43).TrySQL()).WillReturnResult(rows(1))
+			mock.ExpectExec(one(44).TrySQL()).WillReturnResult(rows(1))
+			all := pgsql.Request{Keys: []keys.Key{keys.Int64(42), keys.Int64(43), keys.Int64(44)}}
+			mock.ExpectExec(all.UnlockSQL()).WillReturnResult(rows(tc.released))
+			var locks []*pglock.Lock
+			for _, k := range []int64{42, 43, 44} {
+				lk, err := l.Lock(ctx, keys.Int64(k))
+				if err != nil {
+					t.Fatal(err)
+				}
+				locks = append(locks, lk)
+			}
+			err := l.Close()
+			switch {
+			case tc.released == 3 && err != nil:
+				t.Fatalf("Close: %v", err)
+			case tc.released < 3 && (!errors.Is(err, pglock.ErrNotHeld) || !errors.Is(err, pglock.ErrLost)):
+				t.Fatalf("Close with a lock lost before it: %v, want ErrNotHeld and ErrLost", err)
+			}
+			for _, lk := range locks {
+				if lk.Err() != pglock.ErrClosed {
+					t.Fatalf("%v: Err() = %v, want ErrClosed", lk.Key(), lk.Err())
+				}
+			}
+			if err := mock.ExpectationsWereMet(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A connection left empty is kept for the idle period, then given back to
+// the pool; WithIdleKeep(0) gives it back at once.
+func TestLockerIdleKeep(t *testing.T) {
+	ctx := context.Background()
+	for _, keep := range []time.Duration{0, 50 * time.Millisecond} {
+		db, mock, err := sqlmock.New(sqlmock.QueryMatcherOption(sqlmock.QueryMatcherEqual))
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := pglock.NewLocker(db, pglock.WithSessionCheck(false), pglock.WithHealthCheck(0), pglock.WithIdleKeep(keep))
+		mock.ExpectExec(try42).WillReturnResult(rows(1))
+		mock.ExpectExec(unlock42).WillReturnResult(rows(1))
+		lk, err := l.Lock(ctx, keys.Int64(42))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := lk.Unlock(ctx); err != nil {
+			t.Fatal(err)
+		}
+		want := 1
+		if keep == 0 {
+			want = 0
+		}
+		if n := db.Stats().InUse; n != want {
+			t.Fatalf("keep %v: %d connections in use right after Unlock, want %d", keep, n, want)
+		}
+		deadline := time.Now().Add(2 * time.Second)
+		for db.Stats().InUse > 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if n := db.Stats().InUse; n != 0 {
+			t.Fatalf("keep %v: %d connections still in use after the idle period", keep, n)
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		db.Close()
 	}
 }

@@ -27,6 +27,7 @@ type session struct {
 	keys    map[keys.Key]struct{} // the unnamed keys its locks hold
 	pending int                   // acquisitions that picked it and are not done with it
 	gone    bool                  // retired or killed: never picked again
+	empty   time.Time             // when it was last left holding nothing (kept: see IdleKeep); zero while it holds locks
 
 	stop     chan struct{} // closed when the session ends, to stop its health checks
 	stopOnce sync.Once
@@ -76,6 +77,7 @@ func (s *session) holdsAny(gkeys []keys.Key) bool {
 // attach records lk as held on s. The caller holds l.mu, or s is not yet
 // visible to anyone else.
 func (s *session) attach(lk *Lock) {
+	s.empty = time.Time{}
 	s.locks[lk] = struct{}{}
 	for _, k := range lk.gkeys {
 		s.keys[k] = struct{}{}
@@ -100,6 +102,9 @@ func (s *session) detach(lk *Lock) {
 func (s *session) unreserve() {
 	s.l.mu.Lock()
 	s.pending--
+	if !s.empty.IsZero() {
+		s.empty = time.Now() // used: kept IdleKeep from now
+	}
 	s.l.mu.Unlock()
 	s.retireIfEmpty()
 }
@@ -111,9 +116,11 @@ func (s *session) isGone() bool {
 	return s.gone
 }
 
-// retireIfEmpty gives s's connection back to the pool once it holds no lock
-// and no acquisition has picked it: every lock it held was released and
-// confirmed, so it holds no advisory lock. The caller holds s.turn.
+// retireIfEmpty handles s once it holds no lock and no acquisition has
+// picked it: every lock it held was released and confirmed, so it holds no
+// advisory lock. It is kept as a shared connection for IdleKeep (see
+// keeps), and otherwise retired: its connection goes back to the pool. The
+// caller holds s.turn.
 func (s *session) retireIfEmpty() {
 	l := s.l
 	l.mu.Lock()
@@ -121,12 +128,27 @@ func (s *session) retireIfEmpty() {
 		l.mu.Unlock()
 		return
 	}
-	s.gone = true
-	delete(l.sessions, s)
-	l.notify()
+	if l.keeps() {
+		if s.empty.IsZero() {
+			s.empty = time.Now()
+		}
+		l.armIdle()
+		l.mu.Unlock()
+		return
+	}
+	s.retire()
 	l.mu.Unlock()
-	s.stopOnce.Do(func() { close(s.stop) })
 	_ = s.conn.Close()
+}
+
+// retire removes s from the Locker's connections and stops its health
+// checks; the caller then disposes of s.conn. The caller holds s.turn and
+// l.mu, and s holds nothing.
+func (s *session) retire() {
+	s.gone = true
+	delete(s.l.sessions, s)
+	s.l.notify()
+	s.stopOnce.Do(func() { close(s.stop) })
 }
 
 // kill closes s's connection, which makes the server release whatever it

@@ -148,6 +148,7 @@ func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Conte
 		return invalid("lock", req)
 	}
 	l := NewLocker(db, WithMultiplexing(0), WithSessionCheck(false))
+	l.keepIdle = 0          // the call's Locker ends with it: its connection goes back to the pool
 	defer l.watchers.Wait() // the health checks end with the lock's session
 	lk, err := l.acquire(ctx, "lock", engine.WithLock, []keys.Key{key}, opts)
 	switch {
