@@ -93,11 +93,11 @@ func TestHandoffSQL(t *testing.T) {
 	k := keys.Int64(42)
 	l, mock := newHandoffLocker(t, pglock.WithHealthCheck(0), pglock.WithHandoffs(2))
 	mock.ExpectExec(try42).WillReturnResult(rows(1))
-	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k)) // handoff 1
+	mock.ExpectQuery(pgsql.OwnLocksSQL).WillReturnRows(ownLocks(k))       // handoff 1
 	mock.ExpectExec(pgsql.LivenessSQL(mockPID)).WillReturnResult(rows(1)) // handoff 2: the pid is known
-	mock.ExpectExec(unlock42).WillReturnResult(rows(1))             // the bound: released on the server
-	mock.ExpectExec(anyTry42).WillReturnResult(rows(1))             // and taken there again
-	mock.ExpectExec(unlock42).WillReturnResult(rows(1))             // no waiter: released on the server
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))                   // the bound: released on the server
+	mock.ExpectExec(anyTry42).WillReturnResult(rows(1))                   // and taken there again
+	mock.ExpectExec(unlock42).WillReturnResult(rows(1))                   // no waiter: released on the server
 
 	lk, err := l.Lock(ctx, k)
 	if err != nil {
