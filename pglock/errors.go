@@ -77,7 +77,8 @@ var (
 	ErrLockTableFull = errors.New("the server's lock table is full (SQLSTATE 53200): raise max_locks_per_transaction or hold fewer locks")
 
 	// ErrLost means a lock held through a [Locker] ended without Unlock: its
-	// session was terminated, the server restarted, the network failed, or
+	// session was terminated, the server restarted, the network failed, a
+	// pooler in between swapped or reset its server session, or
 	// the lock could not be verified for a whole health-check interval (the
 	// connection is then closed, so that the server releases it). Another
 	// process may hold the lock now. [Lock.Err] returns exactly ErrLost, and

@@ -129,7 +129,11 @@ func (lk *Lock) describe() string {
 // cancelled statement, say) is retried quickly and is not reported as a
 // loss while the lock can still be verified; if it cannot be verified for a
 // whole interval (at least a second), the connection is closed, which
-// releases the lock on the server, and the loss is reported.
+// releases the lock on the server, and the loss is reported. A connection
+// that now reaches another server backend, or whose session was reset
+// (DISCARD ALL), ends its locks at the next check; a lock released on its
+// live session by pg_advisory_unlock_all is found by the next full check,
+// at most 720 intervals later (see [Locker]).
 //
 // Between the loss and its detection, another process may already hold the
 // lock: make critical sections stop when Done is closed, and check Err

@@ -98,11 +98,22 @@ const LocksPerConn = 500
 //
 // # Health checks
 //
-// Every connection that holds locks is verified every health-check interval
-// with one statement that lists its advisory locks, whatever their number.
-// When a lock is gone (the backend was terminated, the server restarted, the
-// network failed) its Done channel is closed and its Err returns [ErrLost];
-// see [Lock.Done] for the exact rules.
+// Every connection that holds locks is checked every health-check interval
+// with one statement, whatever the number of locks on it. Most checks are a
+// liveness statement whose server cost does not depend on the locks the
+// cluster holds: it proves the session alive, still on the backend that
+// took the locks, and not reset (DISCARD ALL). A full check, which lists
+// the connection's advisory locks in pg_locks (a cost that grows with every
+// lock in the cluster), runs as a connection's first check, right after a
+// liveness check that found another backend or a reset session, as the
+// retry of a check that failed without proving anything, and every 720th
+// check (once an hour at the default interval): it finds locks released
+// behind the Locker's back by a pg_advisory_unlock_all sent on the live
+// session by a pooler in between. When a lock is gone (the backend was
+// terminated, the server restarted, the network failed, a pooler swapped or
+// reset the server session) its Done channel is closed and its Err returns
+// [ErrLost]; see [Lock.Done] for the exact rules and docs/guarantees.md for
+// the bounds.
 //
 // # Transaction pooling
 //
