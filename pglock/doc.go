@@ -64,7 +64,10 @@
 //
 // Each call sends one statement with no bind parameters (the simple query
 // protocol): one round trip on every path when the lock is free, including
-// with a deadline. Lock, unlock and check statements run with ExecContext:
+// with a deadline, on a session pglocks has set up. The first acquisition
+// on a fresh session costs 2: a lean statement finds the session not set up
+// (it takes nothing), and the full one follows with the standby guard and
+// the session's keepalive. Lock, unlock and check statements run with ExecContext:
 // one simple-protocol message with either driver, whatever the driver's exec
 // mode, so they work behind PgBouncer. Holders, List and ReportHolders read
 // rows with QueryContext, which pgx (in its default exec mode) prepares:

@@ -53,7 +53,8 @@ import (
 //
 //   - The session is kept alive: like every session-lock acquisition, the
 //     acquiring message sets the session's idle_session_timeout to 0 (once
-//     per session, no round trip of its own), so the server does not end
+//     per session: the session's first acquisition costs one round trip
+//     more), so the server does not end
 //     the idle session, and the lock with it, while fn works elsewhere. The
 //     setting stays on the pooled connection afterwards.
 //   - It is verified every [DefaultHealthCheck] (5 s) by a [Locker]'s health
