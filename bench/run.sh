@@ -28,6 +28,7 @@ if [ "${1:-}" != report ]; then
 	bench roundtrips '^BenchmarkRoundTrips$' 20x
 	bench handoff-goose '^BenchmarkHandoff$/.*/goose' 40x
 	bench health '^BenchmarkHealthCheck$' 2s # server CPU, read from /proc: the server must run on this machine
+	bench pools '^BenchmarkPools$' 4000x
 	for r in $(seq "$ROUNDS"); do
 		echo "=== round $r of $ROUNDS"
 		bench uncontended '^BenchmarkUncontended$' 3000x
