@@ -319,6 +319,7 @@ func TestRoundTripsFirstCall(t *testing.T) {
 			return tx.Commit()
 		}
 	}
+	lockers := map[*sql.DB]*pglock.Locker{}
 	calls := []struct {
 		call
 		first, then int // round trips of the counted part: the first call, and the next one
@@ -349,6 +350,22 @@ func TestRoundTripsFirstCall(t *testing.T) {
 		{call{"WithLock(*sql.DB)", func(db *sql.DB, _ *sql.Conn) error {
 			return pglock.WithLock(ctx, db, testkit.UniqueKey(), func(context.Context, bool) error { return nil })
 		}}, 2, 1, 1},
+		// The Locker's session check runs in the background, on other
+		// connections, never on the call's time: it is off here so that
+		// the proxy counts the call alone.
+		{call{"Locker.Lock", func(db *sql.DB, _ *sql.Conn) error {
+			l := lockers[db]
+			if l == nil {
+				l = pglock.NewLocker(db, pglock.WithSessionCheck(false), pglock.WithHealthCheck(0))
+				lockers[db] = l
+				t.Cleanup(func() { _ = l.Close() })
+			}
+			lk, err := l.Lock(ctx, testkit.UniqueKey())
+			if err != nil {
+				return err
+			}
+			return lk.Unlock(ctx)
+		}}, 2, 1, 1},
 	}
 	for _, driver := range drivers {
 		for _, tc := range calls {
@@ -360,7 +377,7 @@ func TestRoundTripsFirstCall(t *testing.T) {
 				defer db.Close()
 				db.SetMaxOpenConns(1) // one session: the one the ping dials
 				var c *sql.Conn
-				if tc.name != "WithLock(*sql.DB)" {
+				if pooled := tc.name == "WithLock(*sql.DB)" || tc.name == "Locker.Lock"; !pooled {
 					c = conn(t, db)
 					if err := c.PingContext(ctx); err != nil {
 						t.Fatal(err)
