@@ -366,7 +366,11 @@ func (r Request) TrySQL() string {
 	case r.single() && !r.Proven:
 		return r.guardedTry()
 	case r.single():
-		return "SELECT 1 WHERE " + r.fn(true) + "(" + args(r.Keys[0]) + ")"
+		var b strings.Builder // one allocation
+		b.Grow(128) // the longest call on a pair key fits
+		b.WriteString("SELECT 1 WHERE ")
+		writeCall(&b, r.fn(true), r.Keys[0])
+		return b.String()
 	}
 	var setup string
 	if !r.Proven {
@@ -391,7 +395,7 @@ func (r Request) TrySQL() string {
 func (r Request) UnlockSQL() string {
 	if r.single() {
 		var b strings.Builder
-		b.Grow(96)
+		b.Grow(128) // the longest call on a pair key fits
 		b.WriteString("SELECT 1 WHERE ")
 		writeCall(&b, r.unlockFn(), r.Keys[0])
 		return b.String()
