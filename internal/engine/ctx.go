@@ -22,9 +22,13 @@ const (
 
 // Shield returns a context for a statement that must not be interrupted by
 // the caller: it keeps ctx's values, ignores its cancellation and deadline,
-// and is bounded by SettleTimeout.
+// and is bounded by SettleTimeout. A ctx that can never end has nothing to
+// ignore: it is the parent itself (one allocation fewer).
 func Shield(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), SettleTimeout)
+	if !never(ctx) {
+		ctx = context.WithoutCancel(ctx)
+	}
+	return context.WithTimeout(ctx, SettleTimeout)
 }
 
 // Ended is ctx.Err(), and also context.DeadlineExceeded once ctx's deadline

@@ -167,14 +167,19 @@ const (
 	abandoned
 )
 
-// bounded runs f with a context derived from qctx and returns its answer,
-// or ErrAbandoned once limit is done first (see [Bounds]). Without a limit
-// it runs f on the caller's goroutine. When limit is already done it sends
-// nothing: the statement counts as abandoned, and h is discarded at once,
-// since the outcome of what ran before it is unsettled.
-func bounded(qctx, limit context.Context, h Handle, b Bounds, tag pgsql.Tag, f func(context.Context) Answer) Answer {
+// bounded runs q on h (f instead, when not nil) with qctx, and returns
+// its answer, or ErrAbandoned once limit is done first (see [Bounds]).
+// Without a limit it runs on the caller's goroutine. When limit is already
+// done it sends nothing: the statement counts as abandoned, and h is
+// discarded at once, since the outcome of what ran before it is unsettled.
+//
+// interrupt, when not nil, cancels qctx: an abandoned statement is
+// interrupted through it, and qctx is handed to the driver as it is (the
+// caller cancels it once bounded returns). When nil, the driver is handed
+// a context derived from qctx, cancelled on abandonment.
+func bounded(qctx context.Context, interrupt context.CancelFunc, limit context.Context, h Handle, b Bounds, tag pgsql.Tag, q string, f func(context.Context) Answer) Answer {
 	if limit == nil {
-		return f(qctx)
+		return run(qctx, h, q, f)
 	}
 	if limit.Err() != nil {
 		if !b.Keep {
@@ -182,37 +187,60 @@ func bounded(qctx, limit context.Context, h Handle, b Bounds, tag pgsql.Tag, f f
 		}
 		return Answer{Err: ErrAbandoned}
 	}
-	dctx, cancel := context.WithCancel(qctx)
-	var (
-		state    atomic.Int32
-		answer   = make(chan Answer, 1)
-		returned = make(chan struct{})
-	)
-	go func() {
-		a := f(dctx)
-		cancel()
-		close(returned)
-		if state.CompareAndSwap(running, answered) {
-			answer <- a
-			return
-		}
-		if !b.Keep {
-			reap(h)
-		}
-	}()
+	release := func() {}
+	if interrupt == nil {
+		qctx, interrupt = context.WithCancel(qctx)
+		release = interrupt
+	}
+	st := &statement{returned: make(chan struct{})}
+	go st.run(qctx, release, h, b, q, f)
 	select {
-	case a := <-answer:
-		return a
+	case <-st.returned:
+		return st.a
 	case <-limit.Done():
 	}
-	if !state.CompareAndSwap(running, abandoned) {
-		return <-answer // it answered just now
+	if !st.state.CompareAndSwap(running, abandoned) {
+		<-st.returned // it answered just now
+		return st.a
 	}
-	cancel() // interrupt it through the driver, which may close the session
+	interrupt() // interrupt it through the driver, which may close the session
 	if tag != 0 && b.Pool != nil {
-		go escalate(b.Pool, tag, returned)
+		go escalate(b.Pool, tag, st.returned)
 	}
 	return Answer{Err: ErrAbandoned}
+}
+
+// statement is one statement that bounded runs on its own goroutine: one
+// allocation, with its channel, for the race between its answer and its
+// abandonment.
+type statement struct {
+	state    atomic.Int32  // running, answered or abandoned
+	a        Answer        // its answer, written before returned is closed
+	returned chan struct{} // closed once the statement returned
+}
+
+// run sends the statement, then hands its answer to bounded, or reaps h
+// when bounded abandoned it first. release frees qctx.
+func (st *statement) run(qctx context.Context, release func(), h Handle, b Bounds, q string, f func(context.Context) Answer) {
+	a := run(qctx, h, q, f)
+	release()
+	if st.state.CompareAndSwap(running, answered) {
+		st.a = a
+		close(st.returned)
+		return
+	}
+	close(st.returned)
+	if !b.Keep {
+		reap(h)
+	}
+}
+
+// run runs f with ctx, or exec of q on h when f is nil.
+func run(ctx context.Context, h Handle, q string, f func(context.Context) Answer) Answer {
+	if f != nil {
+		return f(ctx)
+	}
+	return exec(ctx, h, q)
 }
 
 // reap discards h's connection once its abandoned statement has returned:
@@ -246,9 +274,7 @@ func escalate(db *sql.DB, tag pgsql.Tag, returned <-chan struct{}) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), escalateTimeout)
 		limit, stop := Owned().Limit(ctx)
-		bounded(ctx, limit, db, Bounds{Keep: true}, 0, func(ctx context.Context) Answer {
-			return exec(ctx, db, q)
-		})
+		bounded(ctx, cancel, limit, db, Bounds{Keep: true}, 0, q, nil)
 		stop()
 		cancel()
 	}

@@ -80,7 +80,7 @@ func LookupHolders(ctx context.Context, h Handle, ks []keys.Key, shield bool, b 
 // connection.
 func lookupHolders(ctx, limit context.Context, h Handle, b Bounds, ks []keys.Key) ([]Holder, error) {
 	var hs []Holder
-	a := bounded(ctx, limit, h, b, 0, func(ctx context.Context) Answer {
+	a := bounded(ctx, nil, limit, h, b, 0, "", func(ctx context.Context) Answer {
 		var err error
 		hs, err = queryHolders(ctx, h, ks)
 		return Answer{Err: err}

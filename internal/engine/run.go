@@ -114,12 +114,7 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 		abandoned := limit != nil && b.From == nil && b.DeadlineGrace < DeadlineGrace
 		qctx, stop = waitContext(ctx, timed, abandoned)
 	}
-	var a Answer
-	if limit == nil { // no closure: it would escape to the heap
-		a = exec(qctx, h, q)
-	} else {
-		a = bounded(qctx, limit, h, b, tag, func(qctx context.Context) Answer { return exec(qctx, h, q) })
-	}
+	a := bounded(qctx, stop, limit, h, b, tag, q, nil)
 	if Abandoned(a.Err) {
 		stop()
 		return a
@@ -139,10 +134,7 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 func settle(ctx, limit context.Context, h Handle, b Bounds, q string) Answer {
 	sctx, cancel := Shield(ctx)
 	defer cancel()
-	if limit == nil { // no closure: it would escape to the heap
-		return exec(sctx, h, q)
-	}
-	return bounded(sctx, limit, h, b, 0, func(sctx context.Context) Answer { return exec(sctx, h, q) })
+	return bounded(sctx, cancel, limit, h, b, 0, q, nil)
 }
 
 // ReleaseCaller is [Release] on the caller's own handle (UnlockConn, and
