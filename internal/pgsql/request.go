@@ -367,7 +367,7 @@ func (r Request) TrySQL() string {
 		return r.guardedTry()
 	case r.single():
 		var b strings.Builder // one allocation
-		b.Grow(128) // the longest call on a pair key fits
+		b.Grow(128)           // the longest call on a pair key fits
 		b.WriteString("SELECT 1 WHERE ")
 		writeCall(&b, r.fn(true), r.Keys[0])
 		return b.String()
