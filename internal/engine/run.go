@@ -40,8 +40,7 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 	if err != nil {
 		return Result{Failure: NotRun, Err: err}
 	}
-	limit, stop := b.Limit(ctx)
-	defer stop()
+	lim := graceLimit(ctx, b)
 	p := NewPlan(req, ms)
 	var holders []Holder
 	for !p.Done() {
@@ -56,11 +55,11 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 		var a Answer
 		switch st := p.Step(); {
 		case st.Query:
-			holders, a.Err = explain(ctx, limit, h, b, req)
+			holders, a.Err = explain(ctx, &lim, h, b, req)
 		case st.Kind == Acquire:
-			a = acquire(ctx, limit, h, b, st.SQL, req.Try, ms > 0)
+			a = acquire(ctx, &lim, h, b, st.SQL, req.Try, ms > 0)
 		default:
-			a = settle(ctx, limit, h, b, st.SQL)
+			a = settle(ctx, &lim, h, b, st.SQL)
 		}
 		if Abandoned(a.Err) {
 			return Result{Failure: Lost, Err: a.Err, Ctx: Ended(ctx), Timed: ms > 0}
@@ -93,12 +92,18 @@ func lockTimeout(ctx context.Context, req pgsql.Request) (int64, error) {
 }
 
 // acquire sends the acquiring statement q: a try shielded from ctx, or a
-// wait that ctx's cancellation interrupts (see waitContext), within limit. A
+// wait that ctx's cancellation interrupts (see waitContext), within lim. A
 // wait on a connection of b.Pool is tagged, so that it can be cancelled
 // through another connection if it is abandoned.
-func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, timed bool) Answer {
+//
+// A wait whose limit is b's grace after ctx's own end, shorter than
+// DeadlineGrace, is abandoned before the driver context would need a
+// deadline of its own: its driver context is ctx's values, cancelled by
+// the limit itself when it sees ctx end (see [waitLimit]), which costs no
+// context.AfterFunc.
+func acquire(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string, try, timed bool) Answer {
 	var tag pgsql.Tag
-	if !try && limit != nil && b.Pool != nil {
+	if !try && !lim.none() && b.Pool != nil {
 		tag = newTag()
 		q = tag.Tagged(q)
 	}
@@ -106,15 +111,20 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 		qctx context.Context
 		stop context.CancelFunc
 	)
-	if try {
+	switch own := lim.from == ctx && ctx != nil && b.DeadlineGrace < DeadlineGrace; {
+	case try:
 		qctx, stop = Shield(ctx)
-	} else {
+	case own:
+		qctx, stop = context.WithCancel(context.WithoutCancel(ctx))
+		lim.passTo(stop, !timed)
+		defer lim.passTo(nil, false)
+	default:
 		// A limit on ctx's own deadline abandons the wait before
 		// DeadlineGrace ends.
-		abandoned := limit != nil && b.From == nil && b.DeadlineGrace < DeadlineGrace
+		abandoned := !lim.none() && b.From == nil && b.DeadlineGrace < DeadlineGrace
 		qctx, stop = waitContext(ctx, timed, abandoned)
 	}
-	a := bounded(qctx, stop, limit, h, b, tag, q, nil)
+	a := bounded(qctx, stop, lim, h, b, tag, q, nil)
 	if Abandoned(a.Err) {
 		stop()
 		return a
@@ -130,11 +140,11 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 }
 
 // settle sends a statement that never waits for a lock, shielded from ctx.
-// It is waited for within limit (nil: no limit).
-func settle(ctx, limit context.Context, h Handle, b Bounds, q string) Answer {
+// It is waited for within lim (nil: no limit).
+func settle(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string) Answer {
 	sctx, cancel := Shield(ctx)
 	defer cancel()
-	return bounded(sctx, cancel, limit, h, b, 0, q, nil)
+	return bounded(sctx, cancel, lim, h, b, 0, q, nil)
 }
 
 // ReleaseCaller is [Release] on the caller's own handle (UnlockConn, and
@@ -173,6 +183,6 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
 	limit, stop := ReleaseLimit(ctx)
 	defer stop()
-	a := settle(ctx, limit, h, Owned(), req.UnlockSQL())
+	a := settle(ctx, limitOf(limit), h, Owned(), req.UnlockSQL())
 	return a.Rows, a.Err
 }
