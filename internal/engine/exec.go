@@ -89,6 +89,11 @@ type Bounds struct {
 	// also end, but only the caller's ctx bounds them (Close is bounded on
 	// its own), so that a call whose ctx never ends starts no goroutine.
 	From context.Context
+	// Shields, when set, shields the statements of the call that are
+	// shielded from its ctx (a try, a settling statement, a release) in
+	// place of [Shield]: a handle whose statements are serialized (a
+	// Locker's shared connection) reuses one shield (see [Shields]).
+	Shields *Shields
 }
 
 // Owned returns the bounds on a connection the library owns.

@@ -112,6 +112,10 @@ func acquire(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string, 
 		stop context.CancelFunc
 	)
 	switch own := lim.from == ctx && ctx != nil && b.DeadlineGrace < DeadlineGrace; {
+	case try && b.Shields != nil:
+		qctx, stop = b.Shields.Shield(ctx)
+		defer b.Shields.Done()
+		stop = nop // stop ends the statement; Done does that
 	case try:
 		qctx, stop = Shield(ctx)
 	case own:
@@ -124,7 +128,11 @@ func acquire(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string, 
 		abandoned := !lim.none() && b.From == nil && b.DeadlineGrace < DeadlineGrace
 		qctx, stop = waitContext(ctx, timed, abandoned)
 	}
-	a := bounded(qctx, stop, lim, h, b, tag, q, nil)
+	interrupt := stop
+	if b.Shields != nil && try {
+		interrupt = b.Shields.interrupt
+	}
+	a := bounded(qctx, interrupt, lim, h, b, tag, q, nil)
 	if Abandoned(a.Err) {
 		stop()
 		return a
@@ -142,10 +150,18 @@ func acquire(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string, 
 // settle sends a statement that never waits for a lock, shielded from ctx.
 // It is waited for within lim (nil: no limit).
 func settle(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string) Answer {
+	if b.Shields != nil {
+		sctx, interrupt := b.Shields.Shield(ctx)
+		defer b.Shields.Done()
+		return bounded(sctx, interrupt, lim, h, b, 0, q, nil)
+	}
 	sctx, cancel := Shield(ctx)
 	defer cancel()
 	return bounded(sctx, cancel, lim, h, b, 0, q, nil)
 }
+
+// nop is a CancelFunc that does nothing (no allocation).
+func nop() {}
 
 // ReleaseCaller is [Release] on the caller's own handle (UnlockConn, and
 // WithLock's release on a *sql.Conn). A ctx that can never end bounds
@@ -181,8 +197,16 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 // [ErrAbandoned]) and h's connection is discarded once it returns, which
 // releases the locks on the server.
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
+	return ReleaseShielded(ctx, h, req, nil)
+}
+
+// ReleaseShielded is [Release] shielded through sh (nil: [Shield]), on a
+// handle whose statements are serialized (see [Shields]).
+func ReleaseShielded(ctx context.Context, h Handle, req pgsql.Request, sh *Shields) (int64, error) {
 	limit, stop := ReleaseLimit(ctx)
 	defer stop()
-	a := settle(ctx, limitOf(limit), h, Owned(), req.UnlockSQL())
+	b := Owned()
+	b.Shields = sh
+	a := settle(ctx, limitOf(limit), h, b, req.UnlockSQL())
 	return a.Rows, a.Err
 }
