@@ -107,31 +107,11 @@ func acquire(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string, 
 		tag = newTag()
 		q = tag.Tagged(q)
 	}
-	var (
-		qctx context.Context
-		stop context.CancelFunc
-	)
-	switch own := lim.from == ctx && ctx != nil && b.DeadlineGrace < DeadlineGrace; {
-	case try && b.Shields != nil:
-		qctx, stop = b.Shields.Shield(ctx)
+	qctx, stop, interrupt := driverContext(ctx, lim, b, try, timed)
+	if try && b.Shields != nil {
 		defer b.Shields.Done()
-		stop = nop // stop ends the statement; Done does that
-	case try:
-		qctx, stop = Shield(ctx)
-	case own:
-		qctx, stop = context.WithCancel(context.WithoutCancel(ctx))
-		lim.passTo(stop, !timed)
-		defer lim.passTo(nil, false)
-	default:
-		// A limit on ctx's own deadline abandons the wait before
-		// DeadlineGrace ends.
-		abandoned := !lim.none() && b.From == nil && b.DeadlineGrace < DeadlineGrace
-		qctx, stop = waitContext(ctx, timed, abandoned)
 	}
-	interrupt := stop
-	if b.Shields != nil && try {
-		interrupt = b.Shields.interrupt
-	}
+	defer lim.passTo(nil, false)
 	a := bounded(qctx, interrupt, lim, h, b, tag, q, nil)
 	if Abandoned(a.Err) {
 		stop()
@@ -145,6 +125,31 @@ func acquire(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string, 
 		}
 	}
 	return a
+}
+
+// driverContext returns the driver context of acquire's statement, the
+// function that ends it once the statement returned (stop), and the one
+// that interrupts it when it is abandoned. A try on b.Shields ends with
+// b.Shields.Done (stop does nothing); a wait abandoned before
+// DeadlineGrace gets a plain context that lim cancels when it sees ctx
+// cancelled (see [waitLimit]): the caller clears lim's pass afterwards.
+func driverContext(ctx context.Context, lim *waitLimit, b Bounds, try, timed bool) (qctx context.Context, stop, interrupt context.CancelFunc) {
+	switch {
+	case try && b.Shields != nil:
+		qctx, interrupt = b.Shields.Shield(ctx)
+		return qctx, nop, interrupt
+	case try:
+		qctx, stop = Shield(ctx)
+	case lim.from == ctx && ctx != nil && b.DeadlineGrace < DeadlineGrace:
+		qctx, stop = context.WithCancel(context.WithoutCancel(ctx))
+		lim.passTo(stop, !timed)
+	default:
+		// A limit on ctx's own deadline abandons the wait before
+		// DeadlineGrace ends.
+		abandoned := !lim.none() && b.From == nil && b.DeadlineGrace < DeadlineGrace
+		qctx, stop = waitContext(ctx, timed, abandoned)
+	}
+	return qctx, stop, stop
 }
 
 // settle sends a statement that never waits for a lock, shielded from ctx.
