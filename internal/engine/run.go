@@ -140,7 +140,7 @@ func driverContext(ctx context.Context, lim *waitLimit, b Bounds, try, timed boo
 		return qctx, nop, interrupt
 	case try:
 		qctx, stop = Shield(ctx)
-	case lim.from == ctx && ctx != nil && b.DeadlineGrace < DeadlineGrace:
+	case lim.from != nil && b.From == nil && b.DeadlineGrace < DeadlineGrace: // lim is ctx's own (no interface comparison: ctx's type may not be comparable)
 		qctx, stop = context.WithCancel(context.WithoutCancel(ctx))
 		lim.passTo(stop, !timed)
 	default:
