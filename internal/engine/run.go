@@ -144,10 +144,10 @@ func driverContext(ctx context.Context, lim *waitLimit, b Bounds, try, timed boo
 		qctx, stop = context.WithCancel(context.WithoutCancel(ctx))
 		lim.passTo(stop, !timed)
 	default:
-		// A limit on ctx's own deadline abandons the wait before
-		// DeadlineGrace ends.
-		abandoned := !lim.none() && b.From == nil && b.DeadlineGrace < DeadlineGrace
-		qctx, stop = waitContext(ctx, timed, abandoned)
+		// No limit, or one that may outlast DeadlineGrace (a Locker's,
+		// on the caller's ctx while ctx may also end by Close): the
+		// driver context bounds itself.
+		qctx, stop = waitContext(ctx, timed, false)
 	}
 	return qctx, stop, stop
 }
