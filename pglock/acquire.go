@@ -282,7 +282,9 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 	req := a.req
 	// A shared connection holds locks: an earlier acquisition set it up.
 	req.Try, req.Report, req.Proven = true, a.req.Try && a.req.Report, true
-	r := engine.Run(ctx, s.conn, req, a.bounds)
+	b := a.bounds
+	b.Shields = &s.shields // s.turn is held
+	r := engine.Run(ctx, s.conn, req, b)
 	if !r.Granted {
 		if errs := failure(r); !r.Busy && slices.Contains(errs, ErrSessionLost) {
 			s.kill(causes(errs...))

@@ -288,7 +288,8 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 			return lk.confirm(ctx, nl)
 		}
 	}
-	err := unlockOn(ctx, s.conn, lk.req)
+	n, err := engine.ReleaseShielded(ctx, s.conn, lk.req, &s.shields) // s.turn is held
+	err = released(lk.req, n, err)
 	switch {
 	case engine.Abandoned(err):
 		s.kill(err) // ends lk too; the reaper closes the connection

@@ -21,6 +21,9 @@ type session struct {
 	// turn serializes the statements sent on conn together with the
 	// bookkeeping that depends on their outcome.
 	turn sync.Mutex
+	// shields shields the library's statements on conn, which turn
+	// serializes (see engine.Shields). Guarded by turn.
+	shields engine.Shields
 
 	// Guarded by l.mu.
 	locks   map[*Lock]struct{}

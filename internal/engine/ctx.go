@@ -22,9 +22,13 @@ const (
 
 // Shield returns a context for a statement that must not be interrupted by
 // the caller: it keeps ctx's values, ignores its cancellation and deadline,
-// and is bounded by SettleTimeout.
+// and is bounded by SettleTimeout. A ctx that can never end has nothing to
+// ignore: it is the parent itself (one allocation fewer).
 func Shield(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), SettleTimeout)
+	if !never(ctx) {
+		ctx = context.WithoutCancel(ctx)
+	}
+	return context.WithTimeout(ctx, SettleTimeout)
 }
 
 // Ended is ctx.Err(), and also context.DeadlineExceeded once ctx's deadline
@@ -84,4 +88,86 @@ func never(ctx context.Context) bool {
 	}
 	_, ok := ctx.Deadline()
 	return !ok
+}
+
+// Shields is a [Shield] reused by the statements of one handle, which the
+// caller sends one at a time (a Locker's shared connection: its turn). Its
+// cancellation context and timer are made once and re-armed for each
+// statement, so that a statement costs at most one small allocation (the
+// context that keeps the caller's values) instead of a context, a timer and
+// a cancellation registration each. A statement sent through it is
+// shielded exactly as through Shield: ctx's values, not its cancellation
+// nor its deadline, and SettleTimeout from the statement's start; its
+// context's Err is context.DeadlineExceeded once SettleTimeout passed. The
+// zero value is ready; it must not be copied after first use.
+type Shields struct {
+	ctx       context.Context         // nil until the first statement, and after one timed out or was interrupted
+	cancel    context.CancelCauseFunc // cancels ctx
+	interrupt context.CancelFunc      // cancels ctx with context.Canceled
+	timer     *time.Timer             // cancels ctx with DeadlineExceeded
+	deadline  time.Time               // the current statement's
+}
+
+// Shield returns the context of a statement on ctx, shielded (see
+// [Shields]), and the function that interrupts it (for [bounded]). The
+// caller must call Done once the statement returned.
+func (s *Shields) Shield(ctx context.Context) (context.Context, context.CancelFunc) {
+	if s.ctx == nil {
+		s.ctx, s.cancel = context.WithCancelCause(context.Background())
+		cancel := s.cancel
+		s.interrupt = func() { cancel(context.Canceled) }
+		s.timer = time.AfterFunc(SettleTimeout, func() { cancel(context.DeadlineExceeded) })
+	} else {
+		s.timer.Reset(SettleTimeout)
+	}
+	s.deadline = time.Now().Add(SettleTimeout)
+	if ctx == context.Background() { // no values to keep
+		return shieldedBackground{s}, s.interrupt
+	}
+	return &shielded{vals: ctx, s: s.ctx, deadline: s.deadline}, s.interrupt
+}
+
+// Done ends the statement that Shield began: its context is not used again
+// if it timed out or was interrupted.
+func (s *Shields) Done() {
+	if !s.timer.Stop() || s.ctx.Err() != nil {
+		s.ctx = nil
+	}
+}
+
+// shielded is a statement's context from [Shields.Shield]: vals' values,
+// and s's cancellation. Value hands s's own cancelCtx to the context
+// package, so that a driver's context.AfterFunc on it is registered on s
+// (no goroutine) and the registration's map is reused.
+type shielded struct {
+	vals, s  context.Context
+	deadline time.Time
+}
+
+func (c *shielded) Deadline() (time.Time, bool) { return c.deadline, true }
+func (c *shielded) Done() <-chan struct{}       { return c.s.Done() }
+func (c *shielded) Err() error                  { return shieldErr(c.s) }
+func (c *shielded) Value(key any) any {
+	if v := c.s.Value(key); v != nil { // only the context package's own key
+		return v
+	}
+	return c.vals.Value(key)
+}
+
+// shieldedBackground is shielded for context.Background(), which has no
+// values: no allocation.
+type shieldedBackground struct{ s *Shields }
+
+func (c shieldedBackground) Deadline() (time.Time, bool) { return c.s.deadline, true }
+func (c shieldedBackground) Done() <-chan struct{}       { return c.s.ctx.Done() }
+func (c shieldedBackground) Err() error                  { return shieldErr(c.s.ctx) }
+func (c shieldedBackground) Value(key any) any           { return c.s.ctx.Value(key) }
+
+// shieldErr is the Err of a shielded statement's context on s:
+// DeadlineExceeded once SettleTimeout passed, Canceled once interrupted.
+func shieldErr(s context.Context) error {
+	if s.Err() == nil {
+		return nil
+	}
+	return context.Cause(s)
 }

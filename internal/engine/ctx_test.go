@@ -98,3 +98,87 @@ func TestDiscardWithOpenTx(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+type shieldKey struct{}
+
+// TestShieldsShield: a statement's context from Shields keeps the caller's
+// values, ignores its cancellation and deadline, reports SettleTimeout's
+// deadline, and is reused by the next statement; an interruption ends it
+// with Canceled, and the next statement gets a fresh one.
+func TestShieldsShield(t *testing.T) {
+	var sh Shields
+	caller, cancel := context.WithTimeout(context.WithValue(context.Background(), shieldKey{}, "v"), time.Hour)
+	cancel()
+	ctx, interrupt := sh.Shield(caller)
+	if ctx.Value(shieldKey{}) != "v" || ctx.Err() != nil {
+		t.Fatalf("value %v, err %v: want the caller's value and no error", ctx.Value(shieldKey{}), ctx.Err())
+	}
+	if dl, ok := ctx.Deadline(); !ok || time.Until(dl) > SettleTimeout || time.Until(dl) < SettleTimeout-time.Minute {
+		t.Fatalf("deadline %v %v: want SettleTimeout from now", dl, ok)
+	}
+	done := ctx.Done()
+	// A driver's registration runs on the shield, without a goroutine.
+	fired := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() { close(fired) })
+	stop()
+	sh.Done()
+	ctx2, _ := sh.Shield(context.Background())
+	if ctx2.Done() != done {
+		t.Fatal("the next statement did not reuse the shield")
+	}
+	sh.Done()
+	ctx3, interrupt := sh.Shield(caller)
+	interrupt()
+	<-ctx3.Done()
+	if !errors.Is(ctx3.Err(), context.Canceled) {
+		t.Fatalf("interrupted: %v", ctx3.Err())
+	}
+	sh.Done()
+	ctx4, _ := sh.Shield(caller)
+	if ctx4.Err() != nil || ctx4.Done() == done {
+		t.Fatal("an interrupted shield was reused")
+	}
+	sh.Done()
+	select {
+	case <-fired:
+		t.Fatal("a stopped AfterFunc ran")
+	default:
+	}
+}
+
+// TestShieldsAllocations: a statement through Shields costs no allocation
+// on context.Background() and one on a ctx with values, once the shield
+// exists (see Shields).
+func TestShieldsAllocations(t *testing.T) {
+	var sh Shields
+	vctx := context.WithValue(context.Background(), shieldKey{}, 1)
+	if n := testing.AllocsPerRun(100, func() { sh.Shield(context.Background()); sh.Done() }); n != 0 {
+		t.Errorf("Background: %v allocations, want 0", n)
+	}
+	if n := testing.AllocsPerRun(100, func() { sh.Shield(vctx); sh.Done() }); n != 1 {
+		t.Errorf("values: %v allocations, want 1", n)
+	}
+}
+
+// TestShieldsTimeout: a statement that outlives SettleTimeout has its
+// context ended with DeadlineExceeded, and is not reused.
+func TestShieldsTimeout(t *testing.T) {
+	t.Parallel()
+	var sh Shields
+	ctx, _ := sh.Shield(context.Background())
+	select {
+	case <-ctx.Done():
+	case <-time.After(SettleTimeout + 10*time.Second):
+		t.Fatal("the shield did not end")
+	}
+	if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		t.Fatalf("err %v, want DeadlineExceeded", ctx.Err())
+	}
+	done := ctx.Done()
+	sh.Done()
+	ctx2, _ := sh.Shield(context.Background())
+	if ctx2.Err() != nil || ctx2.Done() == done {
+		t.Fatal("a timed-out shield was reused")
+	}
+	sh.Done()
+}

@@ -89,6 +89,11 @@ type Bounds struct {
 	// also end, but only the caller's ctx bounds them (Close is bounded on
 	// its own), so that a call whose ctx never ends starts no goroutine.
 	From context.Context
+	// Shields, when set, shields the statements of the call that are
+	// shielded from its ctx (a try, a settling statement, a release) in
+	// place of [Shield]: a handle whose statements are serialized (a
+	// Locker's shared connection) reuses one shield (see [Shields]).
+	Shields *Shields
 }
 
 // Owned returns the bounds on a connection the library owns.
@@ -167,52 +172,205 @@ const (
 	abandoned
 )
 
-// bounded runs f with a context derived from qctx and returns its answer,
-// or ErrAbandoned once limit is done first (see [Bounds]). Without a limit
-// it runs f on the caller's goroutine. When limit is already done it sends
-// nothing: the statement counts as abandoned, and h is discarded at once,
-// since the outcome of what ran before it is unsettled.
-func bounded(qctx, limit context.Context, h Handle, b Bounds, tag pgsql.Tag, f func(context.Context) Answer) Answer {
-	if limit == nil {
-		return f(qctx)
+// bounded runs q on h (f instead, when not nil) with qctx, and returns
+// its answer, or ErrAbandoned once limit is done first (see [Bounds]).
+// Without a limit it runs on the caller's goroutine. When limit is already
+// done it sends nothing: the statement counts as abandoned, and h is
+// discarded at once, since the outcome of what ran before it is unsettled.
+//
+// interrupt, when not nil, cancels qctx: an abandoned statement is
+// interrupted through it, and qctx is handed to the driver as it is (the
+// caller cancels it once bounded returns). When nil, the driver is handed
+// a context derived from qctx, cancelled on abandonment.
+func bounded(qctx context.Context, interrupt context.CancelFunc, lim *waitLimit, h Handle, b Bounds, tag pgsql.Tag, q string, f func(context.Context) Answer) Answer {
+	if lim.none() {
+		return run(qctx, h, q, f)
 	}
-	if limit.Err() != nil {
+	if lim.expired() {
 		if !b.Keep {
 			go reap(h)
 		}
 		return Answer{Err: ErrAbandoned}
 	}
-	dctx, cancel := context.WithCancel(qctx)
-	var (
-		state    atomic.Int32
-		answer   = make(chan Answer, 1)
-		returned = make(chan struct{})
-	)
-	go func() {
-		a := f(dctx)
-		cancel()
-		close(returned)
-		if state.CompareAndSwap(running, answered) {
-			answer <- a
-			return
-		}
-		if !b.Keep {
-			reap(h)
-		}
-	}()
-	select {
-	case a := <-answer:
-		return a
-	case <-limit.Done():
+	release := func() {}
+	if interrupt == nil {
+		qctx, interrupt = context.WithCancel(qctx)
+		release = interrupt
 	}
-	if !state.CompareAndSwap(running, abandoned) {
-		return <-answer // it answered just now
+	st := &statement{returned: make(chan struct{})}
+	go st.run(qctx, release, h, b, q, f)
+	if lim.wait(st.returned) {
+		return st.a
 	}
-	cancel() // interrupt it through the driver, which may close the session
+	if !st.state.CompareAndSwap(running, abandoned) {
+		<-st.returned // it answered just now
+		return st.a
+	}
+	interrupt() // interrupt it through the driver, which may close the session
 	if tag != 0 && b.Pool != nil {
-		go escalate(b.Pool, tag, returned)
+		go escalate(b.Pool, tag, st.returned)
 	}
 	return Answer{Err: ErrAbandoned}
+}
+
+// waitLimit is how long a call waits for a statement (see [Bounds]): until
+// ctx is done, when set (a context from [Bounds.Limit] or [ReleaseLimit]);
+// else b's grace after from ends, when set; else no limit. A call keeps
+// one waitLimit for all its statements, on its own stack: unlike
+// [Bounds.Limit] it costs no allocation, timer or goroutine until from
+// ends. The caller's goroutine, which waits for the statement anyway,
+// watches from itself, and starts the grace's timer only once from has
+// ended.
+type waitLimit struct {
+	ctx  context.Context
+	from context.Context
+	b    Bounds
+	end  time.Time // when the grace after from's end runs out, once from ended
+	// pass, when set, is cancelled as soon as from is seen ended (by a
+	// cancellation, or by its deadline when passDeadline): the driver
+	// context of a wait (see [waitContext]).
+	pass         context.CancelFunc
+	passDeadline bool
+}
+
+// limitOf returns the waitLimit of a limit context (nil: none).
+func limitOf(lctx context.Context) *waitLimit {
+	if lctx == nil {
+		return nil
+	}
+	return &waitLimit{ctx: lctx}
+}
+
+// graceLimit returns the waitLimit of a call on ctx with bounds b: b's
+// grace after ctx ends (b.From's, when set); none when it can never end.
+func graceLimit(ctx context.Context, b Bounds) waitLimit {
+	if b.From != nil {
+		ctx = b.From
+	}
+	if ctx.Done() == nil {
+		return waitLimit{}
+	}
+	return waitLimit{from: ctx, b: b}
+}
+
+// none reports whether nothing bounds the wait.
+func (l *waitLimit) none() bool { return l == nil || (l.ctx == nil && l.from == nil) }
+
+// expired reports whether the limit has already run out.
+func (l *waitLimit) expired() bool {
+	if l.ctx != nil {
+		return l.ctx.Err() != nil
+	}
+	if l.from.Err() == nil {
+		return false
+	}
+	l.ended()
+	return !time.Now().Before(l.end)
+}
+
+// ended records that from has ended: the grace runs from its deadline
+// (DeadlineGrace) when that ended it, else from now (CancelGrace), and pass
+// is cancelled if from's end is to be passed on.
+func (l *waitLimit) ended() {
+	if !l.end.IsZero() {
+		return
+	}
+	err := l.from.Err()
+	deadline := errors.Is(err, context.DeadlineExceeded)
+	if dl, ok := l.from.Deadline(); ok && deadline {
+		l.end = dl.Add(l.b.DeadlineGrace)
+	} else {
+		l.end = time.Now().Add(l.b.CancelGrace)
+	}
+	l.passOn(deadline)
+}
+
+// passOn cancels pass if from's end (by its deadline, when deadline) is to
+// be passed on.
+func (l *waitLimit) passOn(deadline bool) {
+	if l.pass != nil && (l.passDeadline || !deadline) {
+		l.pass()
+	}
+}
+
+// passTo sets pass (see [waitLimit]), and cancels it at once if from has
+// already been seen ended. nil clears it.
+func (l *waitLimit) passTo(pass context.CancelFunc, passDeadline bool) {
+	l.pass, l.passDeadline = pass, passDeadline
+	if !l.end.IsZero() {
+		l.passOn(errors.Is(l.from.Err(), context.DeadlineExceeded))
+	}
+}
+
+// wait waits until returned is closed (true) or the limit runs out
+// (false).
+func (l *waitLimit) wait(returned <-chan struct{}) bool {
+	if l.ctx != nil {
+		select {
+		case <-returned:
+			return true
+		case <-l.ctx.Done():
+			return false
+		}
+	}
+	if l.end.IsZero() {
+		select {
+		case <-returned:
+			return true
+		case <-l.from.Done():
+		}
+		l.ended()
+	}
+	d := time.Until(l.end)
+	if d <= 0 {
+		select {
+		case <-returned:
+			return true
+		default:
+			return false
+		}
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-returned:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// statement is one statement that bounded runs on its own goroutine: one
+// allocation, with its channel, for the race between its answer and its
+// abandonment.
+type statement struct {
+	state    atomic.Int32  // running, answered or abandoned
+	a        Answer        // its answer, written before returned is closed
+	returned chan struct{} // closed once the statement returned
+}
+
+// run sends the statement, then hands its answer to bounded, or reaps h
+// when bounded abandoned it first. release frees qctx.
+func (st *statement) run(qctx context.Context, release func(), h Handle, b Bounds, q string, f func(context.Context) Answer) {
+	a := run(qctx, h, q, f)
+	release()
+	if st.state.CompareAndSwap(running, answered) {
+		st.a = a
+		close(st.returned)
+		return
+	}
+	close(st.returned)
+	if !b.Keep {
+		reap(h)
+	}
+}
+
+// run runs f with ctx, or exec of q on h when f is nil.
+func run(ctx context.Context, h Handle, q string, f func(context.Context) Answer) Answer {
+	if f != nil {
+		return f(ctx)
+	}
+	return exec(ctx, h, q)
 }
 
 // reap discards h's connection once its abandoned statement has returned:
@@ -246,9 +404,7 @@ func escalate(db *sql.DB, tag pgsql.Tag, returned <-chan struct{}) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), escalateTimeout)
 		limit, stop := Owned().Limit(ctx)
-		bounded(ctx, limit, db, Bounds{Keep: true}, 0, func(ctx context.Context) Answer {
-			return exec(ctx, db, q)
-		})
+		bounded(ctx, cancel, limitOf(limit), db, Bounds{Keep: true}, 0, q, nil)
 		stop()
 		cancel()
 	}

@@ -17,6 +17,7 @@ import (
 // is closed, as a driver blocked in a socket read under a partition does.
 type stuckDriver struct {
 	busy    bool // statements answer at once, 0 rows (a busy try); queries block
+	honour  bool // the first statement also returns ctx's error once its ctx is done; later ones answer at once, 0 rows
 	release chan struct{}
 	closed  atomic.Int32 // connections closed
 	execs   atomic.Int32
@@ -29,10 +30,21 @@ type stuckConn struct{ d *stuckDriver }
 func (c *stuckConn) Prepare(string) (driver.Stmt, error) { return nil, errors.New("no prepare") }
 func (c *stuckConn) Close() error                        { c.d.closed.Add(1); return nil }
 func (c *stuckConn) Begin() (driver.Tx, error)           { return nil, errors.New("no tx") }
-func (c *stuckConn) ExecContext(context.Context, string, []driver.NamedValue) (driver.Result, error) {
+func (c *stuckConn) ExecContext(ctx context.Context, _ string, _ []driver.NamedValue) (driver.Result, error) {
 	c.d.execs.Add(1)
 	if c.d.busy {
 		return driver.RowsAffected(0), nil
+	}
+	if c.d.honour {
+		if c.d.execs.Load() > 1 {
+			return driver.RowsAffected(0), nil
+		}
+		select {
+		case <-c.d.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return driver.RowsAffected(1), nil
 	}
 	<-c.d.release
 	return driver.RowsAffected(1), nil
@@ -170,5 +182,28 @@ func TestRunAbandonsAStuckHoldersLookup(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("the reaper did not close the connection once the lookup returned")
 		}
+	}
+}
+
+// A wait on the caller's handle hands the driver ctx's cancellation at
+// once, but not ctx's deadline, which the server bounds (lock_timeout): the
+// driver context then ends only when the wait is abandoned.
+func TestRunPassesCancellationNotDeadline(t *testing.T) {
+	d, c := stuckConnWith(t, &stuckDriver{honour: true, release: make(chan struct{})})
+	defer close(d.release)
+	req := pgsql.Request{Keys: []keys.Key{keys.Int64(7)}, Proven: true}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
+	time.AfterFunc(50*time.Millisecond, cancel)
+	t0 := time.Now()
+	r := Run(ctx, c, req, Caller())
+	if el := time.Since(t0); Abandoned(r.Err) || !errors.Is(r.Ctx, context.Canceled) || el > CallerCancelGrace {
+		t.Fatalf("cancelled: Run = %+v after %v, want the driver interrupted at once", r, el)
+	}
+	_, c = stuckConnWith(t, &stuckDriver{honour: true, release: d.release})
+	ctx, cancel = context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	r = Run(ctx, c, req, Caller())
+	if !Abandoned(r.Err) {
+		t.Fatalf("deadline: Run = %+v, want the wait abandoned, not interrupted at the deadline", r)
 	}
 }

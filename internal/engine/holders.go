@@ -35,10 +35,10 @@ const explainTimeout = 2 * time.Second
 // the lookup failed. An abandoned lookup returns its error: h's connection
 // is then discarded once the lookup returns (see [Bounds]), like any other
 // abandoned statement of Run's.
-func explain(ctx, limit context.Context, h Handle, b Bounds, req pgsql.Request) ([]Holder, error) {
+func explain(ctx context.Context, lim *waitLimit, h Handle, b Bounds, req pgsql.Request) ([]Holder, error) {
 	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), explainTimeout)
 	defer cancel()
-	hs, err := lookupHolders(hctx, limit, h, b, req.Keys)
+	hs, err := lookupHolders(hctx, lim, h, b, req.Keys)
 	switch {
 	case Abandoned(err):
 		return nil, err
@@ -72,15 +72,15 @@ func LookupHolders(ctx context.Context, h Handle, ks []keys.Key, shield bool, b 
 		ctx, cancel = Shield(ctx)
 		defer cancel()
 	}
-	return lookupHolders(ctx, limit, h, Bounds{Keep: true}, ks)
+	return lookupHolders(ctx, limitOf(limit), h, Bounds{Keep: true}, ks)
 }
 
 // lookupHolders runs the holders lookup on h with ctx, waited for within
 // limit (nil: none); b says what becomes of an abandoned lookup's
 // connection.
-func lookupHolders(ctx, limit context.Context, h Handle, b Bounds, ks []keys.Key) ([]Holder, error) {
+func lookupHolders(ctx context.Context, lim *waitLimit, h Handle, b Bounds, ks []keys.Key) ([]Holder, error) {
 	var hs []Holder
-	a := bounded(ctx, limit, h, b, 0, func(ctx context.Context) Answer {
+	a := bounded(ctx, nil, lim, h, b, 0, "", func(ctx context.Context) Answer {
 		var err error
 		hs, err = queryHolders(ctx, h, ks)
 		return Answer{Err: err}

@@ -41,7 +41,7 @@ func ProbeSessions(ctx context.Context, db *sql.DB) (bool, error) {
 	defer func() {
 		limit, stop := ReleaseLimit(ctx)
 		defer stop()
-		_ = settle(ctx, limit, c1, Owned(), pgsql.ProbeClearSQL)
+		_ = settle(ctx, limitOf(limit), c1, Owned(), pgsql.ProbeClearSQL)
 	}()
 	// 1. The first connection again: a pooler that rotates server sessions
 	// (round robin, or others using them meanwhile) moves it.
@@ -89,6 +89,6 @@ func ask(ctx context.Context, c *sql.Conn, q string) (bool, error) {
 	}
 	limit, stop := Owned().Limit(ctx)
 	defer stop()
-	a := settle(ctx, limit, c, Owned(), q)
+	a := settle(ctx, limitOf(limit), c, Owned(), q)
 	return a.Rows == 1, a.Err
 }

@@ -40,8 +40,7 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 	if err != nil {
 		return Result{Failure: NotRun, Err: err}
 	}
-	limit, stop := b.Limit(ctx)
-	defer stop()
+	lim := graceLimit(ctx, b)
 	p := NewPlan(req, ms)
 	var holders []Holder
 	for !p.Done() {
@@ -56,11 +55,11 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 		var a Answer
 		switch st := p.Step(); {
 		case st.Query:
-			holders, a.Err = explain(ctx, limit, h, b, req)
+			holders, a.Err = explain(ctx, &lim, h, b, req)
 		case st.Kind == Acquire:
-			a = acquire(ctx, limit, h, b, st.SQL, req.Try, ms > 0)
+			a = acquire(ctx, &lim, h, b, st.SQL, req.Try, ms > 0)
 		default:
-			a = settle(ctx, limit, h, b, st.SQL)
+			a = settle(ctx, &lim, h, b, st.SQL)
 		}
 		if Abandoned(a.Err) {
 			return Result{Failure: Lost, Err: a.Err, Ctx: Ended(ctx), Timed: ms > 0}
@@ -93,33 +92,27 @@ func lockTimeout(ctx context.Context, req pgsql.Request) (int64, error) {
 }
 
 // acquire sends the acquiring statement q: a try shielded from ctx, or a
-// wait that ctx's cancellation interrupts (see waitContext), within limit. A
+// wait that ctx's cancellation interrupts (see waitContext), within lim. A
 // wait on a connection of b.Pool is tagged, so that it can be cancelled
 // through another connection if it is abandoned.
-func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, timed bool) Answer {
+//
+// A wait whose limit is b's grace after ctx's own end, shorter than
+// DeadlineGrace, is abandoned before the driver context would need a
+// deadline of its own: its driver context is ctx's values, cancelled by
+// the limit itself when it sees ctx end (see [waitLimit]), which costs no
+// context.AfterFunc.
+func acquire(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string, try, timed bool) Answer {
 	var tag pgsql.Tag
-	if !try && limit != nil && b.Pool != nil {
+	if !try && !lim.none() && b.Pool != nil {
 		tag = newTag()
 		q = tag.Tagged(q)
 	}
-	var (
-		qctx context.Context
-		stop context.CancelFunc
-	)
-	if try {
-		qctx, stop = Shield(ctx)
-	} else {
-		// A limit on ctx's own deadline abandons the wait before
-		// DeadlineGrace ends.
-		abandoned := limit != nil && b.From == nil && b.DeadlineGrace < DeadlineGrace
-		qctx, stop = waitContext(ctx, timed, abandoned)
+	qctx, stop, interrupt := driverContext(ctx, lim, b, try, timed)
+	if try && b.Shields != nil {
+		defer b.Shields.Done()
 	}
-	var a Answer
-	if limit == nil { // no closure: it would escape to the heap
-		a = exec(qctx, h, q)
-	} else {
-		a = bounded(qctx, limit, h, b, tag, func(qctx context.Context) Answer { return exec(qctx, h, q) })
-	}
+	defer lim.passTo(nil, false)
+	a := bounded(qctx, interrupt, lim, h, b, tag, q, nil)
 	if Abandoned(a.Err) {
 		stop()
 		return a
@@ -134,16 +127,46 @@ func acquire(ctx, limit context.Context, h Handle, b Bounds, q string, try, time
 	return a
 }
 
+// driverContext returns the driver context of acquire's statement, the
+// function that ends it once the statement returned (stop), and the one
+// that interrupts it when it is abandoned. A try on b.Shields ends with
+// b.Shields.Done (stop does nothing); a wait abandoned before
+// DeadlineGrace gets a plain context that lim cancels when it sees ctx
+// cancelled (see [waitLimit]): the caller clears lim's pass afterwards.
+func driverContext(ctx context.Context, lim *waitLimit, b Bounds, try, timed bool) (qctx context.Context, stop, interrupt context.CancelFunc) {
+	switch {
+	case try && b.Shields != nil:
+		qctx, interrupt = b.Shields.Shield(ctx)
+		return qctx, nop, interrupt
+	case try:
+		qctx, stop = Shield(ctx)
+	case lim.from != nil && b.From == nil && b.DeadlineGrace < DeadlineGrace: // lim is ctx's own (no interface comparison: ctx's type may not be comparable)
+		qctx, stop = context.WithCancel(context.WithoutCancel(ctx))
+		lim.passTo(stop, !timed)
+	default:
+		// No limit, or one that may outlast DeadlineGrace (a Locker's,
+		// on the caller's ctx while ctx may also end by Close): the
+		// driver context bounds itself.
+		qctx, stop = waitContext(ctx, timed, false)
+	}
+	return qctx, stop, stop
+}
+
 // settle sends a statement that never waits for a lock, shielded from ctx.
-// It is waited for within limit (nil: no limit).
-func settle(ctx, limit context.Context, h Handle, b Bounds, q string) Answer {
+// It is waited for within lim (nil: no limit).
+func settle(ctx context.Context, lim *waitLimit, h Handle, b Bounds, q string) Answer {
+	if b.Shields != nil {
+		sctx, interrupt := b.Shields.Shield(ctx)
+		defer b.Shields.Done()
+		return bounded(sctx, interrupt, lim, h, b, 0, q, nil)
+	}
 	sctx, cancel := Shield(ctx)
 	defer cancel()
-	if limit == nil { // no closure: it would escape to the heap
-		return exec(sctx, h, q)
-	}
-	return bounded(sctx, limit, h, b, 0, func(sctx context.Context) Answer { return exec(sctx, h, q) })
+	return bounded(sctx, cancel, lim, h, b, 0, q, nil)
 }
+
+// nop is a CancelFunc that does nothing (no allocation).
+func nop() {}
 
 // ReleaseCaller is [Release] on the caller's own handle (UnlockConn, and
 // WithLock's release on a *sql.Conn). A ctx that can never end bounds
@@ -179,8 +202,16 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 // [ErrAbandoned]) and h's connection is discarded once it returns, which
 // releases the locks on the server.
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
+	return ReleaseShielded(ctx, h, req, nil)
+}
+
+// ReleaseShielded is [Release] shielded through sh (nil: [Shield]), on a
+// handle whose statements are serialized (see [Shields]).
+func ReleaseShielded(ctx context.Context, h Handle, req pgsql.Request, sh *Shields) (int64, error) {
 	limit, stop := ReleaseLimit(ctx)
 	defer stop()
-	a := settle(ctx, limit, h, Owned(), req.UnlockSQL())
+	b := Owned()
+	b.Shields = sh
+	a := settle(ctx, limitOf(limit), h, b, req.UnlockSQL())
 	return a.Rows, a.Err
 }

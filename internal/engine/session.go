@@ -50,7 +50,7 @@ func healthCheck(conn *sql.Conn, timeout time.Duration, check func(ctx context.C
 		limit, stop = context.WithTimeout(context.Background(), timeout)
 		defer stop()
 	}
-	a := bounded(ctx, limit, conn, Owned(), 0, func(ctx context.Context) Answer {
+	a := bounded(ctx, cancel, limitOf(limit), conn, Owned(), 0, "", func(ctx context.Context) Answer {
 		return Answer{Err: check(ctx)}
 	})
 	return a.Err

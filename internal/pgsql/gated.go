@@ -84,10 +84,11 @@ func (r Request) done() string {
 	return r.renderSetup().done
 }
 
-// writeGatedWait writes the gated wait for the request's one key.
-func (r Request) writeGatedWait(b *strings.Builder) {
+// writeGatedWait writes the gated wait for the request's one key; done is
+// r.done().
+func (r Request) writeGatedWait(b *strings.Builder, done string) {
 	b.WriteString("SELECT 1 WHERE CASE WHEN ")
-	b.WriteString(r.done())
+	b.WriteString(done)
 	b.WriteString(" THEN ")
 	writeCall(b, r.fn(false), r.Keys[0])
 	b.WriteString(" IS NOT NULL END")
@@ -95,10 +96,11 @@ func (r Request) writeGatedWait(b *strings.Builder) {
 
 // gatedTry is the gated try of the request's one key.
 func (r Request) gatedTry() string {
+	done := r.done()
 	var b strings.Builder
-	b.Grow(384)
+	b.Grow(256 + len(done)) // one allocation
 	b.WriteString("SELECT 1 FROM pg_catalog.generate_series(1, CASE WHEN ")
-	b.WriteString(r.done())
+	b.WriteString(done)
 	b.WriteString(" THEN CASE WHEN ")
 	writeCall(&b, r.fn(true), r.Keys[0])
 	b.WriteString(" THEN 1 ELSE 0 END ELSE " + gateRowsText + " END)")

@@ -230,8 +230,12 @@ func (r Request) WaitSQL(ms int64) string { return r.waitSQL(ms, false) }
 
 // waitSQL is [Request.WaitSQL], or [Request.GatedSQL]'s wait when gated.
 func (r Request) waitSQL(ms int64, gated bool) string {
+	var done string // the set-up check, computed once
+	if gated {
+		done = r.done()
+	}
 	var b strings.Builder
-	b.Grow(256 + 64*len(r.Keys))
+	b.Grow(256 + 64*len(r.Keys) + 2*len(done)) // one allocation
 	if r.Scope == Xact {
 		b.WriteString(SavepointSQL + "; ")
 	}
@@ -268,7 +272,7 @@ func (r Request) waitSQL(ms int64, gated bool) string {
 		b.WriteString("; ")
 	}
 	if gated {
-		r.writeGatedWait(&b)
+		r.writeGatedWait(&b, done)
 	} else {
 		r.writeWait(&b)
 	}
@@ -284,7 +288,7 @@ func (r Request) waitSQL(ms int64, gated bool) string {
 			// The message's row count is its last statement's: one row
 			// when the session was set up, and so the wait ran.
 			b.WriteString("; SELECT 1 WHERE ")
-			b.WriteString(r.done())
+			b.WriteString(done)
 		}
 	}
 	return b.String()
@@ -366,7 +370,11 @@ func (r Request) TrySQL() string {
 	case r.single() && !r.Proven:
 		return r.guardedTry()
 	case r.single():
-		return "SELECT 1 WHERE " + r.fn(true) + "(" + args(r.Keys[0]) + ")"
+		var b strings.Builder // one allocation
+		b.Grow(128)           // the longest call on a pair key fits
+		b.WriteString("SELECT 1 WHERE ")
+		writeCall(&b, r.fn(true), r.Keys[0])
+		return b.String()
 	}
 	var setup string
 	if !r.Proven {
@@ -391,7 +399,7 @@ func (r Request) TrySQL() string {
 func (r Request) UnlockSQL() string {
 	if r.single() {
 		var b strings.Builder
-		b.Grow(96)
+		b.Grow(128) // the longest call on a pair key fits
 		b.WriteString("SELECT 1 WHERE ")
 		writeCall(&b, r.unlockFn(), r.Keys[0])
 		return b.String()
