@@ -31,6 +31,7 @@ func defaultPool(t *testing.T, driver string, opts ...pglock.LockerOption) *lock
 // idle), and through WithLock on the *sql.DB from one goroutine (a call's
 // connection goes back to the pool; WithLock keeps nothing between calls).
 func TestLockerNoChurnTimeouts(t *testing.T) {
+	t.Parallel() // its own pools and keys; about 10 s per driver
 	calls := envInt(t, "PGLOCKS_LOCKER_TIMEOUTS", 1000)
 	forEachDriver(t, func(t *testing.T, driver string) {
 		ctx := context.Background()
