@@ -36,5 +36,31 @@ func ExampleParse() {
 	// int:-42 <nil>
 	// pair:1,2 <nil>
 	// name:deploy <nil>
-	// invalid keys: invalid key "42": want int:<int64>, pair:<int32>,<int32> or name:<name>
+	// invalid keys: invalid key "42": want int:<int64>, pair:<int32>,<int32>, name:<name>, django:<name>, rails:<name>, rails/<prefix>:<name> or hashtext:<name>
+}
+
+func ExampleDjango() {
+	// The lock django-pglocks takes for advisory_lock("nightly-report").
+	k := keys.Django("nightly-report")
+	fmt.Println(k, k.Int64())
+	// Output: django:nightly-report -2077502800
+}
+
+func ExampleRails() {
+	// The lock Ruby's with_advisory_lock takes for
+	// with_advisory_lock("nightly-report"), without and with
+	// WITH_ADVISORY_LOCK_PREFIX=7.
+	for _, k := range []keys.Key{keys.Rails("nightly-report"), keys.RailsPrefix("nightly-report", 7)} {
+		fmt.Println(k, k.Unnamed())
+	}
+	// Output:
+	// rails:nightly-report pair:69980848,0
+	// rails/7:nightly-report pair:69980848,7
+}
+
+func ExampleHashtext() {
+	// The lock of SELECT pg_advisory_lock(hashtext('nightly-report')).
+	k := keys.Hashtext("nightly-report")
+	fmt.Println(k, k.Int64())
+	// Output: hashtext:nightly-report 759228614
 }

@@ -67,6 +67,18 @@ import (
 
 type kind uint8
 
+// form is how a key was made from a name, for its text form: a key made from
+// a number has none.
+type form uint8
+
+const (
+	formNone     form = iota
+	formName          // String: FNV-1a, "name:"
+	formDjango        // Django: "django:"
+	formRails         // Rails, RailsPrefix: "rails:", "rails/<prefix>:"
+	formHashtext      // Hashtext: "hashtext:"
+)
+
 const (
 	kindInvalid kind = iota
 	kindInt64
@@ -84,8 +96,8 @@ const (
 type Key struct {
 	kind  kind
 	v     int64  // the bigint, or k1<<32 | uint32(k2) for pairs
-	name  string // set by String, for display only
-	named bool   // made by String (the name may be "")
+	name  string // the name a key was made from, for display only
+	form  form   // how it was made from a name (formNone: from numbers)
 }
 
 // Int64 returns the key of pg_advisory_lock(id) in the bigint key space.
@@ -100,7 +112,7 @@ func Pair(k1, k2 int32) Key {
 
 // String returns Int64(Hash(name)), remembering name for [Key.Name] and
 // [Key.String]. The empty name is allowed and hashes like any other.
-func String(name string) Key { return Key{kind: kindInt64, v: Hash(name), name: name, named: true} }
+func String(name string) Key { return Key{kind: kindInt64, v: Hash(name), name: name, form: formName} }
 
 // Hash returns the 64-bit FNV-1a hash of the UTF-8 bytes of name, as
 // int64(Sum64()). This function is a frozen public contract; see the package
@@ -135,8 +147,8 @@ func (k Key) Pair() (int32, int32) {
 	return int32(k.v >> 32), int32(uint32(k.v))
 }
 
-// Name returns the name a key made by [String] was hashed from, and "" for
-// other keys.
+// Name returns the name a key made by [String], [Django], [Rails],
+// [RailsPrefix] or [Hashtext] was hashed from, and "" for other keys.
 func (k Key) Name() string { return k.name }
 
 // Same reports whether k and o name the same PostgreSQL lock, ignoring any
@@ -147,22 +159,26 @@ func (k Key) Same(o Key) bool {
 
 // Unnamed returns k without its remembered name, so that keys naming the same
 // lock compare equal with == and can be used as map keys.
-func (k Key) Unnamed() Key { k.name, k.named = "", false; return k }
+func (k Key) Unnamed() Key { k.name, k.form = "", formNone; return k }
 
 // String returns the canonical text of k:
 //
-//	int:<decimal int64>      for Int64 keys, e.g. "int:-42"
-//	pair:<int32>,<int32>     for Pair keys, e.g. "pair:1,2"
-//	name:<name>              for String keys, e.g. "name:nightly-report"
-//	invalid                  for the zero Key
+//	int:<decimal int64>        Int64 keys, e.g. "int:-42"
+//	pair:<int32>,<int32>       Pair keys, e.g. "pair:1,2"
+//	name:<name>                String keys, e.g. "name:nightly-report"
+//	django:<name>              Django keys, e.g. "django:nightly-report"
+//	rails:<name>               Rails keys (prefix 0), e.g. "rails:nightly-report"
+//	rails/<prefix>:<name>      RailsPrefix keys, e.g. "rails/7:nightly-report"
+//	hashtext:<name>            Hashtext keys, e.g. "hashtext:nightly-report"
+//	invalid                    the zero Key
 //
-// [Parse] inverts all three forms.
+// [Parse] inverts every form.
 func (k Key) String() string {
+	if k.form != formNone {
+		return prefixText(k) + k.name
+	}
 	switch k.kind {
 	case kindInt64:
-		if k.named {
-			return "name:" + k.name
-		}
 		return "int:" + strconv.FormatInt(k.v, 10)
 	case kindPair:
 		a, b := k.Pair()
@@ -204,37 +220,61 @@ func FromLockTag(classid, objid uint32, objsubid int) (Key, error) {
 var ErrSyntax = errors.New("keys: invalid key")
 
 // Parse is the inverse of [Key.String]. It accepts exactly the canonical
-// forms "int:<int64>", "pair:<int32>,<int32>" and "name:<name>": decimal
-// numbers with an optional leading '-', no '+', no leading zeros, no spaces.
+// forms listed there: "int:<int64>", "pair:<int32>,<int32>", "name:<name>",
+// "django:<name>", "rails:<name>", "rails/<prefix>:<name>" and
+// "hashtext:<name>". Numbers are decimal with an optional leading '-', no
+// '+', no leading zeros, no spaces; a rails prefix is 1 to 2147483647. A name
+// is everything after the first ':' of its form, and may be empty.
 // Parse(k.String()) returns a key that is == k for every valid k, and
 // Parse(s) succeeds only when k.String() == s.
 func Parse(s string) (Key, error) {
-	switch {
-	case strings.HasPrefix(s, "name:"):
-		return String(s[len("name:"):]), nil
-	case strings.HasPrefix(s, "int:"):
-		v, err := parseCanonical(s[len("int:"):], 64)
+	tool, rest, found := strings.Cut(s, ":")
+	if !found {
+		tool = "" // no form
+	}
+	switch tool {
+	case "name":
+		return String(rest), nil
+	case "django":
+		return Django(rest), nil
+	case "rails":
+		return Rails(rest), nil
+	case "hashtext":
+		return Hashtext(rest), nil
+	case "int":
+		v, err := parseCanonical(rest, 64)
 		if err != nil {
 			return Key{}, fmt.Errorf("%w %q: %v", ErrSyntax, s, err)
 		}
 		return Int64(v), nil
-	case strings.HasPrefix(s, "pair:"):
-		a, b, ok := strings.Cut(s[len("pair:"):], ",")
-		if !ok {
-			return Key{}, fmt.Errorf("%w %q: want pair:<int32>,<int32>", ErrSyntax, s)
-		}
-		k1, err := parseCanonical(a, 32)
-		if err != nil {
-			return Key{}, fmt.Errorf("%w %q: first int: %v", ErrSyntax, s, err)
-		}
-		k2, err := parseCanonical(b, 32)
-		if err != nil {
-			return Key{}, fmt.Errorf("%w %q: second int: %v", ErrSyntax, s, err)
-		}
-		return Pair(int32(k1), int32(k2)), nil
-	default:
-		return Key{}, fmt.Errorf("%w %q: want int:<int64>, pair:<int32>,<int32> or name:<name>", ErrSyntax, s)
+	case "pair":
+		return parsePair(s, rest)
 	}
+	if p, ok := strings.CutPrefix(tool, "rails/"); ok {
+		v, err := parseCanonical(p, 32)
+		if err != nil || v <= 0 {
+			return Key{}, fmt.Errorf("%w %q: want rails/<prefix>:<name> with a prefix from 1 to 2147483647 (prefix 0 is rails:<name>)", ErrSyntax, s)
+		}
+		return RailsPrefix(rest, v), nil
+	}
+	return Key{}, fmt.Errorf("%w %q: want int:<int64>, pair:<int32>,<int32>, name:<name>, django:<name>, rails:<name>, rails/<prefix>:<name> or hashtext:<name>", ErrSyntax, s)
+}
+
+// parsePair parses the rest of "pair:<int32>,<int32>".
+func parsePair(s, rest string) (Key, error) {
+	a, b, ok := strings.Cut(rest, ",")
+	if !ok {
+		return Key{}, fmt.Errorf("%w %q: want pair:<int32>,<int32>", ErrSyntax, s)
+	}
+	k1, err := parseCanonical(a, 32)
+	if err != nil {
+		return Key{}, fmt.Errorf("%w %q: first int: %v", ErrSyntax, s, err)
+	}
+	k2, err := parseCanonical(b, 32)
+	if err != nil {
+		return Key{}, fmt.Errorf("%w %q: second int: %v", ErrSyntax, s, err)
+	}
+	return Pair(int32(k1), int32(k2)), nil
 }
 
 // parseCanonical parses a decimal integer in its canonical spelling only.
