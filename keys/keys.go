@@ -94,10 +94,10 @@ const (
 //
 // The zero Key is invalid; [Key.IsZero] reports it.
 type Key struct {
-	kind  kind
-	v     int64  // the bigint, or k1<<32 | uint32(k2) for pairs
-	name  string // the name a key was made from, for display only
-	form  form   // how it was made from a name (formNone: from numbers)
+	kind kind
+	v    int64  // the bigint, or k1<<32 | uint32(k2) for pairs
+	name string // the name a key was made from, for display only
+	form form   // how it was made from a name (formNone: from numbers)
 }
 
 // Int64 returns the key of pg_advisory_lock(id) in the bigint key space.
