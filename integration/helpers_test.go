@@ -137,16 +137,31 @@ func (o *observer) alive(t testing.TB, pid int) bool {
 	return n > 0
 }
 
-// waitGone waits until pid's backend has exited.
+// waitGone waits until pid's backend has exited. The backend goes when the
+// driver's close reaches it, which pglock does not time (pgx first sends a
+// CancelRequest, on a new connection): the bound is generous for a loaded
+// machine, and a failure shows what the backend was doing.
 func (o *observer) waitGone(t testing.TB, pid int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	const bound = 30 * time.Second
+	deadline := time.Now().Add(bound)
 	for o.alive(t, pid) {
 		if time.Now().After(deadline) {
-			t.Fatalf("backend %d still alive 10s after its session was lost", pid)
+			t.Fatalf("backend %d still alive %v after its session was lost: %s", pid, bound, o.activity(pid))
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// activity describes what pid's backend is doing, for failure messages.
+func (o *observer) activity(pid int) string {
+	var state, wait, query string
+	err := o.db.QueryRow(`SELECT coalesce(state, ''), coalesce(wait_event_type || ':' || wait_event, ''), coalesce(query, '')
+		FROM pg_catalog.pg_stat_activity WHERE pid = $1`, pid).Scan(&state, &wait, &query)
+	if err != nil {
+		return err.Error()
+	}
+	return fmt.Sprintf("state %q, waiting on %q, last query %q", state, wait, query)
 }
 
 // pidOf returns the backend pid of an executor.
