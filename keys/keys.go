@@ -9,6 +9,9 @@
 //   - [Pair] names a lock in the two-int4 space: pg_advisory_lock(1, 2).
 //   - [String] hashes a name into the bigint space with [Hash], and remembers
 //     the name for display.
+//   - [Django], [Rails], [RailsPrefix] and [Hashtext] name the lock that
+//     django-pglocks, Ruby's with_advisory_lock and SQL's hashtext() take for
+//     a name (see "Interoperating with other tools").
 //
 // The zero Key is invalid: every function in this module that takes a Key
 // rejects it.
@@ -29,23 +32,36 @@
 // # Interoperating with other tools
 //
 // Other tools hash names differently, so keys.String of their name is NOT
-// their lock. To wait for or take their lock, use keys.Int64 with the number
-// they compute:
+// their lock. These constructors reproduce theirs exactly, and remember the
+// name for display:
+//
+//	tool (what it sends)                                   key space  constructor         text form
+//	django-pglocks advisory_lock("n")                       bigint     Django("n")         django:n
+//	  pg_advisory_lock(signed crc32 of the UTF-8 bytes)
+//	with_advisory_lock (Ruby) with_advisory_lock("n")       pair       Rails("n")          rails:n
+//	  pg_try_advisory_lock(crc32 & 0x7fffffff, 0)
+//	  ... with WITH_ADVISORY_LOCK_PREFIX=p                  pair       RailsPrefix("n", p) rails/p:n
+//	SQL pg_advisory_lock(hashtext('n'))                     bigint     Hashtext("n")       hashtext:n
+//
+// Integer ids need no hashing: django-pglocks' advisory_lock(42) is Int64(42)
+// and advisory_lock((1, 2)) is Pair(1, 2); with_advisory_lock(42) is Pair(42,
+// prefix). Migration tools take fixed numbers, used with [Int64]:
 //
 //   - pressly/goose v3.26.0 and later poll pg_try_advisory_lock(4097083626)
-//     by default (crc32 of "goose"); releases before v3.26.0 used
-//     5887940537704921958 (crc64 ECMA of "goose"). Use keys.Int64 of the one
-//     your goose takes.
+//     by default (the unsigned crc32 of "goose"; compare Django, which is
+//     signed); releases before v3.26.0 used 5887940537704921958 (crc64 ECMA
+//     of "goose").
 //   - golang-migrate v4 takes pg_advisory_lock(id) with id =
 //     uint32(crc32(schema + "\x00" + table + "\x00" + database) × 1486364155)
 //     (database.GenerateAdvisoryLockId). Opened from a URL, its database name
-//     keeps the URL path's leading slash. Pass the result to keys.Int64.
-//   - riverqueue/river hashes with FNV-1 (not FNV-1a) for its own advisory
-//     locks; its numbers differ from Hash for the same input.
-//   - Ruby's with_advisory_lock and django-pglocks use crc32. By the birthday
-//     bound, two of a set of names share a 32-bit hash with even odds once
-//     the set reaches about 77,000 names; for Hash that takes about 5
-//     billion.
+//     keeps the URL path's leading slash.
+//   - riverqueue/river keys its internal locks with FNV-1 (not FNV-1a), or
+//     with its AdvisoryLockPrefix in the high 32 bits; set that prefix to keep
+//     its locks apart from yours.
+//
+// The crc32-based names are 31 or 32 bits: by the birthday bound, two of a
+// set of names share one with even odds once the set reaches about 77,000
+// (55,000 for 31 bits) names; for [Hash] that takes about 5 billion.
 //
 // # How keys appear in pg_locks
 //
