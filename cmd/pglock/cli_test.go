@@ -8,7 +8,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"database/sql"
+	"database/sql/driver"
 	"encoding/json"
 	"fmt"
 	"net/url"
@@ -557,14 +559,14 @@ func TestInspect(t *testing.T) {
 		!strings.Contains(h.stdout.String(), "holds") {
 		t.Fatalf("holders: %v", h)
 	}
-	var hs []holderJSON
+	var ho holdersOutput
 	hj := runPglock(t, dsnEnv(t), "holders", "--json", name)
-	if err := json.Unmarshal(hj.stdout.Bytes(), &hs); err != nil || len(hs) != 1 {
+	if err := json.Unmarshal(hj.stdout.Bytes(), &ho); err != nil || len(ho.Holders) != 1 || ho.Key.Key != "name:"+name || ho.OtherForms != nil {
 		t.Fatalf("holders --json: %v (%v)", hj, err)
 	}
 	k := keys.String(name)
 	classid, objid, _ := k.LockTag()
-	if g := hs[0]; g.PID != pid || !g.Granted || g.Mode != "exclusive" || g.ApplicationName != "pglock run "+name ||
+	if g := ho.Holders[0]; g.PID != pid || !g.Granted || g.Mode != "exclusive" || g.ApplicationName != "pglock run "+name ||
 		g.Name == nil || *g.Name != name || g.Int64 == nil || *g.Int64 != k.Int64() || g.ClassID != classid || g.ObjID != objid || g.BackendStart == nil {
 		t.Fatalf("holders --json: %+v", g)
 	}
@@ -588,9 +590,182 @@ func TestInspect(t *testing.T) {
 	if nobody.code != 0 || !strings.Contains(nobody.stdout.String(), "nobody holds or waits for") {
 		t.Fatalf("holders of a free key: %v", nobody)
 	}
-	empty := runPglock(t, dsnEnv(t), "--json", "holders", uniqueName(t))
-	if strings.TrimSpace(empty.stdout.String()) != "[]" {
-		t.Fatalf("holders --json of a free key: %v", empty)
+	var eo holdersOutput
+	empty := runPglock(t, dsnEnv(t), "--json", "holders", "int:"+strconv.FormatInt(k.Int64()^1, 10))
+	if err := json.Unmarshal(empty.stdout.Bytes(), &eo); err != nil || eo.Holders == nil || len(eo.Holders) != 0 || eo.OtherForms != nil ||
+		!strings.Contains(empty.stdout.String(), `"holders": []`) {
+		t.Fatalf("holders --json of a free int: key: %v (%v)", empty, err)
+	}
+}
+
+// holdAs takes a lock on a session of the test's own, with the SQL another
+// tool would run, and returns the session's pid; the lock is released at
+// cleanup.
+func holdAs(t *testing.T, db *sql.DB, query string, args ...any) int {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	if err := conn.QueryRowContext(ctx, `SELECT pg_catalog.pg_backend_pid()`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.ExecContext(ctx, query, args...); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// Ending the session releases the lock, whatever it was.
+		_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+		conn.Close()
+	})
+	return pid
+}
+
+// TestHoldersOtherForms: when nobody holds KEY, holders looks up the other
+// tools' locks for the same name, reports the one another tool holds (taken
+// here with that tool's SQL) with its holder and a hint, and, when none is
+// held, names the forms it checked.
+func TestHoldersOtherForms(t *testing.T) {
+	t.Parallel()
+	db := observerDB(t)
+	const int8Lock, pairLock = `SELECT pg_catalog.pg_advisory_lock($1::int8)`, `SELECT pg_catalog.pg_advisory_lock($1::int4, $2::int4)`
+	tests := []struct {
+		name   string
+		prefix string                  // WITH_ADVISORY_LOCK_PREFIX, if any
+		arg    func(n string) string   // KEY
+		taken  func(n string) keys.Key // the form another tool holds
+		take   func(n string) (string, []any)
+	}{
+		{
+			name:  "django holds, bare name asked",
+			arg:   func(n string) string { return n },
+			taken: keys.Django,
+			take:  func(n string) (string, []any) { return int8Lock, []any{keys.Django(n).Int64()} },
+		},
+		{
+			name:  "rails holds, hashtext asked",
+			arg:   func(n string) string { return "hashtext:" + n },
+			taken: keys.Rails,
+			take:  func(n string) (string, []any) { a, b := keys.Rails(n).Pair(); return pairLock, []any{a, b} },
+		},
+		{
+			name:   "rails with prefix 7 holds, bare name asked",
+			prefix: "7",
+			arg:    func(n string) string { return n },
+			taken:  func(n string) keys.Key { return keys.RailsPrefix(n, 7) },
+			take:   func(n string) (string, []any) { a, b := keys.RailsPrefix(n, 7).Pair(); return pairLock, []any{a, b} },
+		},
+		{
+			name:  "hashtext() holds, django asked",
+			arg:   func(n string) string { return "django:" + n },
+			taken: keys.Hashtext,
+			// The server's own hashtext, not this module's copy of it.
+			take: func(n string) (string, []any) {
+				return `SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext($1::text))`, []any{n}
+			},
+		},
+		{
+			name:  "pglocks holds, rails asked",
+			arg:   func(n string) string { return "rails:" + n },
+			taken: keys.String,
+			take:  func(n string) (string, []any) { return int8Lock, []any{keys.String(n).Int64()} },
+		},
+	}
+	for _, tt := range tests {
+		name := uniqueName(t)
+		q, args := tt.take(name)
+		pid := holdAs(t, db, q, args...)
+		env := dsnEnv(t)
+		if tt.prefix != "" {
+			env = append(env, "WITH_ADVISORY_LOCK_PREFIX="+tt.prefix)
+		}
+		asked, err := parseKey(tt.arg(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		taken := tt.taken(name)
+		p := runPglock(t, env, "holders", tt.arg(name))
+		out := p.stdout.String()
+		for _, want := range []string{
+			"nobody holds or waits for " + describe(asked) + "\n",
+			"but " + describe(taken) + ", used by ",
+			"is held; did you mean " + taken.String() + "?\n",
+			fmt.Sprintf("\n%d ", pid),
+		} {
+			if !strings.Contains(out, want) {
+				t.Errorf("%s: stdout lacks %q: %v", tt.name, want, p)
+			}
+		}
+		if p.code != 0 || strings.Count(out, "did you mean") != 1 {
+			t.Errorf("%s: want exit 0 and one hint: %v", tt.name, p)
+		}
+
+		var ho holdersOutput
+		j := runPglock(t, env, "--json", "holders", tt.arg(name))
+		if err := json.Unmarshal(j.stdout.Bytes(), &ho); err != nil || len(ho.Holders) != 0 || ho.Key.Key != asked.String() {
+			t.Fatalf("%s: holders --json: %v (%v)", tt.name, j, err)
+		}
+		held := 0
+		for _, o := range ho.OtherForms {
+			switch {
+			case o.Key == taken.String() && len(o.Holders) == 1 && o.Holders[0].PID == pid && o.Holders[0].Granted && o.Holders[0].Key == taken.String():
+				held++
+			case len(o.Holders) != 0 || o.Key == asked.String():
+				t.Errorf("%s: holders --json: unexpected other form %+v", tt.name, o)
+			}
+		}
+		if held != 1 {
+			t.Errorf("%s: holders --json: other_forms lacks %s held by pid %d: %s", tt.name, taken, pid, j.stdout.String())
+		}
+	}
+}
+
+// TestHoldersNoOtherForm: when neither KEY nor any other tool's lock for its
+// name is held, holders says so and names every form it checked; KEYs made
+// from numbers have no other forms.
+func TestHoldersNoOtherForm(t *testing.T) {
+	t.Parallel()
+	name := uniqueName(t)
+	tests := []struct {
+		arg     string
+		prefix  string
+		checked []keys.Key
+	}{
+		{arg: name, checked: []keys.Key{keys.Django(name), keys.Rails(name), keys.Hashtext(name)}},
+		{arg: name, prefix: "7", checked: []keys.Key{keys.Django(name), keys.Rails(name), keys.RailsPrefix(name, 7), keys.Hashtext(name)}},
+		{arg: "hashtext:" + name, checked: []keys.Key{keys.String(name), keys.Django(name), keys.Rails(name)}},
+		{arg: "int:" + strconv.FormatInt(keys.String(name).Int64()^1, 10)},
+	}
+	for _, tt := range tests {
+		env := dsnEnv(t)
+		if tt.prefix != "" {
+			env = append(env, "WITH_ADVISORY_LOCK_PREFIX="+tt.prefix)
+		}
+		asked, _ := parseKey(tt.arg)
+		p := runPglock(t, env, "holders", tt.arg)
+		want := "nobody holds or waits for " + describe(asked) + "\n"
+		if len(tt.checked) > 0 {
+			var ds []string
+			for _, k := range tt.checked {
+				ds = append(ds, describe(k))
+			}
+			want = fmt.Sprintf("nobody holds or waits for %s, nor for the other tools' locks for that name: %s\n", describe(asked), strings.Join(ds, ", "))
+		}
+		if p.code != 0 || p.stdout.String() != want {
+			t.Errorf("holders %s: %v\nwant stdout %q", tt.arg, p, want)
+		}
+		var ho holdersOutput
+		j := runPglock(t, env, "--json", "holders", tt.arg)
+		if err := json.Unmarshal(j.stdout.Bytes(), &ho); err != nil || len(ho.OtherForms) != len(tt.checked) {
+			t.Fatalf("holders --json %s: %v (%v)", tt.arg, j, err)
+		}
+		for i, o := range ho.OtherForms {
+			if o.Key != tt.checked[i].String() || o.Holders == nil || len(o.Holders) != 0 || o.Tool == "" {
+				t.Errorf("holders --json %s: other form %d = %+v; want %s, nobody", tt.arg, i, o, tt.checked[i])
+			}
+		}
 	}
 }
 

@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -15,10 +17,16 @@ import (
 
 const hashAbout = `
 Print the PostgreSQL lock each KEY names, without connecting: the bigint (or
-pair) that pg_advisory_lock takes, and the classid, objid and objsubid columns
-under which pg_locks shows it. A name is hashed with FNV-1a-64, exactly as
-keys.String does in Go, so "pglock hash NAME" tells what to look for in
-pg_locks, or what to pass to pg_advisory_lock from SQL to share the lock.
+pair) that pg_advisory_lock takes, the classid, objid and objsubid columns
+under which pg_locks shows it, and the SQL call that takes it.
+
+A bare NAME prints one line per tool's lock for that name: pglocks' own
+(name:NAME, FNV-1a-64, as keys.String in Go), django-pglocks'
+(django:NAME), Ruby with_advisory_lock's (rails:NAME, and rails/PREFIX:NAME
+when WITH_ADVISORY_LOCK_PREFIX is set) and pg_advisory_lock(hashtext('NAME'))'s
+(hashtext:NAME). KEY in one of those forms prints just that lock. hashtext is
+computed as a little-endian server with a UTF8 database computes it; SELECT
+hashtext('NAME') confirms it.
 `
 
 const holdersAbout = `
@@ -28,6 +36,13 @@ when (the session's start for a holder, the wait's start for a waiter; the
 wait's start needs PostgreSQL 14 or later). A "pglock run" holder shows as
 application "pglock run KEY". Prints nothing but a note when nobody holds or
 waits for KEY; the exit code is 0 either way.
+
+When nobody holds or waits for a KEY made from a name (NAME, name:NAME,
+django:NAME, rails:NAME, rails/PREFIX:NAME, hashtext:NAME), the other tools'
+locks for that name are looked up too (one more query; with_advisory_lock's
+rails/PREFIX: when WITH_ADVISORY_LOCK_PREFIX is set), and their holders are
+shown with a hint: perhaps the lock was taken by another tool. --json prints
+{"key", "holders", "other_forms"}: other_forms only when they were looked up.
 `
 
 const listAbout = `
@@ -45,26 +60,30 @@ func hashMain(ctx context.Context, e env, g *globals, c command, args []string) 
 	if fs.NArg() == 0 {
 		return e.usageErr("hash", "missing KEY")
 	}
-	var ks []keys.Key
+	var rows []nameForm
 	for _, a := range fs.Args() {
 		k, err := parseKey(a)
 		if err != nil {
 			return e.usageErr("hash", "%v", err)
 		}
-		ks = append(ks, k)
+		if keyForm(a) == "" {
+			rows = append(rows, formsOf(a, e.getenv)...)
+		} else {
+			rows = append(rows, nameForm{k, toolOf(k)})
+		}
 	}
 	if g.json {
-		out := make([]keyJSON, 0, len(ks))
-		for _, k := range ks {
-			out = append(out, newKeyJSON(k))
+		out := make([]hashJSON, 0, len(rows))
+		for _, r := range rows {
+			out = append(out, hashJSON{keyJSON: newKeyJSON(r.key), SQL: sqlCall(r.key), Tool: r.tool})
 		}
 		return e.writeJSON(out)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KEY\tLOCK\tCLASSID\tOBJID\tOBJSUBID\tSQL")
-	for _, k := range ks {
-		classid, objid, sub := k.LockTag()
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\n", k, lockOf(k), classid, objid, sub, sqlCall(k))
+	fmt.Fprintln(tw, "KEY\tLOCK\tCLASSID\tOBJID\tOBJSUBID\tSQL\tUSED BY")
+	for _, r := range rows {
+		classid, objid, sub := r.key.LockTag()
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\n", r.key, lockOf(r.key), classid, objid, sub, sqlCall(r.key), dash(r.tool))
 	}
 	tw.Flush()
 	return exitOK
@@ -101,16 +120,102 @@ func holdersMain(ctx context.Context, e env, g *globals, c command, args []strin
 		fmt.Fprintf(e.stderr, "pglock holders: %v\n", err)
 		return exitUnavailable
 	}
+	var others []formHolders // nil: not looked up
+	if len(hs) == 0 && isNamed(key) {
+		if others, err = otherForms(ctx, db, key, e.getenv); err != nil {
+			fmt.Fprintf(e.stderr, "pglock holders: looking up the other tools' locks for %q: %v\n", key.Name(), err)
+		}
+	}
 	if g.json {
-		return e.writeJSON(holdersJSON(hs))
+		return e.writeJSON(newHoldersOutput(key, hs, others))
 	}
 	if len(hs) == 0 {
-		fmt.Fprintf(e.stdout, "nobody holds or waits for %s\n", describe(key))
+		e.nobody(key, others)
 		return exitOK
 	}
 	fmt.Fprintf(e.stdout, "%s:\n", describe(key))
 	e.holderTable(hs, false)
 	return exitOK
+}
+
+// formHolders are the holders and waiters of one tool's lock for a name.
+type formHolders struct {
+	nameForm
+	holders []pglock.Holder
+}
+
+// otherForms returns the holders and waiters of the other tools' locks for
+// the name key was made from (see formsOf), in one query: pglock.List,
+// filtered here. Each holder's Key is the form it was found under.
+func otherForms(ctx context.Context, db *sql.DB, key keys.Key, getenv func(string) string) ([]formHolders, error) {
+	fs := make([]formHolders, 0, 5)
+	seen := map[keys.Key]bool{key.Unnamed(): true}
+	for _, f := range formsOf(key.Name(), getenv) {
+		if u := f.key.Unnamed(); !seen[u] {
+			seen[u] = true
+			fs = append(fs, formHolders{nameForm: f})
+		}
+	}
+	all, err := pglock.List(ctx, db)
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range all {
+		for i := range fs {
+			if fs[i].key.Same(h.Key) {
+				h.Key = fs[i].key
+				fs[i].holders = append(fs[i].holders, h)
+				break
+			}
+		}
+	}
+	return fs, nil
+}
+
+// nobody says that nobody holds or waits for key and, when others were
+// looked up, which of them are held or waited for, with their holders, or
+// that none is.
+func (e env) nobody(key keys.Key, others []formHolders) {
+	fmt.Fprintf(e.stdout, "nobody holds or waits for %s", describe(key))
+	if others == nil {
+		fmt.Fprintln(e.stdout)
+		return
+	}
+	checked := make([]string, 0, len(others))
+	taken := 0
+	for _, o := range others {
+		checked = append(checked, describe(o.key))
+		if len(o.holders) > 0 {
+			taken++
+		}
+	}
+	if taken == 0 {
+		fmt.Fprintf(e.stdout, ", nor for the other tools' locks for that name: %s\n", strings.Join(checked, ", "))
+		return
+	}
+	fmt.Fprintln(e.stdout)
+	for _, o := range others {
+		if len(o.holders) > 0 {
+			fmt.Fprintf(e.stdout, "but %s, used by %s, is %s; did you mean %s?\n", describe(o.key), o.tool, heldOrWaited(o.holders), o.key)
+			e.holderTable(o.holders, false)
+		}
+	}
+}
+
+// heldOrWaited says whether hs hold the lock, wait for it, or both.
+func heldOrWaited(hs []pglock.Holder) string {
+	held, waited := false, false
+	for _, h := range hs {
+		held = held || h.Granted
+		waited = waited || !h.Granted
+	}
+	switch {
+	case held && waited:
+		return "held and waited for"
+	case held:
+		return "held"
+	}
+	return "waited for"
 }
 
 func listMain(ctx context.Context, e env, g *globals, c command, args []string) int {
@@ -221,6 +326,37 @@ func newKeyJSON(k keys.Key) keyJSON {
 		j.Name = &n
 	}
 	return j
+}
+
+// hashJSON is one line of "pglock hash --json".
+type hashJSON struct {
+	keyJSON
+	SQL  string `json:"sql"`
+	Tool string `json:"tool,omitempty"`
+}
+
+// holdersOutput is "pglock holders --json": KEY, its holders and waiters,
+// and, when they were looked up (nobody holds or waits for a KEY made from a
+// name), the other tools' locks for that name with theirs.
+type holdersOutput struct {
+	Key        keyJSON         `json:"key"`
+	Holders    []holderJSON    `json:"holders"`
+	OtherForms []otherFormJSON `json:"other_forms,omitempty"`
+}
+
+// otherFormJSON is another tool's lock for KEY's name, and its holders.
+type otherFormJSON struct {
+	keyJSON
+	Tool    string       `json:"tool"`
+	Holders []holderJSON `json:"holders"`
+}
+
+func newHoldersOutput(key keys.Key, hs []pglock.Holder, others []formHolders) holdersOutput {
+	out := holdersOutput{Key: newKeyJSON(key), Holders: holdersJSON(hs)}
+	for _, o := range others {
+		out.OtherForms = append(out.OtherForms, otherFormJSON{keyJSON: newKeyJSON(o.key), Tool: o.tool, Holders: holdersJSON(o.holders)})
+	}
+	return out
 }
 
 // holderJSON is a holder in --json output.

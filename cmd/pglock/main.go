@@ -9,10 +9,20 @@
 //	pglock holders KEY     # who holds or waits for KEY
 //	pglock list            # every advisory lock in the current database
 //
-// KEY is a name, hashed with keys.String (FNV-1a-64, the same lock as
-// keys.String in Go), "int:<int64>" for a bigint key, or "pair:<a>,<b>" for a
-// pair of int32 keys. A name that itself starts with "int:", "pair:" or
-// "name:" is written "name:<name>".
+// KEY is one of:
+//
+//	NAME               pglocks' lock for NAME: keys.String, FNV-1a-64
+//	name:NAME          the same, for a NAME that starts with a form below
+//	int:<int64>        pg_advisory_lock(bigint)
+//	pair:<a>,<b>       pg_advisory_lock(int, int)
+//	django:NAME        django-pglocks' lock for NAME: keys.Django
+//	rails:NAME         Ruby with_advisory_lock's lock for NAME: keys.Rails
+//	rails/<p>:NAME     the same with WITH_ADVISORY_LOCK_PREFIX=<p>: keys.RailsPrefix
+//	hashtext:NAME      pg_advisory_lock(hashtext('NAME')): keys.Hashtext
+//
+// The text before the first ':' names the form; anything else is a NAME.
+// "pglock hash NAME" prints every tool's lock for NAME, and "pglock holders"
+// looks them up when nobody holds the one asked for.
 //
 // The connection comes from --dsn, otherwise from DATABASE_URL, otherwise from
 // the standard PG* environment variables (PGHOST, PGPORT, PGUSER, PGDATABASE,
@@ -84,12 +94,17 @@ var commands = []command{
 	{"list", "[flags]", "list every advisory lock in the current database", listMain},
 }
 
-const keyHelp = `KEY is one of:
-  NAME            any other text, hashed to a bigint key with FNV-1a-64
-                  (keys.String in Go; "pglock hash NAME" prints it)
-  int:<int64>     a bigint key, as pg_advisory_lock(bigint) takes it
-  pair:<a>,<b>    two int32 keys, as pg_advisory_lock(int, int) takes them
-  name:<NAME>     a name that starts with "int:", "pair:" or "name:"
+const keyHelp = `KEY is one of (the text before the first ':' names the form):
+  NAME             any other text: pglocks' lock for NAME, hashed to a bigint
+                   with FNV-1a-64 (keys.String in Go)
+  name:NAME        the same, for a NAME that starts with one of these forms
+  int:<int64>      a bigint key, as pg_advisory_lock(bigint) takes it
+  pair:<a>,<b>     two int32 keys, as pg_advisory_lock(int, int) takes them
+  django:NAME      django-pglocks' lock for NAME (signed crc32, a bigint)
+  rails:NAME       Ruby with_advisory_lock's lock for NAME: pair (crc32, 0)
+  rails/<p>:NAME   the same with WITH_ADVISORY_LOCK_PREFIX=<p>: pair (crc32, p)
+  hashtext:NAME    pg_advisory_lock(hashtext('NAME'))
+"pglock hash NAME" prints each tool's lock for NAME.
 `
 
 const connHelp = `Connection: --dsn, otherwise $DATABASE_URL, otherwise the PG* environment
