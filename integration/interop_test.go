@@ -72,7 +72,8 @@ func startPy(t testing.TB) *pyClient {
 	out, err := exec.CommandContext(ctx, py, "-c", "import psycopg2").CombinedOutput()
 	cancel()
 	if err != nil {
-		pythonUnavailable(t, fmt.Errorf("%s -c 'import psycopg2': %v: %s", py, err, strings.TrimSpace(string(out))))
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		pythonUnavailable(t, fmt.Errorf("%s -c 'import psycopg2': %v: %s", py, err, lines[len(lines)-1]))
 	}
 	ctx, cancel = context.WithCancel(context.Background())
 	app := fmt.Sprintf("pglocks-test-py-%d", appSeq.Add(1))
@@ -117,8 +118,8 @@ func startPy(t testing.TB) *pyClient {
 			}
 		}
 		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("python client stderr:\n%s", p.stderr)
+		if e := p.stderr.String(); t.Failed() && e != "" {
+			t.Logf("python client stderr:\n%s", e)
 		}
 	})
 	if p.pid, err = strconv.Atoi(p.do("pid")); err != nil {
