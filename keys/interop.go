@@ -24,8 +24,10 @@ const maxInt31 = 0x7fffffff
 // int:-662733300, Django("") int:0, Django("héllo") int:-1640267210 and
 // Django("migrations") int:1856466978. Its text form is "django:<name>".
 //
-// django-pglocks passes integer lock ids to pg_advisory_lock(bigint) as they
-// are ([Int64]) and tuples to pg_advisory_lock(int4, int4) ([Pair]).
+// django-pglocks writes the number into its statement, SELECT
+// pg_advisory_lock(-2077502800), which PostgreSQL reads as a bigint key. It
+// writes an integer lock id the same way ([Int64]), and a tuple as two int4
+// keys ([Pair]).
 func Django(name string) Key {
 	v := int64(int32(crc32.ChecksumIEEE([]byte(name))))
 	return Key{kind: kindInt64, v: v, name: name, form: formDjango}
@@ -45,7 +47,9 @@ func Rails(name string) Key { return RailsPrefix(name, 0) }
 //
 //	pg_advisory_lock(crc32(name) & 0x7fffffff, prefix & 0x7fffffff)
 //
-// where crc32 is the CRC-32 (IEEE, as Ruby's Zlib.crc32) of the name's bytes.
+// where crc32 is the CRC-32 (IEEE, as Ruby's Zlib.crc32) of the name's UTF-8
+// bytes (Ruby hashes a string's bytes in its own encoding, UTF-8 unless the
+// application says otherwise).
 // The prefix is masked the same way, so RailsPrefix(name, -1) is the lock of
 // prefix 2147483647. Its text form is "rails/<masked prefix>:<name>", or
 // "rails:<name>" when the masked prefix is 0.
