@@ -28,8 +28,12 @@ func entPid(ctx context.Context, q dialect.ExecQuerier) (int, error) {
 }
 
 // entTx returns the *sql.Tx of a transaction begun by an ent
-// dialect/sql Driver: an *entsql.Tx whose embedded driver.Tx is the *sql.Tx.
+// dialect/sql Driver: an *entsql.Tx whose embedded driver.Tx is the *sql.Tx,
+// possibly wrapped by the debug driver (dialect.Debug, client.Debug()).
 func entTx(tx dialect.Tx) (*sql.Tx, error) {
+	if d, ok := tx.(*dialect.DebugTx); ok {
+		tx = d.Tx
+	}
 	if t, ok := tx.(*entsql.Tx); ok {
 		if sqlTx, ok := t.Tx.(*sql.Tx); ok {
 			return sqlTx, nil
@@ -47,30 +51,15 @@ func TestEnt(t *testing.T) {
 		t.Run(driver, func(t *testing.T) {
 			drv := entsql.OpenDB(dialect.Postgres, openDB(t, driver))
 			t.Run("session", func(t *testing.T) { proveSessionLocks(t, drv.DB()) })
-			t.Run("driver Tx", func(t *testing.T) {
-				proveTxLock(t, func(ctx context.Context, key keys.Key, inside func(int) error) error {
-					tx, err := drv.Tx(ctx)
-					if err != nil {
-						return err
-					}
-					defer tx.Rollback()
-					sqlTx, err := entTx(tx)
-					if err != nil {
-						return err
-					}
-					if err := pglock.LockTx(ctx, sqlTx, key); err != nil {
-						return err
-					}
-					pid, err := entPid(ctx, tx)
-					if err != nil {
-						return err
-					}
-					if err := inside(pid); err != nil {
-						return err
-					}
-					return tx.Commit()
-				})
-			})
+			for _, d := range []struct {
+				name string
+				drv  dialect.Driver
+			}{
+				{"driver Tx", drv},
+				{"debug driver Tx", dialect.Debug(drv, func(...any) {})},
+			} {
+				t.Run(d.name, func(t *testing.T) { proveEntTx(t, d.drv) })
+			}
 			t.Run("client over a *sql.Tx", func(t *testing.T) {
 				proveTxLock(t, func(ctx context.Context, key keys.Key, inside func(int) error) error {
 					sqlTx, err := drv.DB().BeginTx(ctx, nil)
@@ -95,6 +84,32 @@ func TestEnt(t *testing.T) {
 			})
 		})
 	}
+}
+
+// proveEntTx proves a transaction lock in a transaction begun by drv.
+func proveEntTx(t *testing.T, drv dialect.Driver) {
+	proveTxLock(t, func(ctx context.Context, key keys.Key, inside func(int) error) error {
+		tx, err := drv.Tx(ctx)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		sqlTx, err := entTx(tx)
+		if err != nil {
+			return err
+		}
+		if err := pglock.LockTx(ctx, sqlTx, key); err != nil {
+			return err
+		}
+		pid, err := entPid(ctx, tx)
+		if err != nil {
+			return err
+		}
+		if err := inside(pid); err != nil {
+			return err
+		}
+		return tx.Commit()
+	})
 }
 
 // With ent, pass drv.DB() for session locks. A transaction begun by the
@@ -124,8 +139,15 @@ func Example_ent() {
 		log.Fatal(err)
 	}
 	defer tx.Rollback()
-	sqlTx, ok := tx.(*entsql.Tx).Tx.(*sql.Tx)
-	if !ok {
+	inner := tx
+	if d, ok := inner.(*dialect.DebugTx); ok { // the debug driver's (client.Debug())
+		inner = d.Tx
+	}
+	var sqlTx *sql.Tx
+	if t, ok := inner.(*entsql.Tx); ok {
+		sqlTx, _ = t.Tx.(*sql.Tx)
+	}
+	if sqlTx == nil {
 		log.Fatal(errors.New("not a database/sql transaction"))
 	}
 	if err := pglock.LockTx(ctx, sqlTx, keys.Pair(7, 4)); err != nil {
