@@ -82,7 +82,7 @@ func Example_bun() {
 	}
 
 	err = db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
-		if err := pglock.LockTx(ctx, tx.Tx, keys.Pair(7, 3)); err != nil {
+		if err := pglock.LockTx(ctx, tx.Tx, keys.Pair(4107, 3)); err != nil {
 			return err
 		}
 		var n int

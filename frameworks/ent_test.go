@@ -150,7 +150,7 @@ func Example_ent() {
 	if sqlTx == nil {
 		log.Fatal(errors.New("not a database/sql transaction"))
 	}
-	if err := pglock.LockTx(ctx, sqlTx, keys.Pair(7, 4)); err != nil {
+	if err := pglock.LockTx(ctx, sqlTx, keys.Pair(4107, 4)); err != nil {
 		log.Fatal(err)
 	}
 	var rows entsql.Rows
@@ -187,7 +187,7 @@ func Example_entGeneratedClient() {
 		log.Fatal(err)
 	}
 	defer sqlTx.Rollback()
-	if err := pglock.LockTx(ctx, sqlTx, keys.Pair(7, 5)); err != nil {
+	if err := pglock.LockTx(ctx, sqlTx, keys.Pair(4107, 5)); err != nil {
 		log.Fatal(err)
 	}
 	txDrv := entsql.NewDriver(dialect.Postgres, entsql.Conn{ExecQuerier: sqlTx})

@@ -204,7 +204,7 @@ func Example_gorm() {
 		if err != nil {
 			return err
 		}
-		if err := pglock.LockTx(ctx, sqlTx, keys.Pair(7, 2)); err != nil {
+		if err := pglock.LockTx(ctx, sqlTx, keys.Pair(4107, 2)); err != nil {
 			return err
 		}
 		var n int

@@ -42,14 +42,10 @@ func openPgxpool(tb testing.TB, cfgFn func(*pgxpool.Config)) (*pgxpool.Pool, *sq
 	return pool, db
 }
 
-// lockPgxTx takes key as a transaction lock in a native pgx.Tx, which pglock
-// cannot take: the SQL, sent by hand, without pglock's guarantees.
+// lockPgxTx takes key, a bigint key, as a transaction lock in a native
+// pgx.Tx, which pglock cannot take: the SQL, sent by hand, without pglock's
+// guarantees.
 func lockPgxTx(ctx context.Context, tx pgx.Tx, key keys.Key) error {
-	if key.IsPair() {
-		k1, k2 := key.Pair()
-		_, err := tx.Exec(ctx, "SELECT pg_catalog.pg_advisory_xact_lock($1::int4, $2::int4)", k1, k2)
-		return err
-	}
 	_, err := tx.Exec(ctx, "SELECT pg_catalog.pg_advisory_xact_lock($1::bigint)", key.Int64())
 	return err
 }
@@ -195,7 +191,7 @@ func Example_pgxpool() {
 		log.Fatal(err)
 	}
 	defer tx.Rollback()
-	if err := pglock.LockTx(ctx, tx, keys.Pair(7, 6)); err != nil {
+	if err := pglock.LockTx(ctx, tx, keys.Pair(4107, 6)); err != nil {
 		log.Fatal(err)
 	}
 	var n int

@@ -82,7 +82,7 @@ func Example_sqlx() {
 		log.Fatal(err)
 	}
 	defer tx.Rollback()
-	if err := pglock.LockTx(ctx, tx.Tx, keys.Pair(7, 1)); err != nil {
+	if err := pglock.LockTx(ctx, tx.Tx, keys.Pair(4107, 1)); err != nil {
 		log.Fatal(err)
 	}
 	var n int
