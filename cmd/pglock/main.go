@@ -40,6 +40,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"strings"
 )
 
@@ -84,14 +85,28 @@ func main() {
 // command is one subcommand.
 type command struct {
 	name, args, summary string
-	run                 func(ctx context.Context, e env, g *globals, c command, args []string) int
+	// about is the command's description in its --help and the man page.
+	about string
+	// flags defines the command's own flags in fs, for the completion
+	// scripts and the man page (nil: none but the global ones).
+	flags func(fs *flagSet)
+	// bare: the command takes no global flags.
+	bare bool
+	run  func(ctx context.Context, e env, g *globals, c command, args []string) int
 }
 
-var commands = []command{
-	{"run", "[flags] KEY [--] command [args...]", "run a command while holding KEY", runMain},
-	{"hash", "[flags] KEY...", "print the lock each KEY names: its int64 and its pg_locks columns", hashMain},
-	{"holders", "[flags] KEY", "show who holds or waits for KEY", holdersMain},
-	{"list", "[flags]", "list every advisory lock in the current database", listMain},
+// commandTable is every command, in the order help lists them.
+func commandTable() []command {
+	return []command{
+		{name: "run", args: "[flags] KEY [--] command [args...]", summary: "run a command while holding KEY",
+			about: runAbout, flags: func(fs *flagSet) { newRunFlags().define(fs) }, run: runMain},
+		{name: "hash", args: "[flags] KEY...", summary: "print the lock each KEY names: its int64 and its pg_locks columns",
+			about: hashAbout, run: hashMain},
+		{name: "holders", args: "[flags] KEY...", summary: "show who holds or waits for each KEY", about: holdersAbout, run: holdersMain},
+		{name: "list", args: "[flags]", summary: "list every advisory lock in the current database", about: listAbout, run: listMain},
+		{name: "completion", args: "bash|zsh", summary: "print a shell completion script", about: completionAbout, bare: true, run: completionMain},
+		{name: "man", args: "", summary: "print the manual page (roff)", about: manAbout, bare: true, run: manMain},
+	}
 }
 
 const keyHelp = `KEY is one of (the text before the first ':' names the form):
@@ -123,40 +138,38 @@ is not found; 128+N when pglock itself got signal N while it waited.
 
 func (e env) usage(w io.Writer) {
 	fmt.Fprintf(w, "pglock: a cluster-wide flock(1) on PostgreSQL advisory locks\n\n")
-	fmt.Fprintf(w, "Usage:\n  pglock [--dsn DSN] [--json] COMMAND [flags] [args]\n\nCommands:\n")
-	for _, c := range commands {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	fmt.Fprintf(w, "Usage:\n  pglock [global flags] COMMAND [flags] [args]\n  pglock --version\n\nCommands:\n")
+	for _, c := range commandTable() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
-	fmt.Fprintf(w, "  %-8s %s\n", "help", "show help for a command")
+	fmt.Fprintf(w, "  %-10s %s\n", "help", "show help for a command")
 	fmt.Fprintf(w, "\nExamples:\n")
 	fmt.Fprintf(w, "  pglock run nightly-report -- ./report.sh        # one replica at a time\n")
 	fmt.Fprintf(w, "  pglock run -n nightly-report -- ./report.sh     # skip if another replica runs it\n")
-	fmt.Fprintf(w, "  pglock holders nightly-report\n\n")
-	fmt.Fprint(w, keyHelp, "\n", connHelp, "\n", exitHelp)
+	fmt.Fprintf(w, "  pglock holders nightly-report\n")
+	printFlags(w, newFlagSet("", &globals{}).docs)
+	fmt.Fprint(w, "\n", databaseHelp, "\n", keyHelp, "\n", connHelp, "\n", exitHelp)
 	fmt.Fprintf(w, "\nRun \"pglock COMMAND --help\" for a command's flags.\n")
 }
 
-// globals are the flags every command takes, before or after its name.
-type globals struct {
-	dsn            string
-	json           bool
-	verbose        bool
-	connectTimeout durationValue
-}
-
-func (g *globals) register(fs *flag.FlagSet) {
-	fs.StringVar(&g.dsn, "dsn", g.dsn, "PostgreSQL connection string (default: $DATABASE_URL, then the PG* variables)")
-	fs.BoolVar(&g.json, "json", g.json, "print machine-readable JSON instead of tables")
-	fs.BoolVar(&g.verbose, "verbose", g.verbose, "log the lock library's events (lost locks, failed checks) to stderr")
-	fs.Var(&g.connectTimeout, "connect-timeout", "give up connecting after this long (default 10s)")
-}
+// databaseHelp is the pitfall every replica's configuration must avoid.
+const databaseHelp = `Advisory locks are per database: replicas that connect to different
+databases (a different PGDATABASE, or none, which means the user's name) do
+not exclude each other. Every "nobody", "none" and busy message names the
+database and server it asked.
+`
 
 func (e env) main(ctx context.Context, args []string) int {
 	g := &globals{}
-	fs := flag.NewFlagSet("pglock", flag.ContinueOnError)
-	g.register(fs)
+	fs := newFlagSet("pglock", g)
+	var version bool
+	fs.boolFlag(&version, flagDoc{name: "version", usage: "print pglock's version and the Go version that built it"})
 	if code, ok := e.parse(fs, args, func(w io.Writer) { e.usage(w) }); !ok {
 		return code
+	}
+	if version {
+		fmt.Fprintln(e.stdout, versionLine(debug.ReadBuildInfo()))
+		return exitOK
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
@@ -171,7 +184,7 @@ func (e env) main(ctx context.Context, args []string) int {
 		}
 		name, rest = rest[0], []string{"--help"}
 	}
-	for _, c := range commands {
+	for _, c := range commandTable() {
 		if c.name == name {
 			return c.run(ctx, e, g, c, rest)
 		}
@@ -180,17 +193,10 @@ func (e env) main(ctx context.Context, args []string) int {
 	return exitUsage
 }
 
-// newFlagSet returns the flag set of one command, with the global flags.
-func newFlagSet(name string, g *globals) *flag.FlagSet {
-	fs := flag.NewFlagSet("pglock "+name, flag.ContinueOnError)
-	g.register(fs)
-	return fs
-}
-
 // parse parses args with fs. On --help it prints usage to stdout and returns
 // (0, false); on a bad flag it prints the error and a hint to stderr and
 // returns (2, false).
-func (e env) parse(fs *flag.FlagSet, args []string, usage func(io.Writer)) (int, bool) {
+func (e env) parse(fs *flagSet, args []string, usage func(io.Writer)) (int, bool) {
 	fs.SetOutput(io.Discard)
 	err := fs.Parse(args)
 	switch {
@@ -205,13 +211,14 @@ func (e env) parse(fs *flag.FlagSet, args []string, usage func(io.Writer)) (int,
 	}
 }
 
-// commandUsage prints a command's usage line, description and flags.
-func commandUsage(w io.Writer, fs *flag.FlagSet, c command, about string) {
-	fmt.Fprintf(w, "Usage: %s %s\n\n%s\n", fs.Name(), c.args, strings.TrimSpace(about))
-	fmt.Fprintf(w, "\nFlags:\n")
-	fs.SetOutput(w)
-	fs.PrintDefaults()
-	fs.SetOutput(io.Discard)
+// commandUsage prints a command's usage line, description, flags and the
+// further help texts given.
+func commandUsage(w io.Writer, fs *flagSet, c command, more ...string) {
+	fmt.Fprintf(w, "Usage: %s %s\n\n%s\n", fs.Name(), c.args, strings.TrimSpace(c.about))
+	printFlags(w, fs.docs)
+	for _, m := range more {
+		fmt.Fprintf(w, "\n%s", m)
+	}
 }
 
 // usageErr prints a usage error for command name and returns exitUsage.
