@@ -271,7 +271,7 @@ fi
 `, strings.Join(descs, "\n"), strings.Join(zshSpecs(rootFlags()), " \\\n    "), strings.Join(cases, "\n"))
 }
 
-// roff escapes s for a roff text line: backslashes, and a '.' or '\'' that
+// roff escapes s for a roff text line: backslashes, and a '.' or '\” that
 // would start a request.
 func roff(s string) string {
 	s = strings.ReplaceAll(s, `\`, `\e`)

@@ -213,7 +213,6 @@ func holderLine(h pglock.Holder) string {
 	return b.String()
 }
 
-
 // runChild runs argv while lk is held, then releases lk, and returns
 // pglock's exit code: the command's (see exitCodeOf) when the lock was held
 // throughout, --lost-exit-code when it was lost while the command ran or
