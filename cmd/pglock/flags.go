@@ -124,8 +124,8 @@ func (g *globals) register(fs *flagSet) {
 	if g.logFormat == "" {
 		g.logFormat = "text"
 	}
-	fs.stringFlag(&g.dsn, flagDoc{name: "dsn", arg: "DSN", global: true,
-		usage: "PostgreSQL connection string (default: $DATABASE_URL, then the PG* variables)"})
+	fs.stringFlag(&g.dsn, flagDoc{name: "dsn", arg: "DSN", global: true, def: "$DATABASE_URL, then the PG* variables",
+		usage: "PostgreSQL connection string"})
 	fs.boolFlag(&g.json, flagDoc{name: "json", global: true, usage: "print machine-readable JSON instead of tables"})
 	fs.boolFlag(&g.verbose, flagDoc{name: "verbose", global: true,
 		usage: "log run's steps with timestamps, and the lock library's events, to stderr"})
