@@ -345,7 +345,11 @@ pglock \- a cluster\-wide flock(1) on PostgreSQL advisory locks
 .SH SYNOPSIS
 `)
 	for _, c := range cmds {
-		fmt.Fprintf(&b, ".B pglock %s\n%s\n.br\n", c.name, roff(c.args))
+		fmt.Fprintf(&b, ".B pglock %s\n", c.name)
+		if c.args != "" {
+			b.WriteString(roff(c.args) + "\n")
+		}
+		b.WriteString(".br\n")
 	}
 	b.WriteString(".B pglock \\-\\-version\n.SH DESCRIPTION\n")
 	roffText(&b, `pglock runs a command while holding a PostgreSQL advisory lock, so that of
