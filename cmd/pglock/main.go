@@ -5,9 +5,15 @@
 //
 //	pglock run [--shared] [--nowait|-n] [--timeout 30s] [--conflict-exit-code 1]
 //	           [--on-lost term|kill|ignore] [--grace 10s] KEY -- command [args...]
-//	pglock hash KEY...     # the lock a KEY names: its int64 and pg_locks columns
-//	pglock holders KEY     # who holds or waits for KEY
-//	pglock list            # every advisory lock in the current database
+//	pglock hash KEY...       # the lock a KEY names: its int64 and pg_locks columns
+//	pglock holders KEY...    # who holds or waits for each KEY
+//	pglock list              # every advisory lock in the current database
+//	pglock completion bash   # a completion script (bash or zsh)
+//	pglock man               # the manual page, in roff
+//	pglock --version
+//
+// Advisory locks are per database: every answer that finds nobody names the
+// database and server it asked.
 //
 // KEY is one of:
 //
@@ -30,7 +36,9 @@
 // The driver is pgx/v5.
 //
 // Run `pglock --help` and `pglock COMMAND --help` for every flag, and the
-// package's README for the exit codes.
+// package's README for the exit codes. Flags use Go's flag package, with a
+// help printer, completion scripts and man page generated from the same
+// tables (flags.go, complete.go): it accepts -flag and --flag alike.
 package main
 
 import (
