@@ -72,8 +72,12 @@ func flagsOf(c command) []flagDoc {
 
 // rootFlags are the flags pglock takes before a command's name.
 func rootFlags() []flagDoc {
-	docs := newFlagSet("", &globals{}).docs
-	return append(docs, flagDoc{name: "version", usage: "print pglock's version and the Go version that built it"})
+	return append(newFlagSet("", &globals{}).docs, versionFlag())
+}
+
+// versionFlag is --version, which pglock takes only before a command.
+func versionFlag() flagDoc {
+	return flagDoc{name: "version", usage: "print pglock's version and the Go version that built it"}
 }
 
 // spellings returns every way to write the flags in docs: --name, -name

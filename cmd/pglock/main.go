@@ -155,7 +155,7 @@ func (e env) usage(w io.Writer) {
 	fmt.Fprintf(w, "  pglock run nightly-report -- ./report.sh        # one replica at a time\n")
 	fmt.Fprintf(w, "  pglock run -n nightly-report -- ./report.sh     # skip if another replica runs it\n")
 	fmt.Fprintf(w, "  pglock holders nightly-report\n")
-	printFlags(w, newFlagSet("", &globals{}).docs)
+	printFlags(w, rootFlags())
 	fmt.Fprint(w, "\n", databaseHelp, "\n", keyHelp, "\n", connHelp, "\n", exitHelp)
 	fmt.Fprintf(w, "\nRun \"pglock COMMAND --help\" for a command's flags.\n")
 }
@@ -171,7 +171,7 @@ func (e env) main(ctx context.Context, args []string) int {
 	g := &globals{}
 	fs := newFlagSet("pglock", g)
 	var version bool
-	fs.boolFlag(&version, flagDoc{name: "version", usage: "print pglock's version and the Go version that built it"})
+	fs.boolFlag(&version, versionFlag())
 	if code, ok := e.parse(fs, args, func(w io.Writer) { e.usage(w) }); !ok {
 		return code
 	}
