@@ -214,9 +214,27 @@ func (e env) parse(fs *flagSet, args []string, usage func(io.Writer)) (int, bool
 		usage(e.stdout)
 		return exitOK, false
 	default:
-		fmt.Fprintf(e.stderr, "%s: %v\nRun \"%s --help\" for usage.\n", fs.Name(), err, fs.Name())
+		fmt.Fprintf(e.stderr, "%s: %s\nRun \"%s --help\" for usage.\n", fs.Name(), longDashes(err.Error()), fs.Name())
 		return exitUsage, false
 	}
+}
+
+// longDashes spells the flags that the flag package's errors name with
+// one dash ("flag provided but not defined: -nope", "invalid value "x" for
+// flag -on-lost: ...") as help does: --name, and -n for a one-letter flag.
+func longDashes(msg string) string {
+	for _, marker := range []string{"defined: -", "flag -", "for -", "argument: -"} {
+		i := strings.Index(msg, marker)
+		if i < 0 {
+			continue
+		}
+		rest := msg[i+len(marker):]
+		if end := strings.IndexAny(rest, ": "); end > 1 || (end < 0 && len(rest) > 1) {
+			return msg[:i+len(marker)] + "-" + rest
+		}
+		return msg
+	}
+	return msg
 }
 
 // commandUsage prints a command's usage line, description, flags and the
