@@ -11,18 +11,23 @@ import (
 
 // parseKey turns a KEY argument into a lock. The text before the first ':'
 // names the form: "int:", "pair:", "name:", "django:", "rails:",
-// "rails/<prefix>:" and "hashtext:" are parsed strictly (keys.Parse, with a
-// non-empty name); anything else is a pglocks name, hashed with keys.String.
-func parseKey(s string) (keys.Key, error) {
-	if strings.TrimSpace(s) == "" {
-		return keys.Key{}, fmt.Errorf("KEY is empty: give a name, int:<int64>, pair:<a>,<b> or another form of KEY")
+// "rails/<prefix>:" and "hashtext:" are parsed strictly (keys.Parse);
+// anything else is a pglocks name, hashed with keys.String. With anyName
+// (hash, holders) every name is taken, the empty one too. Without it (run),
+// an empty or blank KEY is refused, as it is most likely an unset shell
+// variable, and so is an empty name in a form other than name:, so that the
+// empty name is locked only when written name:.
+func parseKey(s string, anyName bool) (keys.Key, error) {
+	if !anyName && strings.TrimSpace(s) == "" {
+		return keys.Key{}, fmt.Errorf("KEY is empty (an unset variable?): give a name, int:<int64>, pair:<a>,<b> or another form of KEY; " +
+			"the lock of the empty name is written name:")
 	}
 	form := keyForm(s)
 	if form == "" {
 		return keys.String(s), nil
 	}
 	k, err := keys.Parse(s)
-	if err != nil || (isNamed(k) && k.Name() == "") {
+	if err != nil || (!anyName && form != "name:" && isNamed(k) && k.Name() == "") {
 		return keys.Key{}, fmt.Errorf("invalid KEY %q: %s", s, keyFormHint(form, s))
 	}
 	return k, nil
@@ -170,7 +175,7 @@ type durationValue struct {
 }
 
 func (v *durationValue) String() string {
-	if v == nil || !v.set {
+	if v == nil || (!v.set && v.d == 0) {
 		return ""
 	}
 	return v.d.String()

@@ -14,6 +14,7 @@ import (
 func TestParseKey(t *testing.T) {
 	tests := []struct {
 		in      string
+		anyName bool // as hash and holders parse KEY; run does not
 		want    keys.Key
 		wantErr string
 	}{
@@ -42,8 +43,19 @@ func TestParseKey(t *testing.T) {
 		{in: "rails/main", want: keys.String("rails/main")},
 		{in: "railsx:y", want: keys.String("railsx:y")},
 		{in: " django:x", want: keys.String(" django:x")},
-		{in: "", wantErr: "KEY is empty"},
+		{in: "", wantErr: "KEY is empty (an unset variable?)"},
 		{in: "  ", wantErr: "KEY is empty"},
+		{in: "name:", want: keys.String("")},
+		// hash and holders take every name, the empty one too.
+		{in: "", anyName: true, want: keys.String("")},
+		{in: "  ", anyName: true, want: keys.String("  ")},
+		{in: "name:", anyName: true, want: keys.String("")},
+		{in: "django:", anyName: true, want: keys.Django("")},
+		{in: "rails:", anyName: true, want: keys.Rails("")},
+		{in: "rails/7:", anyName: true, want: keys.RailsPrefix("", 7)},
+		{in: "hashtext:", anyName: true, want: keys.Hashtext("")},
+		{in: "int:", anyName: true, wantErr: "int: takes one decimal int64"},
+		{in: "rails/0:x", anyName: true, wantErr: "prefix 0 is written rails:x"},
 		{in: "int:", wantErr: "int: takes one decimal int64"},
 		{in: "int:abc", wantErr: "int: takes one decimal int64"},
 		{in: "int:+1", wantErr: "int: takes one decimal int64"},
@@ -51,7 +63,6 @@ func TestParseKey(t *testing.T) {
 		{in: "pair:1", wantErr: "pair: takes two decimal int32s"},
 		{in: "pair:1,2,3", wantErr: "pair: takes two decimal int32s"},
 		{in: "pair:2147483648,1", wantErr: "pair: takes two decimal int32s"},
-		{in: "name:", wantErr: "name: takes a non-empty name"},
 		{in: "django:", wantErr: "django: takes a non-empty name"},
 		{in: "rails:", wantErr: "rails: takes a non-empty name"},
 		{in: "hashtext:", wantErr: "hashtext: takes a non-empty name"},
@@ -65,15 +76,15 @@ func TestParseKey(t *testing.T) {
 		{in: "rails/deploy:x", wantErr: "is written name:rails/deploy:x"},
 	}
 	for _, tt := range tests {
-		got, err := parseKey(tt.in)
+		got, err := parseKey(tt.in, tt.anyName)
 		if tt.wantErr != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Errorf("parseKey(%q) = %v, %v; want error containing %q", tt.in, got, err, tt.wantErr)
+				t.Errorf("parseKey(%q, %v) = %v, %v; want error containing %q", tt.in, tt.anyName, got, err, tt.wantErr)
 			}
 			continue
 		}
 		if err != nil || got != tt.want {
-			t.Errorf("parseKey(%q) = %v, %v; want %v", tt.in, got, err, tt.want)
+			t.Errorf("parseKey(%q, %v) = %v, %v; want %v", tt.in, tt.anyName, got, err, tt.want)
 		}
 	}
 }
@@ -181,15 +192,34 @@ func TestUsage(t *testing.T) {
 		{args: []string{"run", "--help"}, code: 0, stdout: "--conflict-exit-code"},
 		{args: []string{"hash", "--help"}, code: 0, stdout: "FNV-1a-64"},
 		{args: []string{"hash", "--help"}, code: 0, stdout: "rails/<p>:NAME"},
-		{args: []string{"hash", ""}, code: exitUsage, stderr: "KEY is empty"},
+		{args: []string{"hash", ""}, code: 0, stdout: "name:      int:-3750763034362895579"},
+		{args: []string{"hash", ""}, code: 0, stdout: "hashtext:  int:-1477818771"},
+		{args: []string{"--version"}, code: 0, stdout: "built with go1."},
+		{args: []string{"--help"}, code: 0, stdout: "Advisory locks are per database"},
+		{args: []string{"run", "--help"}, code: 0, stdout: "      --grace DURATION        with --on-lost term, how long to wait after SIGTERM before SIGKILL (default 10s)\n"},
+		{args: []string{"run", "--help"}, code: 0, stdout: "(default 2s)"},
+		{args: []string{"run", "--help"}, code: 0, stdout: "  -n, --nowait "},
+		{args: []string{"run", "--help"}, code: 0, stdout: "      --log-format FORMAT "},
+		{args: []string{"run", "--log-format", "xml", "k", "--", "true"}, code: exitUsage, stderr: "want text or json"},
+		{args: []string{"completion"}, code: exitUsage, stderr: "want one shell"},
+		{args: []string{"completion", "fish"}, code: exitUsage, stderr: `unknown shell "fish"`},
+		{args: []string{"completion", "bash"}, code: 0, stdout: "complete -F _pglock pglock"},
+		{args: []string{"completion", "zsh"}, code: 0, stdout: "#compdef pglock"},
+		{args: []string{"man"}, code: 0, stdout: ".TH PGLOCK 1"},
+		{args: []string{"man", "x"}, code: exitUsage, stderr: "takes no arguments"},
 		{args: []string{"hash", "rails/0:x"}, code: exitUsage, stderr: `invalid KEY "rails/0:x": with_advisory_lock's prefix 0 is written rails:x`},
-		{args: []string{"holders", "django:"}, code: exitUsage, stderr: "django: takes a non-empty name"},
+		{args: []string{"holders", "int:"}, code: exitUsage, stderr: "int: takes one decimal int64"},
 		{args: []string{"run", "hashtext:", "--", "true"}, code: exitUsage, stderr: "hashtext: takes a non-empty name"},
 		{args: []string{"run", "rails/x:y", "--", "true"}, code: exitUsage, stderr: "name:rails/x:y"},
 		{args: []string{"holders", "--help"}, code: 0, stdout: "Usage: pglock holders"},
 		{args: []string{"list", "--help"}, code: 0, stdout: "Usage: pglock list"},
 		{args: []string{"frobnicate"}, code: exitUsage, stderr: `unknown command "frobnicate"`},
-		{args: []string{"--nope", "list"}, code: exitUsage, stderr: "flag provided but not defined: -nope"},
+		{args: []string{"--nope", "list"}, code: exitUsage, stderr: "flag provided but not defined: --nope\n"},
+		{args: []string{"-x", "list"}, code: exitUsage, stderr: "flag provided but not defined: -x\n"},
+		{args: []string{"run", "-on-lost", "pray", "k", "--", "true"}, code: exitUsage, stderr: `invalid value "pray" for flag --on-lost: want term`},
+		{args: []string{"run", "-w", "soon", "k", "--", "true"}, code: exitUsage, stderr: `invalid value "soon" for flag -w: want a duration`},
+		{args: []string{"run", "--grace"}, code: exitUsage, stderr: "flag needs an argument: --grace\n"},
+		{args: []string{"--json=maybe", "list"}, code: exitUsage, stderr: `invalid boolean value "maybe" for --json:`},
 		{args: []string{"run"}, code: exitUsage, stderr: "missing KEY and command"},
 		{args: []string{"run", "k"}, code: exitUsage, stderr: "missing command"},
 		{args: []string{"run", "k", "--"}, code: exitUsage, stderr: "missing command"},
@@ -197,6 +227,7 @@ func TestUsage(t *testing.T) {
 		{args: []string{"run", "k", "-n", "--", "true"}, code: exitUsage, stderr: "flags go before KEY"},
 		{args: []string{"run", "int:x", "--", "true"}, code: exitUsage, stderr: `invalid KEY "int:x"`},
 		{args: []string{"run", "", "--", "true"}, code: exitUsage, stderr: "KEY is empty"},
+		{args: []string{"run", "django:", "--", "true"}, code: exitUsage, stderr: "django: takes a non-empty name"},
 		{args: []string{"run", "-n", "--timeout", "1s", "k", "--", "true"}, code: exitUsage, stderr: "cannot be combined"},
 		{args: []string{"run", "--timeout", "soon", "k", "--", "true"}, code: exitUsage, stderr: "want a duration"},
 		{args: []string{"run", "--on-lost", "pray", "k", "--", "true"}, code: exitUsage, stderr: "want term, kill or ignore"},
@@ -204,8 +235,8 @@ func TestUsage(t *testing.T) {
 		{args: []string{"run", "--health-check", "1ms", "k", "--", "true"}, code: exitUsage, stderr: "at least 10ms"},
 		{args: []string{"hash"}, code: exitUsage, stderr: "missing KEY"},
 		{args: []string{"hash", "pair:1"}, code: exitUsage, stderr: `invalid KEY "pair:1"`},
-		{args: []string{"holders"}, code: exitUsage, stderr: "exactly one KEY"},
-		{args: []string{"holders", "a", "b"}, code: exitUsage, stderr: "exactly one KEY"},
+		{args: []string{"holders"}, code: exitUsage, stderr: "missing KEY"},
+		{args: []string{"holders", "a", "int:x"}, code: exitUsage, stderr: `invalid KEY "int:x"`},
 		{args: []string{"list", "x"}, code: exitUsage, stderr: "takes no arguments"},
 		{args: []string{"--dsn", "::bad", "list"}, code: exitUsage, stderr: "invalid connection string from --dsn"},
 		{args: []string{"run", "--dsn", "::bad", "k", "--", "true"}, code: exitUsage, stderr: "invalid connection string from --dsn"},

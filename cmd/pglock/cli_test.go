@@ -13,6 +13,7 @@ import (
 	"database/sql/driver"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -681,7 +682,7 @@ func TestHoldersOtherForms(t *testing.T) {
 		if tt.prefix != "" {
 			env = append(env, "WITH_ADVISORY_LOCK_PREFIX="+tt.prefix)
 		}
-		asked, err := parseKey(tt.arg(name))
+		asked, err := parseKey(tt.arg(name), true)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -689,7 +690,7 @@ func TestHoldersOtherForms(t *testing.T) {
 		p := runPglock(t, env, "holders", tt.arg(name))
 		out := p.stdout.String()
 		for _, want := range []string{
-			"nobody holds or waits for " + describe(asked) + "\n",
+			"nobody holds or waits for " + describe(asked) + " on " + testServer(t) + "\n",
 			"but " + describe(taken) + ", used by ",
 			"is held; did you mean " + taken.String() + "?\n",
 			fmt.Sprintf("\n%d ", pid),
@@ -743,15 +744,15 @@ func TestHoldersNoOtherForm(t *testing.T) {
 		if tt.prefix != "" {
 			env = append(env, "WITH_ADVISORY_LOCK_PREFIX="+tt.prefix)
 		}
-		asked, _ := parseKey(tt.arg)
+		asked, _ := parseKey(tt.arg, true)
 		p := runPglock(t, env, "holders", tt.arg)
-		want := "nobody holds or waits for " + describe(asked) + "\n"
+		want := "nobody holds or waits for " + describe(asked) + " on " + testServer(t) + "\n"
 		if len(tt.checked) > 0 {
 			var ds []string
 			for _, k := range tt.checked {
 				ds = append(ds, describe(k))
 			}
-			want = fmt.Sprintf("nobody holds or waits for %s, nor for the other tools' locks for that name: %s\n", describe(asked), strings.Join(ds, ", "))
+			want = fmt.Sprintf("nobody holds or waits for %s on %s, nor for the other tools' locks for that name: %s\n", describe(asked), testServer(t), strings.Join(ds, ", "))
 		}
 		if p.code != 0 || p.stdout.String() != want {
 			t.Errorf("holders %s: %v\nwant stdout %q", tt.arg, p, want)
@@ -772,6 +773,18 @@ func TestHoldersNoOtherForm(t *testing.T) {
 type connCfg struct {
 	host, user, database string
 	port                 uint16
+}
+
+// testServer is how messages name the database and server of
+// PGLOCKS_TEST_DSN: "database test at 127.0.0.1:5432" (the DSN's host must
+// be an address, as the server reports its own).
+func testServer(t *testing.T) string {
+	t.Helper()
+	c, err := pgxConfig(testDSN(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("database %s at %s", c.database, net.JoinHostPort(c.host, strconv.Itoa(int(c.port))))
 }
 
 func pgxConfig(dsn string) (connCfg, error) {

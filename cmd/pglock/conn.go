@@ -4,8 +4,10 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
-	"io"
 	"log/slog"
+	"net"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -40,15 +42,43 @@ type connError struct {
 
 func (e *connError) Error() string { return e.err.Error() }
 
+// serverQuery names the database and server a connection reached, in the
+// round trip that checks the connection: the server's own address and port,
+// NULL on a Unix socket. (cmd/pglock's only SQL: the library has no call
+// for it.)
+const serverQuery = `SELECT pg_catalog.current_database(), pg_catalog.host(pg_catalog.inet_server_addr()), pg_catalog.inet_server_port()`
+
+// server is the database and server a connection reached, as messages name
+// them: "database test at 127.0.0.1:5432".
+type server struct {
+	database string
+	addr     string // host:port, [v6]:port or the Unix socket's path
+}
+
+func (s server) String() string { return fmt.Sprintf("database %s at %s", s.database, s.addr) }
+
+// serverOf returns the server that the answer to serverQuery names; for a
+// Unix socket, where the server returns NULL, it is the socket in cfg.
+func serverOf(cfg *pgx.ConnConfig, database string, host sql.NullString, port sql.NullInt64) server {
+	if host.Valid && port.Valid {
+		return server{database, net.JoinHostPort(host.String, strconv.FormatInt(port.Int64, 10))}
+	}
+	if strings.HasPrefix(cfg.Host, "/") {
+		return server{database, fmt.Sprintf("%s/.s.PGSQL.%d", strings.TrimSuffix(cfg.Host, "/"), cfg.Port)}
+	}
+	return server{database, net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port)))}
+}
+
 // open connects to the database the flags and environment name, with
 // application_name set to app unless the connection string sets one (force
-// sets it anyway). It pings the server, so that a bad host or password is
-// reported before anything else happens.
-func open(ctx context.Context, e env, g *globals, app string, force bool) (*sql.DB, error) {
+// sets it anyway). It asks the server which database and address it
+// reached (serverQuery), so that a bad host or password is reported before
+// anything else happens, and messages can name where they looked.
+func open(ctx context.Context, e env, g *globals, app string, force bool) (*sql.DB, server, error) {
 	dsn, source := dsnSource(g.dsn, e.getenv)
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
-		return nil, &connError{usage: true, err: fmt.Errorf("invalid connection string from %s: %v", source, err)}
+		return nil, server{}, &connError{usage: true, err: fmt.Errorf("invalid connection string from %s: %v", source, err)}
 	}
 	if _, ok := cfg.RuntimeParams["application_name"]; force || !ok {
 		cfg.RuntimeParams["application_name"] = app
@@ -68,11 +98,30 @@ func open(ctx context.Context, e env, g *globals, app string, force bool) (*sql.
 	db := stdlib.OpenDB(*cfg)
 	pctx, cancel := context.WithTimeout(ctx, cfg.ConnectTimeout+time.Second)
 	defer cancel()
-	if err := db.PingContext(pctx); err != nil {
+	var database string
+	var host sql.NullString
+	var port sql.NullInt64
+	if err := db.QueryRowContext(pctx, serverQuery).Scan(&database, &host, &port); err != nil {
 		db.Close()
-		return nil, &connError{err: fmt.Errorf("cannot connect to PostgreSQL at %s (from %s): %v", where(cfg), source, err)}
+		return nil, server{}, &connError{err: fmt.Errorf("cannot connect to PostgreSQL at %s (from %s): %s", where(cfg), source, dedupeLines(err.Error()))}
 	}
-	return db, nil
+	return db, serverOf(cfg, database, host, port), nil
+}
+
+// dedupeLines drops the lines of s that repeat an earlier one: pgx reports
+// each attempt (with TLS, then without, as sslmode=prefer makes it try) on
+// a line of its own, the same twice when the server cannot be reached.
+func dedupeLines(s string) string {
+	lines := strings.Split(s, "\n")
+	seen := make(map[string]bool, len(lines))
+	kept := lines[:0]
+	for _, l := range lines {
+		if !seen[l] {
+			seen[l] = true
+			kept = append(kept, l)
+		}
+	}
+	return strings.Join(kept, "\n")
 }
 
 // where names the server and role a config connects to, without the password.
@@ -80,24 +129,16 @@ func where(cfg *pgx.ConnConfig) string {
 	return fmt.Sprintf("host=%s port=%d user=%s dbname=%s", cfg.Host, cfg.Port, cfg.User, cfg.Database)
 }
 
-// openOrExit is open for commands: it prints the error and returns the exit
-// code to use when the connection fails.
-func openOrExit(ctx context.Context, e env, g *globals, name, app string, force bool) (*sql.DB, int) {
-	db, err := open(ctx, e, g, app, force)
+// openOrExit is open for commands: it reports the error with r and returns
+// the exit code to use when the connection fails.
+func openOrExit(ctx context.Context, e env, g *globals, r *reporter, app string, force bool) (*sql.DB, server, int) {
+	db, srv, err := open(ctx, e, g, app, force)
 	if err == nil {
-		return db, exitOK
+		return db, srv, exitOK
 	}
-	fmt.Fprintf(e.stderr, "pglock %s: %v\n", name, err)
+	r.say(slog.LevelError, "connect", err.Error())
 	if ce, ok := err.(*connError); ok && ce.usage {
-		return nil, exitUsage
+		return nil, srv, exitUsage
 	}
-	return nil, exitUnavailable
-}
-
-// logger is the Locker's logger: stderr with --verbose, nothing otherwise.
-func logger(w io.Writer, verbose bool) *slog.Logger {
-	if !verbose {
-		return nil
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	return nil, srv, exitUnavailable
 }

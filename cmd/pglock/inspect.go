@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -26,35 +25,41 @@ A bare NAME prints one line per tool's lock for that name: pglocks' own
 when WITH_ADVISORY_LOCK_PREFIX is set) and pg_advisory_lock(hashtext('NAME'))'s
 (hashtext:NAME). KEY in one of those forms prints just that lock. hashtext is
 computed as a little-endian server with a UTF8 database computes it; SELECT
-hashtext('NAME') confirms it.
+hashtext('NAME') confirms it. Every name is valid, the empty one too:
+pglock hash "" prints each tool's lock for "".
 `
 
 const holdersAbout = `
-Show the sessions that hold KEY, then those waiting for it in the order they
-began waiting: pid, status, mode, application_name, client address and since
-when (the session's start for a holder, the wait's start for a waiter; the
-wait's start needs PostgreSQL 14 or later). A "pglock run" holder shows as
-application "pglock run KEY". Prints nothing but a note when nobody holds or
-waits for KEY; the exit code is 0 either way.
+Show the sessions that hold each KEY, then those waiting for it in the order
+they began waiting: pid, status, mode, application_name, client address and
+since when (the session's start for a holder, the wait's start for a waiter;
+the wait's start needs PostgreSQL 14 or later). A "pglock run" holder shows as
+application "pglock run KEY". When nobody holds or waits for a KEY, a note
+names the database and server asked; the exit code is 0 either way. Every
+KEY is looked up in one query.
 
 When nobody holds or waits for a KEY made from a name (NAME, name:NAME,
 django:NAME, rails:NAME, rails/PREFIX:NAME, hashtext:NAME), the other tools'
-locks for that name are looked up too (one more query; with_advisory_lock's
-rails/PREFIX: when WITH_ADVISORY_LOCK_PREFIX is set), and their holders are
-shown with a hint: perhaps the lock was taken by another tool. --json prints
-{"key", "holders", "other_forms"}: other_forms only when they were looked up.
+locks for that name are looked up too (with_advisory_lock's rails/PREFIX:
+when WITH_ADVISORY_LOCK_PREFIX is set), and their holders are shown with a
+hint: perhaps the lock was taken by another tool.
+
+--json prints, for one KEY, an object {"key", "database", "server",
+"holders", "other_forms"} (other_forms only when they were looked up); for
+several KEYs, an array of such objects, in the order of the arguments.
 `
 
 const listAbout = `
 List every advisory lock in the current database: one line per session and
-mode holding or waiting for each lock, holders first. Keys are decoded from
+mode holding or waiting for each lock, holders first. With none, the note
+names the database and server asked. Keys are decoded from
 pg_locks as int:<int64> or pair:<a>,<b>; a name cannot be recovered from its
 hash, but "pglock hash NAME" prints the int64 to look for.
 `
 
 func hashMain(ctx context.Context, e env, g *globals, c command, args []string) int {
 	fs := newFlagSet("hash", g)
-	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, hashAbout+"\n"+keyHelp) }); !ok {
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, keyHelp) }); !ok {
 		return code
 	}
 	if fs.NArg() == 0 {
@@ -62,7 +67,7 @@ func hashMain(ctx context.Context, e env, g *globals, c command, args []string) 
 	}
 	var rows []nameForm
 	for _, a := range fs.Args() {
-		k, err := parseKey(a)
+		k, err := parseKey(a, true)
 		if err != nil {
 			return e.usageErr("hash", "%v", err)
 		}
@@ -100,42 +105,98 @@ func sqlCall(k keys.Key) string {
 
 func holdersMain(ctx context.Context, e env, g *globals, c command, args []string) int {
 	fs := newFlagSet("holders", g)
-	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, holdersAbout+"\n"+keyHelp+"\n"+connHelp) }); !ok {
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, keyHelp, connHelp) }); !ok {
 		return code
 	}
-	if fs.NArg() != 1 {
-		return e.usageErr("holders", "want exactly one KEY, got %d arguments", fs.NArg())
+	if fs.NArg() == 0 {
+		return e.usageErr("holders", "missing KEY")
 	}
-	key, err := parseKey(fs.Arg(0))
-	if err != nil {
-		return e.usageErr("holders", "%v", err)
+	ks := make([]keys.Key, 0, fs.NArg())
+	for _, a := range fs.Args() {
+		k, err := parseKey(a, true)
+		if err != nil {
+			return e.usageErr("holders", "%v", err)
+		}
+		ks = append(ks, k)
 	}
-	db, code := openOrExit(ctx, e, g, "holders", "pglock holders", false)
+	r := &reporter{w: e.stderr, name: "holders"}
+	db, srv, code := openOrExit(ctx, e, g, r, "pglock holders", false)
 	if db == nil {
 		return code
 	}
 	defer db.Close()
-	hs, err := pglock.Holders(ctx, db, key)
+	// One query for every KEY and the other tools' locks for their names.
+	all, err := pglock.List(ctx, db)
 	if err != nil {
 		fmt.Fprintf(e.stderr, "pglock holders: %v\n", err)
 		return exitUnavailable
 	}
-	var others []formHolders // nil: not looked up
-	if len(hs) == 0 && isNamed(key) {
-		if others, err = otherForms(ctx, db, key, e.getenv); err != nil {
-			fmt.Fprintf(e.stderr, "pglock holders: looking up the other tools' locks for %q: %v\n", key.Name(), err)
-		}
+	found := make([]keyHolders, 0, len(ks))
+	for _, k := range ks {
+		found = append(found, holdersOf(k, all, e.getenv))
 	}
 	if g.json {
-		return e.writeJSON(newHoldersOutput(key, hs, others))
+		out := make([]holdersOutput, 0, len(found))
+		for _, f := range found {
+			out = append(out, newHoldersOutput(f, srv))
+		}
+		if len(out) == 1 {
+			return e.writeJSON(out[0])
+		}
+		return e.writeJSON(out)
 	}
-	if len(hs) == 0 {
-		e.nobody(key, others)
-		return exitOK
+	for i, f := range found {
+		if i > 0 {
+			fmt.Fprintln(e.stdout)
+		}
+		if len(f.holders) == 0 {
+			e.nobody(f, srv)
+			continue
+		}
+		fmt.Fprintf(e.stdout, "%s on %s:\n", describe(f.key), srv)
+		e.holderTable(f.holders, false)
 	}
-	fmt.Fprintf(e.stdout, "%s:\n", describe(key))
-	e.holderTable(hs, false)
 	return exitOK
+}
+
+// keyHolders are the holders and waiters of one KEY and, when nobody holds
+// or waits for a KEY made from a name, of the other tools' locks for that
+// name (others; nil when not looked up).
+type keyHolders struct {
+	key     keys.Key
+	holders []pglock.Holder
+	others  []formHolders
+}
+
+// holdersOf picks key's holders, and the other forms', out of all (every
+// advisory lock in the database, from pglock.List, in its order). Each
+// holder's Key is the key or form it was found under.
+func holdersOf(key keys.Key, all []pglock.Holder, getenv func(string) string) keyHolders {
+	kh := keyHolders{key: key, holders: pick(key, all)}
+	if len(kh.holders) > 0 || !isNamed(key) {
+		return kh
+	}
+	kh.others = make([]formHolders, 0, 5)
+	seen := map[keys.Key]bool{key.Unnamed(): true}
+	for _, f := range formsOf(key.Name(), getenv) {
+		if u := f.key.Unnamed(); !seen[u] {
+			seen[u] = true
+			kh.others = append(kh.others, formHolders{nameForm: f, holders: pick(f.key, all)})
+		}
+	}
+	return kh
+}
+
+// pick returns the holders in all of key's lock, with key as their Key.
+func pick(key keys.Key, all []pglock.Holder) []pglock.Holder {
+	var hs []pglock.Holder
+	for _, h := range all {
+		if key.Same(h.Key) {
+			h.Key = key
+			hs = append(hs, h)
+		}
+	}
+	return hs
 }
 
 // formHolders are the holders and waiters of one tool's lock for a name.
@@ -144,46 +205,18 @@ type formHolders struct {
 	holders []pglock.Holder
 }
 
-// otherForms returns the holders and waiters of the other tools' locks for
-// the name key was made from (see formsOf), in one query: pglock.List,
-// filtered here. Each holder's Key is the form it was found under.
-func otherForms(ctx context.Context, db *sql.DB, key keys.Key, getenv func(string) string) ([]formHolders, error) {
-	fs := make([]formHolders, 0, 5)
-	seen := map[keys.Key]bool{key.Unnamed(): true}
-	for _, f := range formsOf(key.Name(), getenv) {
-		if u := f.key.Unnamed(); !seen[u] {
-			seen[u] = true
-			fs = append(fs, formHolders{nameForm: f})
-		}
-	}
-	all, err := pglock.List(ctx, db)
-	if err != nil {
-		return nil, err
-	}
-	for _, h := range all {
-		for i := range fs {
-			if fs[i].key.Same(h.Key) {
-				h.Key = fs[i].key
-				fs[i].holders = append(fs[i].holders, h)
-				break
-			}
-		}
-	}
-	return fs, nil
-}
-
-// nobody says that nobody holds or waits for key and, when others were
-// looked up, which of them are held or waited for, with their holders, or
-// that none is.
-func (e env) nobody(key keys.Key, others []formHolders) {
-	fmt.Fprintf(e.stdout, "nobody holds or waits for %s", describe(key))
-	if others == nil {
+// nobody says that nobody holds or waits for kh.key on srv and, when the
+// other forms were looked up, which of them are held or waited for, with
+// their holders, or that none is.
+func (e env) nobody(kh keyHolders, srv server) {
+	fmt.Fprintf(e.stdout, "nobody holds or waits for %s on %s", describe(kh.key), srv)
+	if kh.others == nil {
 		fmt.Fprintln(e.stdout)
 		return
 	}
-	checked := make([]string, 0, len(others))
+	checked := make([]string, 0, len(kh.others))
 	taken := 0
-	for _, o := range others {
+	for _, o := range kh.others {
 		checked = append(checked, describe(o.key))
 		if len(o.holders) > 0 {
 			taken++
@@ -194,7 +227,7 @@ func (e env) nobody(key keys.Key, others []formHolders) {
 		return
 	}
 	fmt.Fprintln(e.stdout)
-	for _, o := range others {
+	for _, o := range kh.others {
 		if len(o.holders) > 0 {
 			fmt.Fprintf(e.stdout, "but %s, used by %s, is %s; did you mean %s?\n", describe(o.key), o.tool, heldOrWaited(o.holders), o.key)
 			e.holderTable(o.holders, false)
@@ -220,13 +253,13 @@ func heldOrWaited(hs []pglock.Holder) string {
 
 func listMain(ctx context.Context, e env, g *globals, c command, args []string) int {
 	fs := newFlagSet("list", g)
-	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, listAbout+"\n"+connHelp) }); !ok {
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, connHelp) }); !ok {
 		return code
 	}
 	if fs.NArg() != 0 {
 		return e.usageErr("list", "takes no arguments, got %q", fs.Args())
 	}
-	db, code := openOrExit(ctx, e, g, "list", "pglock list", false)
+	db, srv, code := openOrExit(ctx, e, g, &reporter{w: e.stderr, name: "list"}, "pglock list", false)
 	if db == nil {
 		return code
 	}
@@ -240,7 +273,7 @@ func listMain(ctx context.Context, e env, g *globals, c command, args []string) 
 		return e.writeJSON(holdersJSON(hs))
 	}
 	if len(hs) == 0 {
-		fmt.Fprintln(e.stdout, "no advisory locks in this database")
+		fmt.Fprintf(e.stdout, "no advisory locks in %s\n", srv)
 		return exitOK
 	}
 	e.holderTable(hs, true)
@@ -335,11 +368,14 @@ type hashJSON struct {
 	Tool string `json:"tool,omitempty"`
 }
 
-// holdersOutput is "pglock holders --json": KEY, its holders and waiters,
-// and, when they were looked up (nobody holds or waits for a KEY made from a
-// name), the other tools' locks for that name with theirs.
+// holdersOutput is "pglock holders --json" for one KEY: the KEY, the
+// database and server asked, its holders and waiters, and, when they were
+// looked up (nobody holds or waits for a KEY made from a name), the other
+// tools' locks for that name with theirs.
 type holdersOutput struct {
 	Key        keyJSON         `json:"key"`
+	Database   string          `json:"database"`
+	Server     string          `json:"server"`
 	Holders    []holderJSON    `json:"holders"`
 	OtherForms []otherFormJSON `json:"other_forms,omitempty"`
 }
@@ -351,9 +387,9 @@ type otherFormJSON struct {
 	Holders []holderJSON `json:"holders"`
 }
 
-func newHoldersOutput(key keys.Key, hs []pglock.Holder, others []formHolders) holdersOutput {
-	out := holdersOutput{Key: newKeyJSON(key), Holders: holdersJSON(hs)}
-	for _, o := range others {
+func newHoldersOutput(kh keyHolders, srv server) holdersOutput {
+	out := holdersOutput{Key: newKeyJSON(kh.key), Database: srv.database, Server: srv.addr, Holders: holdersJSON(kh.holders)}
+	for _, o := range kh.others {
 		out.OtherForms = append(out.OtherForms, otherFormJSON{keyJSON: newKeyJSON(o.key), Tool: o.tool, Holders: holdersJSON(o.holders)})
 	}
 	return out

@@ -5,9 +5,15 @@
 //
 //	pglock run [--shared] [--nowait|-n] [--timeout 30s] [--conflict-exit-code 1]
 //	           [--on-lost term|kill|ignore] [--grace 10s] KEY -- command [args...]
-//	pglock hash KEY...     # the lock a KEY names: its int64 and pg_locks columns
-//	pglock holders KEY     # who holds or waits for KEY
-//	pglock list            # every advisory lock in the current database
+//	pglock hash KEY...       # the lock a KEY names: its int64 and pg_locks columns
+//	pglock holders KEY...    # who holds or waits for each KEY
+//	pglock list              # every advisory lock in the current database
+//	pglock completion bash   # a completion script (bash or zsh)
+//	pglock man               # the manual page, in roff
+//	pglock --version
+//
+// Advisory locks are per database: every answer that finds nobody names the
+// database and server it asked.
 //
 // KEY is one of:
 //
@@ -30,7 +36,9 @@
 // The driver is pgx/v5.
 //
 // Run `pglock --help` and `pglock COMMAND --help` for every flag, and the
-// package's README for the exit codes.
+// package's README for the exit codes. Flags use Go's flag package, with a
+// help printer, completion scripts and man page generated from the same
+// tables (flags.go, complete.go): it accepts -flag and --flag alike.
 package main
 
 import (
@@ -40,6 +48,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"strings"
 )
 
@@ -84,14 +93,28 @@ func main() {
 // command is one subcommand.
 type command struct {
 	name, args, summary string
-	run                 func(ctx context.Context, e env, g *globals, c command, args []string) int
+	// about is the command's description in its --help and the man page.
+	about string
+	// flags defines the command's own flags in fs, for the completion
+	// scripts and the man page (nil: none but the global ones).
+	flags func(fs *flagSet)
+	// bare: the command takes no global flags.
+	bare bool
+	run  func(ctx context.Context, e env, g *globals, c command, args []string) int
 }
 
-var commands = []command{
-	{"run", "[flags] KEY [--] command [args...]", "run a command while holding KEY", runMain},
-	{"hash", "[flags] KEY...", "print the lock each KEY names: its int64 and its pg_locks columns", hashMain},
-	{"holders", "[flags] KEY", "show who holds or waits for KEY", holdersMain},
-	{"list", "[flags]", "list every advisory lock in the current database", listMain},
+// commandTable is every command, in the order help lists them.
+func commandTable() []command {
+	return []command{
+		{name: "run", args: "[flags] KEY [--] command [args...]", summary: "run a command while holding KEY",
+			about: runAbout, flags: func(fs *flagSet) { newRunFlags().define(fs) }, run: runMain},
+		{name: "hash", args: "[flags] KEY...", summary: "print the lock each KEY names: its int64 and its pg_locks columns",
+			about: hashAbout, run: hashMain},
+		{name: "holders", args: "[flags] KEY...", summary: "show who holds or waits for each KEY", about: holdersAbout, run: holdersMain},
+		{name: "list", args: "[flags]", summary: "list every advisory lock in the current database", about: listAbout, run: listMain},
+		{name: "completion", args: "bash|zsh", summary: "print a shell completion script", about: completionAbout, bare: true, run: completionMain},
+		{name: "man", args: "", summary: "print the manual page (roff)", about: manAbout, bare: true, run: manMain},
+	}
 }
 
 const keyHelp = `KEY is one of (the text before the first ':' names the form):
@@ -123,40 +146,38 @@ is not found; 128+N when pglock itself got signal N while it waited.
 
 func (e env) usage(w io.Writer) {
 	fmt.Fprintf(w, "pglock: a cluster-wide flock(1) on PostgreSQL advisory locks\n\n")
-	fmt.Fprintf(w, "Usage:\n  pglock [--dsn DSN] [--json] COMMAND [flags] [args]\n\nCommands:\n")
-	for _, c := range commands {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	fmt.Fprintf(w, "Usage:\n  pglock [global flags] COMMAND [flags] [args]\n  pglock --version\n\nCommands:\n")
+	for _, c := range commandTable() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
-	fmt.Fprintf(w, "  %-8s %s\n", "help", "show help for a command")
+	fmt.Fprintf(w, "  %-10s %s\n", "help", "show help for a command")
 	fmt.Fprintf(w, "\nExamples:\n")
 	fmt.Fprintf(w, "  pglock run nightly-report -- ./report.sh        # one replica at a time\n")
 	fmt.Fprintf(w, "  pglock run -n nightly-report -- ./report.sh     # skip if another replica runs it\n")
-	fmt.Fprintf(w, "  pglock holders nightly-report\n\n")
-	fmt.Fprint(w, keyHelp, "\n", connHelp, "\n", exitHelp)
+	fmt.Fprintf(w, "  pglock holders nightly-report\n")
+	printFlags(w, rootFlags())
+	fmt.Fprint(w, "\n", databaseHelp, "\n", keyHelp, "\n", connHelp, "\n", exitHelp)
 	fmt.Fprintf(w, "\nRun \"pglock COMMAND --help\" for a command's flags.\n")
 }
 
-// globals are the flags every command takes, before or after its name.
-type globals struct {
-	dsn            string
-	json           bool
-	verbose        bool
-	connectTimeout durationValue
-}
-
-func (g *globals) register(fs *flag.FlagSet) {
-	fs.StringVar(&g.dsn, "dsn", g.dsn, "PostgreSQL connection string (default: $DATABASE_URL, then the PG* variables)")
-	fs.BoolVar(&g.json, "json", g.json, "print machine-readable JSON instead of tables")
-	fs.BoolVar(&g.verbose, "verbose", g.verbose, "log the lock library's events (lost locks, failed checks) to stderr")
-	fs.Var(&g.connectTimeout, "connect-timeout", "give up connecting after this long (default 10s)")
-}
+// databaseHelp is the pitfall every replica's configuration must avoid.
+const databaseHelp = `Advisory locks are per database: replicas that connect to different
+databases (a different PGDATABASE, or none, which means the user's name) do
+not exclude each other. Every "nobody", "none" and busy message names the
+database and server it asked.
+`
 
 func (e env) main(ctx context.Context, args []string) int {
 	g := &globals{}
-	fs := flag.NewFlagSet("pglock", flag.ContinueOnError)
-	g.register(fs)
+	fs := newFlagSet("pglock", g)
+	var version bool
+	fs.boolFlag(&version, versionFlag())
 	if code, ok := e.parse(fs, args, func(w io.Writer) { e.usage(w) }); !ok {
 		return code
+	}
+	if version {
+		fmt.Fprintln(e.stdout, versionLine(debug.ReadBuildInfo()))
+		return exitOK
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
@@ -171,7 +192,7 @@ func (e env) main(ctx context.Context, args []string) int {
 		}
 		name, rest = rest[0], []string{"--help"}
 	}
-	for _, c := range commands {
+	for _, c := range commandTable() {
 		if c.name == name {
 			return c.run(ctx, e, g, c, rest)
 		}
@@ -180,17 +201,10 @@ func (e env) main(ctx context.Context, args []string) int {
 	return exitUsage
 }
 
-// newFlagSet returns the flag set of one command, with the global flags.
-func newFlagSet(name string, g *globals) *flag.FlagSet {
-	fs := flag.NewFlagSet("pglock "+name, flag.ContinueOnError)
-	g.register(fs)
-	return fs
-}
-
 // parse parses args with fs. On --help it prints usage to stdout and returns
 // (0, false); on a bad flag it prints the error and a hint to stderr and
 // returns (2, false).
-func (e env) parse(fs *flag.FlagSet, args []string, usage func(io.Writer)) (int, bool) {
+func (e env) parse(fs *flagSet, args []string, usage func(io.Writer)) (int, bool) {
 	fs.SetOutput(io.Discard)
 	err := fs.Parse(args)
 	switch {
@@ -200,18 +214,37 @@ func (e env) parse(fs *flag.FlagSet, args []string, usage func(io.Writer)) (int,
 		usage(e.stdout)
 		return exitOK, false
 	default:
-		fmt.Fprintf(e.stderr, "%s: %v\nRun \"%s --help\" for usage.\n", fs.Name(), err, fs.Name())
+		fmt.Fprintf(e.stderr, "%s: %s\nRun \"%s --help\" for usage.\n", fs.Name(), longDashes(err.Error()), fs.Name())
 		return exitUsage, false
 	}
 }
 
-// commandUsage prints a command's usage line, description and flags.
-func commandUsage(w io.Writer, fs *flag.FlagSet, c command, about string) {
-	fmt.Fprintf(w, "Usage: %s %s\n\n%s\n", fs.Name(), c.args, strings.TrimSpace(about))
-	fmt.Fprintf(w, "\nFlags:\n")
-	fs.SetOutput(w)
-	fs.PrintDefaults()
-	fs.SetOutput(io.Discard)
+// longDashes spells the flags that the flag package's errors name with
+// one dash ("flag provided but not defined: -nope", "invalid value "x" for
+// flag -on-lost: ...") as help does: --name, and -n for a one-letter flag.
+func longDashes(msg string) string {
+	for _, marker := range []string{"defined: -", "flag -", "for -", "argument: -"} {
+		i := strings.Index(msg, marker)
+		if i < 0 {
+			continue
+		}
+		rest := msg[i+len(marker):]
+		if end := strings.IndexAny(rest, ": "); end > 1 || (end < 0 && len(rest) > 1) {
+			return msg[:i+len(marker)] + "-" + rest
+		}
+		return msg
+	}
+	return msg
+}
+
+// commandUsage prints a command's usage line, description, flags and the
+// further help texts given.
+func commandUsage(w io.Writer, fs *flagSet, c command, more ...string) {
+	fmt.Fprintf(w, "Usage: %s %s\n\n%s\n", fs.Name(), c.args, strings.TrimSpace(c.about))
+	printFlags(w, fs.docs)
+	for _, m := range more {
+		fmt.Fprintf(w, "\n%s", m)
+	}
 }
 
 // usageErr prints a usage error for command name and returns exitUsage.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -18,39 +19,6 @@ import (
 	"github.com/pglocks/pglocks/pglock"
 )
 
-const runAbout = `
-Run a command while holding the advisory lock KEY, like flock(1) across every
-host that reaches the same PostgreSQL database.
-
-pglock waits for the lock (on the server, without polling), runs the command
-with stdin, stdout and stderr passed through, and exits with the command's exit
-code. The lock is released after the command exits. SIGINT, SIGTERM, SIGHUP,
-SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to the command's process group;
-while pglock still waits, SIGINT, SIGTERM and SIGHUP stop the wait instead
-(exit 128+N, command not run).
-
-With --nowait, or when --timeout expires, pglock exits with the conflict code
-without running the command, and prints who holds the lock to stderr.
-
-The lock is held on its own PostgreSQL session and checked every
---health-check interval. If it is lost while the command runs (the backend was
-terminated, the server restarted, the network failed), pglock says so on
-stderr and applies --on-lost: "term" sends SIGTERM to the command's process
-group, then SIGKILL after --grace; "kill" sends SIGKILL at once; "ignore" lets
-it finish. pglock then exits with --lost-exit-code whatever the command
-returned, because another host may have run it at the same time. A loss found
-only when the lock is released at the end is reported the same way.
-
-The session's application_name is "pglock run KEY", so "pglock holders KEY"
-and pg_stat_activity show who holds the lock.
-
-The command runs in its own process group, so the signals pglock forwards or
-sends on a loss reach the processes it starts too. When pglock runs in the
-foreground of a terminal, that group is made the terminal's foreground group
-for the command's lifetime, so interactive commands work and Ctrl-C reaches
-the command once.
-`
-
 // forwarded are the signals pglock passes on to the command.
 var forwarded = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2}
 
@@ -60,34 +28,11 @@ func stopsWait(sig os.Signal) bool {
 	return sig == syscall.SIGINT || sig == syscall.SIGTERM || sig == syscall.SIGHUP
 }
 
-type runFlags struct {
-	shared, nowait bool
-	timeout        durationValue
-	conflictCode   exitCodeValue
-	lostCode       exitCodeValue
-	onLost         onLostValue
-	grace          durationValue
-	healthCheck    durationValue
-}
-
 func runMain(ctx context.Context, e env, g *globals, c command, args []string) int {
 	fs := newFlagSet("run", g)
-	f := runFlags{conflictCode: defaultConflictExitCode, lostCode: defaultLostExitCode, onLost: onLostTerm}
-	f.grace = durationValue{d: 10 * time.Second}
-	f.healthCheck = durationValue{d: 2 * time.Second}
-	fs.BoolVar(&f.shared, "shared", false, "take the lock in shared mode: shared holders run together, an exclusive holder alone")
-	fs.BoolVar(&f.shared, "s", false, "short for --shared")
-	fs.BoolVar(&f.nowait, "nowait", false, "do not wait: if the lock is busy, exit with the conflict code at once")
-	fs.BoolVar(&f.nowait, "n", false, "short for --nowait")
-	fs.Var(&f.timeout, "timeout", "give up waiting after this long (30s, 1m, or seconds) and exit with the conflict code (default: wait for ever)")
-	fs.Var(&f.timeout, "w", "short for --timeout")
-	fs.Var(&f.conflictCode, "conflict-exit-code", "exit code when the lock is busy or --timeout expires")
-	fs.Var(&f.conflictCode, "E", "short for --conflict-exit-code")
-	fs.Var(&f.lostCode, "lost-exit-code", "exit code when the lock is lost while the command runs")
-	fs.Var(&f.onLost, "on-lost", "what to do with the command when the lock is lost: term, kill or ignore")
-	fs.Var(&f.grace, "grace", "with --on-lost term, how long to wait after SIGTERM before SIGKILL")
-	fs.Var(&f.healthCheck, "health-check", "how often to verify the lock while the command runs")
-	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, runAbout+"\n"+keyHelp+"\n"+connHelp+"\n"+exitHelp) }); !ok {
+	f := newRunFlags()
+	f.define(fs)
+	if code, ok := e.parse(fs, args, func(w io.Writer) { commandUsage(w, fs, c, keyHelp, connHelp, exitHelp) }); !ok {
 		return code
 	}
 	rest := fs.Args()
@@ -98,7 +43,7 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if keyArg == "--" {
 		return e.usageErr("run", "missing KEY before --")
 	}
-	key, err := parseKey(keyArg)
+	key, err := parseKey(keyArg, false)
 	if err != nil {
 		return e.usageErr("run", "%v", err)
 	}
@@ -116,7 +61,17 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if f.healthCheck.d < 10*time.Millisecond {
 		return e.usageErr("run", "--health-check must be at least 10ms")
 	}
-	return e.runLocked(ctx, g, &f, keyArg, key, rest)
+	return e.runLocked(ctx, g, f, keyArg, key, rest)
+}
+
+// runner is one "pglock run": its flags, its KEY, the server it reached and
+// where it reports (stderr, as text or JSON).
+type runner struct {
+	e   env
+	r   *reporter
+	f   *runFlags
+	key keys.Key
+	srv server
 }
 
 func (e env) runLocked(ctx context.Context, g *globals, f *runFlags, keyArg string, key keys.Key, argv []string) int {
@@ -126,34 +81,44 @@ func (e env) runLocked(ctx context.Context, g *globals, f *runFlags, keyArg stri
 	signal.Notify(sigs, forwarded...)
 	defer signal.Stop(sigs)
 
-	db, code := openOrExit(ctx, e, g, "run", "pglock run "+keyArg, true)
+	ru := &runner{e: e, r: newReporter(e.stderr, "run", g), f: f, key: key}
+	db, srv, code := openOrExit(ctx, e, g, ru.r, "pglock run "+keyArg, true)
 	if db == nil {
 		return code
 	}
 	defer db.Close()
-	l := pglock.NewLocker(db, pglock.WithHealthCheck(f.healthCheck.d), pglock.WithMultiplexing(0), pglock.WithLogger(logger(e.stderr, g.verbose)))
+	ru.srv = srv
+	l := pglock.NewLocker(db, pglock.WithHealthCheck(f.healthCheck.d), pglock.WithMultiplexing(0), pglock.WithLogger(ru.r.library()))
 	defer l.Close()
 
-	lk, code, ok := e.acquire(ctx, l, f, key, sigs)
+	lk, code, ok := ru.acquire(ctx, l, sigs)
 	if !ok {
 		return code
 	}
-	return e.runChild(f, key, lk, argv, sigs)
+	return ru.runChild(lk, argv, sigs)
+}
+
+// mode is the lock's mode, as pg_locks names it.
+func (f *runFlags) mode() string {
+	if f.shared {
+		return "shared"
+	}
+	return "exclusive"
 }
 
 // acquire waits for the lock, abandoning the wait on a stop signal.
-func (e env) acquire(ctx context.Context, l *pglock.Locker, f *runFlags, key keys.Key, sigs <-chan os.Signal) (*pglock.Lock, int, bool) {
+func (ru *runner) acquire(ctx context.Context, l *pglock.Locker, sigs <-chan os.Signal) (*pglock.Lock, int, bool) {
 	opts := []pglock.Option{pglock.ReportHolders()}
-	if f.shared {
+	if ru.f.shared {
 		opts = append(opts, pglock.Shared())
 	}
-	if f.nowait {
+	if ru.f.nowait {
 		opts = append(opts, pglock.NoWait())
 	}
 	lctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if f.timeout.set {
-		lctx, cancel = context.WithTimeout(lctx, f.timeout.d)
+	if ru.f.timeout.set {
+		lctx, cancel = context.WithTimeout(lctx, ru.f.timeout.d)
 		defer cancel()
 	}
 	type result struct {
@@ -161,8 +126,11 @@ func (e env) acquire(ctx context.Context, l *pglock.Locker, f *runFlags, key key
 		err error
 	}
 	done := make(chan result, 1)
+	ru.r.step("wait", "waiting for the lock", "key", ru.key.String(), "lock", lockOf(ru.key), "mode", ru.f.mode(),
+		"server", ru.srv.addr, "database", ru.srv.database)
+	began := time.Now()
 	go func() {
-		lk, err := l.Lock(lctx, key, opts...)
+		lk, err := l.Lock(lctx, ru.key, opts...)
 		done <- result{lk, err}
 	}()
 	var stop os.Signal
@@ -179,23 +147,25 @@ func (e env) acquire(ctx context.Context, l *pglock.Locker, f *runFlags, key key
 				if r.err == nil {
 					_ = r.lk.Unlock(context.Background())
 				}
-				fmt.Fprintf(e.stderr, "pglock run: %v while waiting for %s; the command was not run\n", stop, describe(key))
+				ru.r.say(slog.LevelWarn, "interrupted", fmt.Sprintf("%v while waiting for %s; the command was not run", stop, describe(ru.key)),
+					"key", ru.key.String(), "signal", stop.String())
 				return nil, exitSignalBase + signum(stop), false
 			}
 			if r.err == nil {
+				ru.r.step("acquired", "acquired the lock", "key", ru.key.String(), "waited", time.Since(began).String())
 				return r.lk, 0, true
 			}
-			return nil, e.acquireFailed(f, key, r.err), false
+			return nil, ru.acquireFailed(r.err), false
 		}
 	}
 }
 
 // acquireFailed reports a failed acquisition and returns the exit code.
-func (e env) acquireFailed(f *runFlags, key keys.Key, err error) int {
+func (ru *runner) acquireFailed(err error) int {
 	busy := errors.Is(err, pglock.ErrNotAcquired)
 	expired := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, pglock.ErrLockTimeout)
 	if !busy && !expired {
-		fmt.Fprintf(e.stderr, "pglock run: cannot take %s: %v\n", describe(key), err)
+		ru.r.say(slog.LevelError, "error", fmt.Sprintf("cannot take %s on %s: %v", describe(ru.key), ru.srv, err), "key", ru.key.String(), "error", err.Error())
 		if errors.Is(err, pglock.ErrInvalidKey) {
 			return exitUsage
 		}
@@ -203,21 +173,23 @@ func (e env) acquireFailed(f *runFlags, key keys.Key, err error) int {
 	}
 	why := "is busy (--nowait)"
 	if expired {
-		why = fmt.Sprintf("was not granted within --timeout %v", f.timeout.d)
+		why = fmt.Sprintf("was not granted within --timeout %v", ru.f.timeout.d)
 	}
 	var pe *pglock.Error
 	var holders []pglock.Holder
 	if errors.As(err, &pe) {
 		holders = pe.Holders
 	}
-	fmt.Fprintf(e.stderr, "pglock run: %s %s; the command was not run\n", describe(key), why)
+	ru.r.say(slog.LevelWarn, "busy", fmt.Sprintf("%s %s on %s; the command was not run", describe(ru.key), why, ru.srv),
+		"key", ru.key.String(), "lock", lockOf(ru.key), "server", ru.srv.addr, "database", ru.srv.database, "timed_out", expired, "exit_code", int(ru.f.conflictCode))
 	if len(holders) == 0 {
-		fmt.Fprintf(e.stderr, "pglock run: could not see who holds it (it may have just been released)\n")
+		ru.r.say(slog.LevelWarn, "holder", "could not see who holds it (it may have just been released)")
 	}
 	for _, h := range holders {
-		fmt.Fprintf(e.stderr, "pglock run:   held by %s\n", holderLine(h))
+		ru.r.say(slog.LevelWarn, "holder", "  held by "+holderLine(h), "pid", h.PID, "mode", h.Mode, "application_name", h.ApplicationName,
+			"client_addr", h.ClientAddr, "backend_start", h.BackendStart)
 	}
-	return int(f.conflictCode)
+	return int(ru.f.conflictCode)
 }
 
 // holderLine describes one holder on one line.
@@ -248,20 +220,25 @@ func holderLine(h pglock.Holder) string {
 // releasing lk, when the command cannot be started. While the command runs,
 // signals from sigs are forwarded to its process group and a loss of the
 // lock is handled as --on-lost says (see supervision).
-func (e env) runChild(f *runFlags, key keys.Key, lk *pglock.Lock, argv []string, sigs <-chan os.Signal) int {
+func (ru *runner) runChild(lk *pglock.Lock, argv []string, sigs <-chan os.Signal) int {
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = e.stdin, e.stdout, e.stderr
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = ru.e.stdin, ru.e.stdout, ru.e.stderr
 	fg := foreground()
 	cmd.SysProcAttr = procAttr(fg)
+	acquired := time.Now()
 	if err := cmd.Start(); err != nil {
-		return e.startFailed(key, lk, argv[0], err)
+		return ru.startFailed(lk, argv[0], err)
 	}
-	s := &supervision{e: e, f: f, key: key, lk: lk, cmd: cmd}
+	started := time.Now()
+	ru.r.step("start", "started the command", "pid", cmd.Process.Pid, "argv", argv)
+	s := &supervision{runner: ru, lk: lk, cmd: cmd, acquired: acquired}
 	werr := s.wait(sigs)
+	code, how := exitCodeOf(cmd, werr)
+	ru.r.step("exit", "the command "+how, "pid", cmd.Process.Pid, "exit_code", code, "ran", time.Since(started).String())
 	if fg {
 		reclaimTerminal()
 	}
-	return s.finish(werr)
+	return s.finish(code, how)
 }
 
 // releaseLock releases lk, giving the server 10 seconds to confirm.
@@ -275,26 +252,27 @@ func releaseLock(lk *pglock.Lock) error {
 // cmd.Start): it releases lk (saying so on stderr if that fails), says on
 // stderr why name could not run, and returns exitNotFound when the
 // executable was not found, else exitCannotExec.
-func (e env) startFailed(key keys.Key, lk *pglock.Lock, name string, err error) int {
+func (ru *runner) startFailed(lk *pglock.Lock, name string, err error) int {
 	if rerr := releaseLock(lk); rerr != nil {
-		fmt.Fprintf(e.stderr, "pglock run: releasing %s: %v\n", describe(key), rerr)
+		ru.r.say(slog.LevelError, "release", fmt.Sprintf("releasing %s: %v", describe(ru.key), rerr), "key", ru.key.String())
+	} else {
+		ru.r.step("released", "released the lock", "key", ru.key.String())
 	}
 	code := exitCannotExec
 	if errors.Is(err, exec.ErrNotFound) || errors.Is(err, os.ErrNotExist) {
 		code = exitNotFound
 	}
-	fmt.Fprintf(e.stderr, "pglock run: cannot run %s: %v\n", name, err)
+	ru.r.say(slog.LevelError, "exec", fmt.Sprintf("cannot run %s: %v", name, err), "command", name, "exit_code", code)
 	return code
 }
 
 // supervision is a started command run under lk, and what happened to the
 // lock while it ran.
 type supervision struct {
-	e   env
-	f   *runFlags
-	key keys.Key
-	lk  *pglock.Lock
-	cmd *exec.Cmd
+	*runner
+	lk       *pglock.Lock
+	cmd      *exec.Cmd
+	acquired time.Time
 
 	// lostErr is why the lock was lost while the command ran (lk.Err(), or
 	// pglock.ErrLost when that is nil); nil while it is held.
@@ -338,49 +316,55 @@ func (s *supervision) lockLost() {
 		s.lostErr = pglock.ErrLost
 	}
 	pid := s.cmd.Process.Pid
+	lost := fmt.Sprintf("lost %s on %s while the command ran (%v)", describe(s.key), s.srv, s.lostErr)
+	attrs := []any{"key", s.key.String(), "error", s.lostErr.Error(), "pid", pid, "on_lost", string(s.f.onLost)}
 	switch s.f.onLost {
 	case onLostTerm:
-		fmt.Fprintf(s.e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGTERM to process group %d, SIGKILL in %v\n", describe(s.key), s.lostErr, pid, s.f.grace.d)
+		s.r.say(slog.LevelError, "lost", fmt.Sprintf("%s; sending SIGTERM to process group %d, SIGKILL in %v", lost, pid, s.f.grace.d), attrs...)
 		_ = signalGroup(s.cmd.Process, syscall.SIGTERM)
 		s.killAt = time.After(s.f.grace.d)
 	case onLostKill:
-		fmt.Fprintf(s.e.stderr, "pglock run: lost %s while the command ran (%v); sending SIGKILL to process group %d\n", describe(s.key), s.lostErr, pid)
+		s.r.say(slog.LevelError, "lost", fmt.Sprintf("%s; sending SIGKILL to process group %d", lost, pid), attrs...)
 		_ = signalGroup(s.cmd.Process, syscall.SIGKILL)
 	case onLostIgnore:
-		fmt.Fprintf(s.e.stderr, "pglock run: lost %s while the command ran (%v); letting it finish (--on-lost ignore)\n", describe(s.key), s.lostErr)
+		s.r.say(slog.LevelError, "lost", lost+"; letting it finish (--on-lost ignore)", attrs...)
 	}
 }
 
 // graceExpired says on stderr that the command outlived --grace after
 // SIGTERM and sends SIGKILL to its process group.
 func (s *supervision) graceExpired() {
-	fmt.Fprintf(s.e.stderr, "pglock run: the command did not exit within --grace %v of SIGTERM; sending SIGKILL to process group %d\n", s.f.grace.d, s.cmd.Process.Pid)
+	s.r.say(slog.LevelError, "kill", fmt.Sprintf("the command did not exit within --grace %v of SIGTERM; sending SIGKILL to process group %d", s.f.grace.d, s.cmd.Process.Pid),
+		"pid", s.cmd.Process.Pid)
 	_ = signalGroup(s.cmd.Process, syscall.SIGKILL)
 }
 
-// finish runs once the command has exited with werr (cmd.Wait's error) and
+// finish runs once the command has exited with code (how describes it) and
 // the terminal is reclaimed, and returns pglock's exit code. After a loss
 // (unless --on-lost ignore) it first reaps the command's process group
 // (reapGroup, until killAt or at once). After a loss it returns
 // --lost-exit-code without releasing the lock; otherwise it releases the
-// lock and returns the command's code, or --lost-exit-code when the release
-// fails, since the lock could not be confirmed held throughout.
-func (s *supervision) finish(werr error) int {
+// lock and returns code, or --lost-exit-code when the release fails, since
+// the lock could not be confirmed held throughout.
+func (s *supervision) finish(code int, how string) int {
 	if s.lostErr != nil && s.f.onLost != onLostIgnore {
 		// The lock is gone: nothing the command started may outlive
 		// pglock. Its group gets the rest of the grace period, then SIGKILL.
-		s.e.reapGroup(s.cmd.Process, s.killAt)
+		s.reapGroup(s.cmd.Process, s.killAt)
 	}
-	code, how := exitCodeOf(s.cmd, werr)
 	if s.lostErr != nil {
-		fmt.Fprintf(s.e.stderr, "pglock run: the command %s; exiting %d because the lock was lost while it ran\n", how, s.f.lostCode)
+		s.r.say(slog.LevelError, "exit", fmt.Sprintf("the command %s; exiting %d because the lock was lost while it ran", how, s.f.lostCode),
+			"command_exit_code", code, "exit_code", int(s.f.lostCode))
 		return int(s.f.lostCode)
 	}
 	if err := releaseLock(s.lk); err != nil {
-		fmt.Fprintf(s.e.stderr, "pglock run: the command %s, but %s could not be confirmed held until it finished: %v\n", how, describe(s.key), err)
-		fmt.Fprintf(s.e.stderr, "pglock run: exiting %d (--lost-exit-code): another host may have held the lock meanwhile\n", s.f.lostCode)
+		s.r.say(slog.LevelError, "release", fmt.Sprintf("the command %s, but %s could not be confirmed held until it finished: %v", how, describe(s.key), err),
+			"key", s.key.String(), "error", err.Error())
+		s.r.say(slog.LevelError, "exit", fmt.Sprintf("exiting %d (--lost-exit-code): another host may have held the lock meanwhile", s.f.lostCode),
+			"command_exit_code", code, "exit_code", int(s.f.lostCode))
 		return int(s.f.lostCode)
 	}
+	s.r.step("released", "released the lock", "key", s.key.String(), "held", time.Since(s.acquired).String())
 	return code
 }
 
@@ -406,7 +390,7 @@ func signum(sig os.Signal) int {
 
 // reapGroup waits for the rest of the command's process group to exit, until
 // killAt (nil: now), then sends it SIGKILL.
-func (e env) reapGroup(p *os.Process, killAt <-chan time.Time) {
+func (ru *runner) reapGroup(p *os.Process, killAt <-chan time.Time) {
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for killAt != nil && groupAlive(p.Pid) {
@@ -417,7 +401,7 @@ func (e env) reapGroup(p *os.Process, killAt <-chan time.Time) {
 		}
 	}
 	if groupAlive(p.Pid) {
-		fmt.Fprintf(e.stderr, "pglock run: processes of group %d outlived the command; sending them SIGKILL\n", p.Pid)
+		ru.r.say(slog.LevelError, "kill", fmt.Sprintf("processes of group %d outlived the command; sending them SIGKILL", p.Pid), "pgid", p.Pid)
 		_ = syscall.Kill(-p.Pid, syscall.SIGKILL)
 	}
 }
