@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
 
+	"github.com/pglocks/pglocks/internal/pgsql"
 	"github.com/pglocks/pglocks/internal/pgxcancel"
 )
 
@@ -42,12 +43,6 @@ type connError struct {
 
 func (e *connError) Error() string { return e.err.Error() }
 
-// serverQuery names the database and server a connection reached, in the
-// round trip that checks the connection: the server's own address and port,
-// NULL on a Unix socket. (cmd/pglock's only SQL: the library has no call
-// for it.)
-const serverQuery = `SELECT pg_catalog.current_database(), pg_catalog.host(pg_catalog.inet_server_addr()), pg_catalog.inet_server_port()`
-
 // server is the database and server a connection reached, as messages name
 // them: "database test at 127.0.0.1:5432".
 type server struct {
@@ -57,7 +52,7 @@ type server struct {
 
 func (s server) String() string { return fmt.Sprintf("database %s at %s", s.database, s.addr) }
 
-// serverOf returns the server that the answer to serverQuery names; for a
+// serverOf returns the server that the answer to pgsql.ServerSQL names; for a
 // Unix socket, where the server returns NULL, it is the socket in cfg.
 func serverOf(cfg *pgx.ConnConfig, database string, host sql.NullString, port sql.NullInt64) server {
 	if host.Valid && port.Valid {
@@ -72,7 +67,7 @@ func serverOf(cfg *pgx.ConnConfig, database string, host sql.NullString, port sq
 // open connects to the database the flags and environment name, with
 // application_name set to app unless the connection string sets one (force
 // sets it anyway). It asks the server which database and address it
-// reached (serverQuery), so that a bad host or password is reported before
+// reached (pgsql.ServerSQL), so that a bad host or password is reported before
 // anything else happens, and messages can name where they looked.
 func open(ctx context.Context, e env, g *globals, app string, force bool) (*sql.DB, server, error) {
 	dsn, source := dsnSource(g.dsn, e.getenv)
@@ -101,7 +96,7 @@ func open(ctx context.Context, e env, g *globals, app string, force bool) (*sql.
 	var database string
 	var host sql.NullString
 	var port sql.NullInt64
-	if err := db.QueryRowContext(pctx, serverQuery).Scan(&database, &host, &port); err != nil {
+	if err := db.QueryRowContext(pctx, pgsql.ServerSQL).Scan(&database, &host, &port); err != nil {
 		db.Close()
 		return nil, server{}, &connError{err: fmt.Errorf("cannot connect to PostgreSQL at %s (from %s): %s", where(cfg), source, dedupeLines(err.Error()))}
 	}
