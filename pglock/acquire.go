@@ -383,6 +383,7 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 	s := newSession(l, conn)
 	lk := newLock(ctx, l, a.api, a.req, a.gkeys, s)
 	s.attach(lk)
+	l.traceConn(ConnShared)
 	l.opened(s, counted)
 	l.watchers.Add(1)
 	go s.watch(l.interval)
@@ -397,20 +398,42 @@ func (l *Locker) giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, 
 	switch lost := slices.Contains(errs, ErrSessionLost); {
 	case engine.Abandoned(r.Err):
 		// Its reaper closes the connection once the statement returns.
+		l.traceConn(ConnDiscarded)
 		if engine.Ended(ctx) != nil {
 			return slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
 		}
 	case lost && engine.Ended(ctx) != nil:
 		// The driver closed the session to interrupt the wait. It was this
 		// call's own and held nothing else: not news to the caller.
-		engine.Discard(conn)
+		l.discard(conn)
 		return slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
 	case lost, r.Discard:
-		engine.Discard(conn)
+		l.discard(conn)
 	default:
 		l.putIdle(conn) // settled: this session holds no lock
 	}
 	return errs
+}
+
+// traceConn reports op on one of the Locker's connections to its Tracer.
+func (l *Locker) traceConn(op ConnOp) {
+	if l.tracer != nil {
+		l.tracer.TraceConn(context.Background(), ConnEvent{Op: op})
+	}
+}
+
+// discard closes conn, which the Locker took, without giving it back to
+// the pool (engine.Discard).
+func (l *Locker) discard(conn *sql.Conn) {
+	engine.Discard(conn)
+	l.traceConn(ConnDiscarded)
+}
+
+// giveBackConn gives conn, which the Locker took and which holds nothing,
+// back to the pool.
+func (l *Locker) giveBackConn(conn *sql.Conn) {
+	_ = conn.Close()
+	l.traceConn(ConnReturned)
 }
 
 // opened ends the opening of a dedicated connection: s joins the shared
