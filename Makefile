@@ -36,6 +36,9 @@ test: vet
 	@# interop tests and one run of every benchmark body, no timing.
 	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then cd bench && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 5m ./...; \
 	else echo "SKIPPED bench/ (interop tests, benchmark smoke tests): it needs PGLOCKS_TEST_DSN"; fi
+	@# The OpenTelemetry adapter's module (its own go.mod: the OTel SDK).
+	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then cd otel && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 2m ./...; \
+	else echo "SKIPPED otel/ (the OpenTelemetry adapter): it needs PGLOCKS_TEST_DSN"; fi
 	@# Phase 2, alone: tests that restart the server or fill its lock table.
 	@if [ -n "$(PGLOCKS_TEST_RESTART_CMD)" ]; then \
 	  echo "disruptive phase: PGLOCKS_TEST_RESTART_CMD=$(PGLOCKS_TEST_RESTART_CMD)"; \
