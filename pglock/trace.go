@@ -180,8 +180,10 @@ type Release struct {
 	// its release; 0 when not known (UnlockConn).
 	Hold time.Duration
 	// Confirmed says the server confirmed the release (or, for a handoff,
-	// the successor's check confirmed the hold). An unconfirmed release
-	// closed the connection, which releases the lock on the server.
+	// the check that follows it confirmed the hold). An unconfirmed
+	// release closed the connection, which releases the lock on the
+	// server. (An Unlock abandoned at its bound reports the lock lost, as
+	// its error says: TraceLoss, not TraceRelease.)
 	Confirmed bool
 	// HandedOver says the lock was handed to the next caller of the same
 	// Locker in memory, not released on the server.
@@ -211,9 +213,12 @@ type HealthCheck struct {
 	Locks int
 	// Latency is the check's round trip.
 	Latency time.Duration
-	// OK says the check verified the connection's locks. A liveness check
-	// that answered for another backend or a reset session is not OK and
-	// is followed by a full check.
+	// OK says the check answered for the connection's backend. A full
+	// check that finds some locks missing is OK, and reports each of them
+	// with TraceLoss; a liveness check that answered for another backend
+	// or a reset session is not OK, and is followed at once by a full
+	// check. A failure that proves nothing is retried, and each attempt
+	// reported.
 	OK bool
 	// Err is the statement's error, if any.
 	Err error
