@@ -377,3 +377,55 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 	}
 }
+
+// A lock handed to the next caller of the same Locker reports a release
+// handed over and confirmed, and the waiter's acquisition costs no round
+// trip; held locks balance.
+func TestTraceHandoff(t *testing.T) {
+	db := openDB(t, "pgx")
+	rec := &recorder{}
+	l := pglock.NewLocker(db, pglock.WithTracer(rec), pglock.WithSessionCheck(false))
+	t.Cleanup(func() { _ = l.Close() })
+	ctx := context.Background()
+	key := testkit.UniqueKey()
+	lk, err := l.Lock(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *pglock.Lock, 1)
+	go func() {
+		next, err := l.Lock(ctx, key)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- next
+	}()
+	waitFor(t, "in-process waiter", func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		return len(rec.starts) == 2
+	})
+	time.Sleep(200 * time.Millisecond) // the waiter queues at the gate (in memory)
+	if err := lk.Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	next := <-got
+	if next == nil {
+		t.FailNow()
+	}
+	ev, _ := rec.lastEnd(t)
+	rels, _, _, _ := rec.snapshot()
+	if ev.RoundTrips != 0 || ev.Outcome != pglock.OutcomeAcquired {
+		t.Fatalf("the waiter's acquisition %+v: want acquired in memory", ev)
+	}
+	if len(rels) != 1 || !rels[0].HandedOver || !rels[0].Confirmed {
+		t.Fatalf("releases %+v: want one handed over, confirmed", rels)
+	}
+	if err := next.Unlock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rels, _, _, _ = rec.snapshot()
+	if len(rels) != 2 || rels[1].HandedOver || !rels[1].Confirmed {
+		t.Fatalf("releases %+v", rels)
+	}
+}
