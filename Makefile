@@ -40,6 +40,9 @@ test: vet
 	@# locks through the handles each framework hands out, and their examples.
 	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then cd frameworks && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 5m ./...; \
 	else echo "SKIPPED frameworks/ (sqlx, GORM, bun, ent, pgxpool): it needs PGLOCKS_TEST_DSN"; fi
+	@# The OpenTelemetry adapter's module (its own go.mod: the OTel SDK).
+	@if [ -n "$$PGLOCKS_TEST_DSN" ]; then cd otel && $(GO) vet ./... && $(GO) test -race -count=1 -timeout 2m ./...; \
+	else echo "SKIPPED otel/ (the OpenTelemetry adapter): it needs PGLOCKS_TEST_DSN"; fi
 	@# Phase 2, alone: tests that restart the server or fill its lock table.
 	@if [ -n "$(PGLOCKS_TEST_RESTART_CMD)" ]; then \
 	  echo "disruptive phase: PGLOCKS_TEST_RESTART_CMD=$(PGLOCKS_TEST_RESTART_CMD)"; \

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"slices"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/internal/pgsql"
@@ -14,6 +15,7 @@ import (
 // attempt is one acquisition by a Locker.
 type attempt struct {
 	op    string
+	api   string // for a Tracer (see lockerAPI)
 	req   request
 	gkeys []keys.Key // req.Keys, unnamed: the in-process gates
 	// bounds bound its statements by the caller's ctx (not by Close: see
@@ -39,13 +41,59 @@ func (l *Locker) acquire(ctx context.Context, op string, call engine.Call, ks []
 // when gkeys is not nil: then ks is one key, owned by the call.
 func (l *Locker) acquireGated(ctx context.Context, op string, call engine.Call, ks, gkeys []keys.Key, opts []Option) (*Lock, error) {
 	req, ok := newRequest(call, ks, opts)
+	if req.Tracer == nil && l != nil && l.tracer != nil {
+		req.Tracer = l.tracer
+	}
+	api := lockerAPI(op, call, gkeys != nil)
+	if t := tracerOf(req); t != nil {
+		return l.acquireTraced(ctx, t, op, api, req, ok, gkeys)
+	}
+	return l.acquireReq(ctx, op, api, req, ok, gkeys)
+}
+
+// acquireTraced is acquireReq reported to t.
+func (l *Locker) acquireTraced(ctx context.Context, t Tracer, op, api string, req request, ok bool, gkeys []keys.Key) (*Lock, error) {
+	c := callOf(api, req)
+	start := time.Now()
+	tctx := t.TraceAcquireStart(ctx, AcquireStart{Call: c})
+	lk, err := l.acquireReq(ctx, op, api, req, ok, gkeys)
+	o := OutcomeOf(err)
+	rt := -1
+	if lk != nil && lk.handed > 0 {
+		rt = 0 // handed over in memory
+	}
+	t.TraceAcquireEnd(tctx, AcquireEnd{Call: c, Outcome: o, Err: err, Wait: time.Since(start), RoundTrips: rt, Managed: true})
+	return lk, err
+}
+
+// lockerAPI names a Locker's acquisition for a Tracer: op and call as
+// given to acquire, one when the call took one key (acquireOne).
+func lockerAPI(op string, call engine.Call, one bool) string {
+	switch {
+	case op == "do":
+		return "Locker.Do"
+	case call == engine.WithLock:
+		return "WithLock"
+	case op == "trylock" && one:
+		return "Locker.TryLock"
+	case op == "trylock":
+		return "Locker.TryLockAll"
+	case one:
+		return "Locker.Lock"
+	}
+	return "Locker.LockAll"
+}
+
+// acquireReq is acquireGated once req is built: ok says its keys name a
+// lock; api names the call for a Tracer.
+func (l *Locker) acquireReq(ctx context.Context, op, api string, req request, ok bool, gkeys []keys.Key) (*Lock, error) {
 	if err := l.begin(ctx, op, req, ok); err != nil {
 		return nil, err
 	}
 	defer l.inflight.Done()
 	defer l.startCheck()
 
-	a := attempt{op: op, req: req, gkeys: gkeys, bounds: engine.OwnedBy(l.db)}
+	a := attempt{op: op, api: api, req: req, gkeys: gkeys, bounds: engine.OwnedBy(l.db)}
 	a.bounds.From = ctx
 	if a.gkeys == nil {
 		a.gkeys = make([]keys.Key, len(req.Keys))
@@ -60,7 +108,7 @@ func (l *Locker) acquireGated(ctx context.Context, op string, call engine.Call, 
 	in, err := l.gates.enterAll(ctx, a.gkeys, req.Shared, false, nil)
 	if !in && !req.Try {
 		actx, stop := l.closeable(ctx)
-		sl = l.newSlot(actx, req, a.gkeys)
+		sl = l.newSlot(actx, api, req, a.gkeys)
 		in, err = l.gates.enterAll(actx, a.gkeys, req.Shared, true, sl)
 		stop()
 	}
@@ -128,6 +176,7 @@ func (l *Locker) keep(op string, lk *Lock) (*Lock, error) {
 	default:
 		return lk, nil
 	}
+	lk.silent.Store(true) // never returned: its acquisition reports the failure
 	if rerr := lk.release(context.Background(), ErrClosed); rerr != nil {
 		return nil, newError(op, lk.req, reason, rerr)
 	}
@@ -292,7 +341,7 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 		s.unreserve()
 		return nil, r
 	}
-	lk := newLock(ctx, l, a.req, a.gkeys, s)
+	lk := newLock(ctx, l, a.api, a.req, a.gkeys, s)
 	l.mu.Lock()
 	s.pending--
 	s.attach(lk)
@@ -332,8 +381,9 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		return nil, e
 	}
 	s := newSession(l, conn)
-	lk := newLock(ctx, l, a.req, a.gkeys, s)
+	lk := newLock(ctx, l, a.api, a.req, a.gkeys, s)
 	s.attach(lk)
+	l.traceConn(ConnShared)
 	l.opened(s, counted)
 	l.watchers.Add(1)
 	go s.watch(l.interval)
@@ -348,20 +398,42 @@ func (l *Locker) giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, 
 	switch lost := slices.Contains(errs, ErrSessionLost); {
 	case engine.Abandoned(r.Err):
 		// Its reaper closes the connection once the statement returns.
+		l.traceConn(ConnDiscarded)
 		if engine.Ended(ctx) != nil {
 			return slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
 		}
 	case lost && engine.Ended(ctx) != nil:
 		// The driver closed the session to interrupt the wait. It was this
 		// call's own and held nothing else: not news to the caller.
-		engine.Discard(conn)
+		l.discard(conn)
 		return slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
 	case lost, r.Discard:
-		engine.Discard(conn)
+		l.discard(conn)
 	default:
 		l.putIdle(conn) // settled: this session holds no lock
 	}
 	return errs
+}
+
+// traceConn reports op on one of the Locker's connections to its Tracer.
+func (l *Locker) traceConn(op ConnOp) {
+	if l.tracer != nil {
+		l.tracer.TraceConn(context.Background(), ConnEvent{Op: op})
+	}
+}
+
+// discard closes conn, which the Locker took, without giving it back to
+// the pool (engine.Discard).
+func (l *Locker) discard(conn *sql.Conn) {
+	engine.Discard(conn)
+	l.traceConn(ConnDiscarded)
+}
+
+// giveBackConn gives conn, which the Locker took and which holds nothing,
+// back to the pool.
+func (l *Locker) giveBackConn(conn *sql.Conn) {
+	_ = conn.Close()
+	l.traceConn(ConnReturned)
 }
 
 // opened ends the opening of a dedicated connection: s joins the shared

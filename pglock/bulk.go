@@ -91,9 +91,11 @@ func (s *session) closed(locks []*Lock, req request, n int64, err error) error {
 		s.kill(causes(ErrSessionLost, err)) // ends them as lost
 		return newError("unlock", first, ErrNotHeld, ErrLost, ErrSessionLost, err)
 	}
+	confirmed := err == nil && n >= int64(len(req.Keys))
 	for _, lk := range locks {
 		s.detach(lk)
 		lk.end(ErrClosed, nil)
+		lk.traceRelease(context.Background(), ErrClosed, confirmed, false)
 	}
 	switch {
 	case err != nil:

@@ -3,6 +3,7 @@ package pglock
 import (
 	"context"
 	"database/sql"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
@@ -57,8 +58,8 @@ import (
 // a session pglock has already set up; the first acquisition on a fresh
 // session costs one more, once (see "Round trips" in docs/guarantees.md).
 func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
-	req, ok := newRequest(engine.LockConn, []keys.Key{key}, opts)
-	_, err := lockOn(ctx, "lock", conn, req, ok, true, engine.Caller())
+	req, ok, t := newTracedRequest(engine.LockConn, []keys.Key{key}, opts)
+	_, err := lockOn(ctx, "lock", "LockConn", t, conn, req, ok, true, engine.Caller())
 	return err
 }
 
@@ -72,8 +73,8 @@ func LockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option)
 // without sending anything. Errors have Op "trylock". Cost: one round trip
 // (two on a session not yet set up, once, as for LockConn).
 func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) (bool, error) {
-	req, ok := newRequest(engine.TryLockConn, []keys.Key{key}, opts)
-	return lockOn(ctx, "trylock", conn, req, ok, false, engine.Caller())
+	req, ok, t := newTracedRequest(engine.TryLockConn, []keys.Key{key}, opts)
+	return lockOn(ctx, "trylock", "TryLockConn", t, conn, req, ok, false, engine.Caller())
 }
 
 // UnlockConn releases one hold of a session-level advisory lock taken on conn.
@@ -92,15 +93,17 @@ func TryLockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Opti
 //
 // Cost: one round trip.
 func UnlockConn(ctx context.Context, conn *sql.Conn, key keys.Key, opts ...Option) error {
-	req, ok := newRequest(engine.UnlockConn, []keys.Key{key}, opts)
+	req, ok, t := newTracedRequest(engine.UnlockConn, []keys.Key{key}, opts)
 	switch {
 	case conn == nil:
 		return newError("unlock", detached(req), ErrNilHandle)
 	case !ok:
 		return invalid("unlock", detached(req))
 	}
-	if err := unlockCallerOn(ctx, conn, req); err != nil {
-		return newError("unlock", detached(req), err)
+	err := unlockCallerOn(ctx, conn, req)
+	if err != nil {
+		err = newError("unlock", detached(req), err)
 	}
-	return nil
+	traceUnlock(ctx, t, "UnlockConn", req, time.Time{}, err, false)
+	return err
 }

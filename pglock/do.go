@@ -34,14 +34,19 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 	if err != nil {
 		return err
 	}
-	fctx, cancel := context.WithCancelCause(ctx)
+	bctx, b := startBody(ctx, tracerOf(lk.req), lk.call(), true)
+	fctx, cancel := context.WithCancelCause(bctx)
 	stop := context.AfterFunc(lk.ctx, func() { cancel(context.Cause(lk.ctx)) })
+	panicked := true
 	defer func() {
+		b.end(err, panicked)
 		stop()
 		cancel(context.Canceled) // fn has returned; a loss above stays the cause if it came first
 		err = lk.doResult(ctx, err)
 	}()
-	return fn(fctx)
+	err = fn(fctx)
+	panicked = false
+	return err
 }
 
 // doResult releases the lock of a Do whose fn returned ferr, and returns

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"slices"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/internal/pgsql"
@@ -24,7 +25,7 @@ var (
 	errNoKeys  = errors.New("no keys given")
 )
 
-// lockOn takes req, for op, on the caller's connection or transaction h,
+// lockOn takes req, for op (the call api, traced by t: nil for none), on the caller's connection or transaction h,
 // whose keys were validated into valid. It returns true when the lock is
 // held, and false with a nil error when a try found it busy and busy is
 // not an error for the call (TryLockConn, TryLockTx, WithLock); otherwise
@@ -35,7 +36,20 @@ var (
 // b bounds the call (see engine.Bounds): engine.Caller() on the caller's
 // handle. A statement abandoned at that bound leaves the handle to be
 // discarded in the background once the statement returns.
-func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, error) {
+func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op, api string, t Tracer, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, error) {
+	if t == nil {
+		return lockRun(ctx, op, h, req, valid, busyIsErr, b)
+	}
+	c := ownCallOf(api, req) // the caller's keys stay on its stack
+	start := time.Now()
+	tctx := t.TraceAcquireStart(ctx, AcquireStart{Call: c})
+	held, err := lockRun(ctx, op, h, req, valid, busyIsErr, b)
+	acquireEnd(tctx, t, c, start, held, err, false)
+	return held, err
+}
+
+// lockRun is lockOn, untraced.
+func lockRun[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, error) {
 	switch {
 	case h == nil:
 		return false, newError(op, req, ErrNilHandle)
@@ -113,4 +127,17 @@ func released(req request, n int64, err error) error {
 		return causes(ErrSessionLost, err)
 	}
 	return err
+}
+
+// traceUnlock reports to t (nil: nothing) the release of req by api, which
+// returned err; since is when the lock was taken (zero: not known).
+func traceUnlock(ctx context.Context, t Tracer, api string, req request, since time.Time, err error, managed bool) {
+	if t == nil {
+		return
+	}
+	var hold time.Duration
+	if !since.IsZero() {
+		hold = time.Since(since)
+	}
+	t.TraceRelease(ctx, Release{Call: ownCallOf(api, req), Hold: hold, Confirmed: err == nil, Managed: managed, Err: err})
 }

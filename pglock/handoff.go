@@ -64,6 +64,7 @@ func (l *Locker) maxHandoffs() int {
 // lock. Only an acquisition that may wait, for an exclusive lock, offers one.
 type slot struct {
 	ctx   context.Context // the acquisition's: a waiter whose ctx ended is not handed anything
+	api   string          // the acquisition's call, for a Tracer
 	req   request
 	gkeys []keys.Key
 	lock  *Lock // the lock handed over; written under gates.mu
@@ -71,11 +72,11 @@ type slot struct {
 
 // newSlot returns the slot of an acquisition of req (gkeys unnamed) under
 // ctx, or nil when it cannot take a lock over.
-func (l *Locker) newSlot(ctx context.Context, req request, gkeys []keys.Key) *slot {
+func (l *Locker) newSlot(ctx context.Context, api string, req request, gkeys []keys.Key) *slot {
 	if req.Try || req.Shared || l.maxHandoffs() == 0 {
 		return nil
 	}
-	return &slot{ctx: ctx, req: req, gkeys: gkeys}
+	return &slot{ctx: ctx, api: api, req: req, gkeys: gkeys}
 }
 
 // handedOver returns a lock handed over to an acquisition (see
@@ -86,6 +87,7 @@ func (l *Locker) handedOver(ctx context.Context, op string, lk *Lock, err error)
 	if err == nil {
 		return l.keep(op, lk)
 	}
+	lk.silent.Store(true)                // never returned: its acquisition reports the failure
 	rerr := lk.release(ctx, ErrUnlocked) // bounded: ReleaseFloor past ctx's end
 	return nil, newError(op, lk.req, l.interruption(ctx), err, rerr)
 }
@@ -115,7 +117,7 @@ func (l *Locker) pass(lk *Lock) (*Lock, *waiter) {
 	if w == nil {
 		return nil, nil
 	}
-	nl := newLock(w.slot.ctx, l, w.slot.req, w.slot.gkeys, s)
+	nl := newLock(w.slot.ctx, l, w.slot.api, w.slot.req, w.slot.gkeys, s)
 	nl.handed = lk.handed + 1
 	// Held since lk's last proof, not since now: Lead's lease counts from it.
 	nl.proven = lk.provenAt()

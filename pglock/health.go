@@ -88,6 +88,7 @@ func (s *session) check(interval time.Duration) (time.Duration, bool) {
 func (s *session) checkAlive(interval time.Duration, locks []*Lock) (time.Duration, bool) {
 	sent := time.Now()
 	same, err := engine.Alive(s.conn, s.pid, engine.HealthTimeout)
+	s.traceCheck(false, len(locks), sent, err == nil && same, err)
 	if err != nil {
 		s.suspect = true
 		return s.unverified(err, interval)
@@ -110,11 +111,13 @@ func (s *session) checkAlive(interval time.Duration, locks []*Lock) (time.Durati
 func (s *session) checkFull(interval time.Duration, locks []*Lock, missed bool) (time.Duration, bool) {
 	sent := time.Now()
 	held, pid, err := engine.OwnLocks(s.conn, engine.HealthTimeout)
+	swapped := s.pid != 0 && (pid != 0 && pid != s.pid || missed && pid == 0)
+	s.traceCheck(true, len(locks), sent, err == nil && !swapped, err)
 	if err != nil {
 		s.suspect = true
 		return s.unverified(err, interval)
 	}
-	if s.pid != 0 && (pid != 0 && pid != s.pid || missed && pid == 0) {
+	if swapped {
 		s.kill(errSwapped(s.pid, pid == 0))
 		return 0, false
 	}
@@ -130,6 +133,15 @@ func (s *session) checkFull(interval time.Duration, locks []*Lock, missed bool) 
 	}
 	s.retireIfEmpty()
 	return interval, !s.isGone()
+}
+
+// traceCheck reports a health check of the session's locks sent at sent
+// to the Locker's Tracer: full or liveness, ok when it verified them, err
+// its statement's error.
+func (s *session) traceCheck(full bool, locks int, sent time.Time, ok bool, err error) {
+	if t := s.l.tracer; t != nil {
+		t.TraceHealthCheck(context.Background(), HealthCheck{Full: full, Locks: locks, Latency: time.Since(sent), OK: ok, Err: err})
+	}
 }
 
 // verifiedNow records a successful check sent at sent.

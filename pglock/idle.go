@@ -74,7 +74,7 @@ func (l *Locker) putIdle(conn *sql.Conn) {
 	l.mu.Lock()
 	if !l.keeps() {
 		l.mu.Unlock()
-		_ = conn.Close()
+		l.giveBackConn(conn)
 		return
 	}
 	l.idle = append(l.idle, idleConn{conn: conn, since: time.Now()})
@@ -147,7 +147,7 @@ func (l *Locker) expireIdle() {
 	}
 	l.mu.Unlock()
 	for _, c := range expired {
-		_ = c.Close()
+		l.giveBackConn(c)
 	}
 	for _, s := range stale {
 		s.expire(now)
@@ -170,7 +170,7 @@ func (s *session) expire(now time.Time) {
 	}
 	s.retire()
 	l.mu.Unlock()
-	_ = s.conn.Close()
+	l.giveBackConn(s.conn)
 }
 
 // dropIdle gives every kept connection outside a session back to the pool
@@ -185,7 +185,7 @@ func (l *Locker) dropIdle() {
 	l.idleArmed = false
 	l.mu.Unlock()
 	for _, ic := range idle {
-		_ = ic.conn.Close()
+		l.giveBackConn(ic.conn)
 	}
 }
 
@@ -198,7 +198,11 @@ func (l *Locker) runPooled(ctx context.Context, req pgsql.Request, b engine.Boun
 		if waited || !engine.Gone(r) || engine.Ended(ctx) != nil {
 			return conn, r, nil
 		}
-		engine.Discard(conn) // its session ended while it was kept
+		l.discard(conn) // its session ended while it was kept
 	}
-	return engine.RunPooled(ctx, l.db, req, b)
+	conn, r, err := engine.RunPooled(ctx, l.db, req, b)
+	if conn != nil {
+		l.traceConn(ConnTaken)
+	}
+	return conn, r, err
 }

@@ -25,6 +25,7 @@ import (
 // the same Locker in.
 type Lock struct {
 	l     *Locker
+	api   string // the call that took it, for a Tracer
 	req   request
 	gkeys []keys.Key // the in-process gates it holds: req.Keys, unnamed
 	s     *session   // the connection it is held on; set before the Lock is returned
@@ -34,6 +35,12 @@ type Lock struct {
 	// proven is when the lock was last known held, before any health
 	// check: its grant, or for a lock handed over its predecessor's proof.
 	proven time.Time
+	// since is when the lock was granted, or handed over (Tracer's hold
+	// time).
+	since time.Time
+	// silent says its end is not reported to a Tracer: a lock granted to
+	// an acquisition that then failed (see Locker.keep, handedOver).
+	silent atomic.Bool
 
 	ctx    context.Context // cancelled with the reason when the lock ends
 	cancel context.CancelCauseFunc
@@ -47,8 +54,9 @@ type ending struct{ reason, cause error }
 
 // newLock returns a held lock of req on s. Its context keeps parent's
 // values, not its cancellation.
-func newLock(parent context.Context, l *Locker, req request, gkeys []keys.Key, s *session) *Lock {
-	lk := &Lock{l: l, req: req, gkeys: gkeys, s: s, proven: time.Now()}
+func newLock(parent context.Context, l *Locker, api string, req request, gkeys []keys.Key, s *session) *Lock {
+	now := time.Now()
+	lk := &Lock{l: l, api: api, req: req, gkeys: gkeys, s: s, proven: now, since: now}
 	lk.ctx, lk.cancel = context.WithCancelCause(context.WithoutCancel(parent))
 	return lk
 }
@@ -75,7 +83,31 @@ func (lk *Lock) finish(reason, cause error) bool {
 	lk.why = ending{reason: reason, cause: cause}
 	lk.done.Store(true) // publishes why to readers that see done
 	lk.cancel(reason)
+	if reason == ErrLost {
+		lk.traceLoss(cause)
+	}
 	return true
+}
+
+// traceLoss reports the loss of lk, for cause, to its Tracer.
+func (lk *Lock) traceLoss(cause error) {
+	if t := tracerOf(lk.req); t != nil && !lk.silent.Load() {
+		t.TraceLoss(lk.ctx, Loss{Call: lk.call(), Hold: time.Since(lk.since), Cause: cause})
+	}
+}
+
+// traceRelease reports the release of lk to its Tracer (with reason
+// ErrUnlocked or ErrClosed).
+func (lk *Lock) traceRelease(ctx context.Context, reason error, confirmed, handed bool) {
+	if t := tracerOf(lk.req); t != nil && !lk.silent.Load() {
+		t.TraceRelease(ctx, Release{Call: lk.call(), Hold: time.Since(lk.since), Confirmed: confirmed,
+			HandedOver: handed, Closed: reason == ErrClosed, Managed: true})
+	}
+}
+
+// call describes lk for a Tracer's events.
+func (lk *Lock) call() Call {
+	return callOf(lk.api, lk.req)
 }
 
 // ended returns why the lock ended, or nil while it is held.
@@ -285,7 +317,9 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 			// queue, where the goroutines the check below starts would
 			// otherwise push it back until the check is under way.
 			runtime.Gosched()
-			return lk.confirm(ctx, nl)
+			cerr := lk.confirm(ctx, nl)
+			lk.traceRelease(ctx, reason, cerr == nil, true)
+			return cerr
 		}
 	}
 	n, err := engine.ReleaseShielded(ctx, s.conn, lk.req, &s.shields) // s.turn is held
@@ -298,6 +332,7 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 	case err == nil:
 		s.detach(lk)
 		lk.end(reason, nil)
+		lk.traceRelease(ctx, reason, true, false)
 		s.retireIfEmpty()
 		return nil
 	case errors.Is(err, ErrSessionLost):
@@ -314,6 +349,7 @@ func (lk *Lock) release(ctx context.Context, reason error) error {
 	}
 	s.detach(lk)
 	lk.end(reason, nil)
+	lk.traceRelease(ctx, reason, false, false)
 	s.kill(causes(errNeighbour, err))
 	lk.l.log.Warn("pglock: unlock not confirmed; connection closed", "key", lk.describe(), "error", err)
 	return newError("unlock", lk.req, errUnconfirmed, err)

@@ -127,6 +127,7 @@ type Locker struct {
 	interval time.Duration
 	width    int // shared connections; 0: a connection per lock
 	log      *slog.Logger
+	tracer   Tracer // nil: not traced
 	check    sessionCheck
 	handoffs int // in-memory handoffs in a row (0: DefaultHandoffs; < 0: none)
 

@@ -7,7 +7,7 @@ import (
 )
 
 // Option changes how one lock call behaves: [Shared], [NoWait],
-// [ReportHolders]. A nil Option is ignored.
+// [ReportHolders], [WithKeepalive], [Trace]. A nil Option is ignored.
 type Option func(request) request
 
 // request is the description of a lock call, which options change.
@@ -39,13 +39,25 @@ func ReportHolders() Option { return func(r request) request { r.Report = true; 
 // newRequest returns call's request on ks with opts, and whether ks names
 // a lock.
 func newRequest(call engine.Call, ks []keys.Key, opts []Option) (request, bool) {
+	req, ok, _ := newTracedRequest(call, ks, opts)
+	return req, ok
+}
+
+// newTracedRequest is newRequest, also returning the call's Tracer (see
+// Trace). Calls on the caller's keys use it rather than req.Tracer: what
+// reaches a Tracer through req would take req's keys to the heap with it
+// (escape analysis follows req as a whole).
+func newTracedRequest(call engine.Call, ks []keys.Key, opts []Option) (request, bool, Tracer) {
 	o := engine.DefaultOptions()
 	for _, opt := range opts {
 		if opt != nil {
 			o = opt(o)
 		}
 	}
-	return call.Request(ks, o)
+	req, ok := call.Request(ks, o)
+	req.Tracer = o.Tracer
+	t, _ := o.Tracer.(Tracer)
+	return req, ok, t
 }
 
 // invalid is the error of a request whose keys name no lock.

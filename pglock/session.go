@@ -141,7 +141,7 @@ func (s *session) retireIfEmpty() {
 	}
 	s.retire()
 	l.mu.Unlock()
-	_ = s.conn.Close()
+	l.giveBackConn(s.conn)
 }
 
 // retire removes s from the Locker's connections and stops its health
@@ -173,6 +173,7 @@ func (s *session) kill(cause error) {
 	if !engine.Abandoned(cause) { // else the abandoned statement's reaper closes it
 		engine.Discard(s.conn)
 	}
+	l.traceConn(ConnDiscarded)
 	s.stopOnce.Do(func() { close(s.stop) })
 	for lk := range locks {
 		if lk.end(ErrLost, cause) {

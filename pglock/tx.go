@@ -48,8 +48,8 @@ import (
 // (see "Round trips" in docs/guarantees.md); a transaction that rolls back
 // undoes that setup with everything else it did.
 func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error {
-	req, ok := newRequest(engine.LockTx, []keys.Key{key}, opts)
-	_, err := lockOn(ctx, "lock", tx, req, ok, true, engine.Caller())
+	req, ok, t := newTracedRequest(engine.LockTx, []keys.Key{key}, opts)
+	_, err := lockOn(ctx, "lock", "LockTx", t, tx, req, ok, true, engine.Caller())
 	return err
 }
 
@@ -60,8 +60,8 @@ func LockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) error
 // ctx is cancelled. Errors have Op "trylock". Cost: one round trip (two on
 // a session not yet set up, as for LockTx).
 func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (bool, error) {
-	req, ok := newRequest(engine.TryLockTx, []keys.Key{key}, opts)
-	return lockOn(ctx, "trylock", tx, req, ok, false, engine.Caller())
+	req, ok, t := newTracedRequest(engine.TryLockTx, []keys.Key{key}, opts)
+	return lockOn(ctx, "trylock", "TryLockTx", t, tx, req, ok, false, engine.Caller())
 }
 
 // LockAllTx takes transaction-level advisory locks on every key of ks in tx,
@@ -82,7 +82,7 @@ func TryLockTx(ctx context.Context, tx *sql.Tx, key keys.Key, opts ...Option) (b
 // [Error.Keys]. With NoWait it tries once and returns [ErrNotAcquired] when
 // any key is busy. An empty ks, or a zero key in it, returns [ErrInvalidKey].
 func LockAllTx(ctx context.Context, tx *sql.Tx, ks []keys.Key, opts ...Option) error {
-	req, ok := newRequest(engine.LockAllTx, ks, opts)
-	_, err := lockOn(ctx, "lock", tx, req, ok, true, engine.Caller())
+	req, ok, t := newTracedRequest(engine.LockAllTx, ks, opts)
+	_, err := lockOn(ctx, "lock", "LockAllTx", t, tx, req, ok, true, engine.Caller())
 	return err
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
@@ -93,21 +94,36 @@ func WithLock[H Handle](ctx context.Context, h H, key keys.Key, fn func(ctx cont
 
 // withTx is WithLock on a *sql.Tx.
 func withTx(ctx context.Context, tx *sql.Tx, key keys.Key, fn func(context.Context, bool) error, opts []Option) error {
-	req, ok := newRequest(engine.WithLockTx, []keys.Key{key}, opts)
+	req, ok, t := newTracedRequest(engine.WithLockTx, []keys.Key{key}, opts)
 	if fn == nil {
 		return newError("lock", req, ErrNilHandle, errNilFunc)
 	}
-	held, err := lockOn(ctx, "lock", tx, req, ok, false, engine.Caller())
+	held, err := lockOn(ctx, "lock", "WithLock", t, tx, req, ok, false, engine.Caller())
 	if err != nil {
 		return err
 	}
-	return fn(ctx, held)
+	return runBody(ctx, t, req, held, fn)
+}
+
+// runBody runs fn, a WithLock's body on req, with acquired, traced by t
+// (nil: not traced).
+func runBody(ctx context.Context, t Tracer, req request, acquired bool, fn func(context.Context, bool) error) (err error) {
+	var c Call
+	if t != nil {
+		c = ownCallOf("WithLock", req)
+	}
+	bctx, b := startBody(ctx, t, c, acquired)
+	panicked := true
+	defer func() { b.end(err, panicked) }()
+	err = fn(bctx, acquired)
+	panicked = false
+	return err
 }
 
 // withConn is WithLock on a *sql.Conn. done, if set, is told whether the
 // release was confirmed.
 func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context.Context, bool) error, opts []Option) (err error) {
-	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
+	req, ok, t := newTracedRequest(engine.WithLock, []keys.Key{key}, opts)
 	switch {
 	case fn == nil:
 		return newError("lock", req, ErrNilHandle, errNilFunc)
@@ -116,22 +132,41 @@ func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context
 	case !ok:
 		return invalid("lock", req)
 	}
-	// A try first, as on a connection from the pool (see withDB), so that
-	// both send the same statements.
-	r, _ := engine.TryFirst(ctx, conn, req, engine.Caller())
-	held, err := outcome("lock", conn, req, r, false)
+	held, err := tryConn(ctx, t, conn, req)
 	if err != nil || !held {
 		if err != nil {
 			return err
 		}
-		return fn(ctx, false)
+		return runBody(ctx, t, req, false, fn)
+	}
+	var since time.Time
+	if t != nil {
+		since = time.Now()
 	}
 	defer func() {
-		if uerr := unlockCallerOn(ctx, conn, req); uerr != nil {
+		uerr := unlockCallerOn(ctx, conn, req)
+		traceUnlock(ctx, t, "WithLock", req, since, uerr, true)
+		if uerr != nil {
 			err = causes(err, newError("unlock", req, uerr))
 		}
 	}()
-	return fn(ctx, true)
+	return runBody(ctx, t, req, true, fn)
+}
+
+// tryConn is withConn's acquisition, traced by t (nil: not traced): a try first, as on a connection from
+// the pool (see withDB), so that both send the same statements.
+func tryConn(ctx context.Context, t Tracer, conn *sql.Conn, req request) (bool, error) {
+	if t == nil {
+		r, _ := engine.TryFirst(ctx, conn, req, engine.Caller())
+		return outcome("lock", conn, req, r, false)
+	}
+	c := ownCallOf("WithLock", req)
+	start := time.Now()
+	tctx := t.TraceAcquireStart(ctx, AcquireStart{Call: c})
+	r, _ := engine.TryFirst(ctx, conn, req, engine.Caller())
+	held, err := outcome("lock", conn, req, r, false)
+	acquireEnd(tctx, t, c, start, held, err, true)
+	return held, err
 }
 
 // withDB is WithLock on a *sql.DB, watched: the lock is taken and held as
@@ -139,7 +174,7 @@ func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context
 // multiplexing or session check), and verified by its health checks while
 // fn runs. fn's ctx is cancelled with cause ErrLost when the lock is lost.
 func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Context, bool) error, opts []Option) (err error) {
-	req, ok := newRequest(engine.WithLock, []keys.Key{key}, opts)
+	req, ok, t := newTracedRequest(engine.WithLock, []keys.Key{key}, opts)
 	switch {
 	case db == nil:
 		return newError("lock", req, ErrNilHandle)
@@ -148,14 +183,14 @@ func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Conte
 	case !ok:
 		return invalid("lock", req)
 	}
-	l := NewLocker(db, WithMultiplexing(0), WithSessionCheck(false))
+	l := NewLocker(db, WithMultiplexing(0), WithSessionCheck(false), WithTracer(t))
 	l.keepIdle = 0          // the call's Locker ends with it: its connection goes back to the pool
 	defer l.watchers.Wait() // the health checks end with the lock's session
 	lk, err := l.acquire(ctx, "lock", engine.WithLock, []keys.Key{key}, opts)
 	switch {
 	case err == nil:
 	case req.Try && errors.Is(err, ErrNotAcquired):
-		return fn(ctx, false) // busy, settled: the connection went back to the pool
+		return runBody(ctx, t, req, false, fn) // busy, settled: the connection went back to the pool
 	default:
 		return err
 	}
@@ -168,5 +203,5 @@ func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Conte
 			err = causes(err, uerr)
 		}
 	}()
-	return fn(fctx, true)
+	return runBody(fctx, t, req, true, fn)
 }

@@ -57,6 +57,11 @@ type Request struct {
 	// the request's settings: an earlier acquisition of this library
 	// succeeded on it. The acquiring statement then carries no setup.
 	Proven bool
+
+	// Tracer is the caller's pglock.Tracer (the Trace option), carried
+	// with the request for pglock alone: nothing here or in the engine
+	// reads it.
+	Tracer any
 }
 
 // Mode returns the pg_locks mode of the request: "ShareLock" or
