@@ -357,6 +357,10 @@ func lockAllPaths(t testing.TB, driver string, obs *observer) []lockAllPath {
 				return nil, err
 			}
 			if err := pglock.LockAllTx(ctx, tx, ks, opts...); err != nil {
+				if errors.Is(err, pglock.ErrTxAborted) {
+					_ = tx.Rollback()
+					return nil, err
+				}
 				if errors.Is(err, pglock.ErrSessionLost) {
 					_ = tx.Rollback()
 					reopen()

@@ -31,7 +31,8 @@
 //   - if it returns an error (or false), the call left the lock not held;
 //   - the caller's connection and transaction stay usable, except where the
 //     error wraps [ErrSessionLost] (the session is gone, and every lock it
-//     held with it).
+//     held with it) or [ErrTxAborted] (the transaction is aborted, which
+//     released what it took: roll it back).
 //
 // The naive implementation breaks all three: drivers report success for
 // sessions they have already closed (lib/pq), report errors for locks the

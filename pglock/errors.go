@@ -60,6 +60,16 @@ var (
 	// *sql.Conn or *sql.Tx can no longer be used.
 	ErrSessionLost = errors.New("database session lost; every lock it held is released")
 
+	// ErrTxAborted means the call left the caller's *sql.Tx aborted: pglock
+	// runs a transaction lock's wait inside a savepoint and rolls back to it
+	// on failure, but a cancel request that reached the server as the
+	// statement began (before the savepoint existed), or a failed one-key
+	// try (which runs without a savepoint, to keep one round trip), aborts
+	// the transaction itself. Nothing is held: an aborted transaction keeps
+	// no transaction lock it took. Roll the transaction back; every
+	// statement but ROLLBACK fails in it (SQLSTATE 25P02).
+	ErrTxAborted = errors.New("the transaction is aborted; nothing is held; roll it back")
+
 	// ErrInvalidKey is returned for the zero keys.Key, and for an empty set
 	// of keys.
 	ErrInvalidKey = errors.New("invalid key: the zero keys.Key names no lock")
@@ -221,6 +231,8 @@ func failure(r engine.Result) []error {
 		return []error{r.Ctx, ErrSessionLost, r.Err, r.Check}
 	case engine.Plain:
 		return []error{r.Ctx, r.Err, r.Check}
+	case engine.Aborted:
+		return append(classify(r), ErrTxAborted, r.Check)
 	}
 	return classify(r)
 }

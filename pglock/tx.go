@@ -29,6 +29,9 @@ import (
 //     context.Canceled and ErrSessionLost. (pgx configured with
 //     pgconn.CancelRequestContextWatcherHandler cancels on the server instead,
 //     and tx survives.)
+//   - A cancel request that reaches the server as the statement begins,
+//     before its savepoint exists, aborts tx: the error then wraps
+//     ErrTxAborted; nothing is held, and tx must be rolled back.
 //   - A deadlock returns ErrDeadlock, and a lock_timeout the session already
 //     has returns ErrLockTimeout; tx remains usable and keeps the locks it
 //     held before the call, so roll it back to let the other party through.

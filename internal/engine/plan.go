@@ -399,10 +399,10 @@ func (p *Plan) unsettled(vErr error) {
 	case pgsql.IsSessionLost(vErr) || pgsql.IsSessionLost(p.first.Err):
 		p.fail(Lost)
 	case p.req.Scope == pgsql.Xact && pgsql.SQLState(vErr) == pgsql.CodeInFailedSQLTx:
-		// A failed try aborted the transaction (or it was aborted before
-		// the call), which released its transaction locks.
-		p.res.Check = nil
-		p.fail(Classify)
+		// The acquiring statement aborted the transaction (a transaction
+		// already aborted before the call fails its first statement, and
+		// nothing is settled then), which released its transaction locks.
+		p.fail(Aborted)
 	case p.req.Scope == pgsql.Session:
 		// Close the session rather than risk a lock that outlives the
 		// error.
@@ -428,12 +428,18 @@ func (p *Plan) afterRollback(a Answer) {
 	case a.Err != nil && p.retry(a.Err):
 	case a.Err != nil && pgsql.IsSessionLost(a.Err):
 		p.fail(Lost)
+	case a.Err != nil:
+		// The rollback itself failed: the savepoint was never made (the
+		// statement failed as the message began, aborting the
+		// transaction), or a late cancel used up the tries. The
+		// transaction is aborted, which released what it took.
+		p.res.Check = a.Err
+		p.fail(Aborted)
 	case p.req.Try && p.first.Ctx == nil && pgsql.SQLState(p.first.Err) == pgsql.CodeSetBusy:
 		p.finish(Result{Busy: true})
 	default:
-		// Either the savepoint was rolled back, or the transaction was
-		// already aborted (and its transaction locks released) before the
-		// wait began: in both cases nothing is held.
+		// The savepoint was rolled back: nothing is held, and the caller's
+		// transaction is as it was.
 		p.fail(Classify)
 	}
 }

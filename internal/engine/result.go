@@ -26,6 +26,13 @@ const (
 	// Plain: the outcome could not be settled on a transaction, whose
 	// connection is the caller's to keep or drop; Err and Check say why.
 	Plain
+	// Aborted: the caller's transaction is aborted and could not be
+	// restored: the statement failed before its savepoint existed (a cancel
+	// request that reached the server as the message began, or a try's
+	// error), or the rollback to the savepoint failed. Nothing is held (an
+	// aborted transaction keeps no transaction lock it took); the caller
+	// must roll the transaction back. Check is the error that showed it.
+	Aborted
 )
 
 // Result is the outcome of a plan.

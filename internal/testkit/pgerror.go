@@ -24,4 +24,5 @@ var (
 	Canceled    = PgError{"57014", "canceling statement due to user request"}
 	TableFull   = PgError{"53200", "out of shared memory"}
 	SetBusy     = PgError{"22012", "division by zero"}
+	NoSavepoint = PgError{"3B001", "savepoint \"pglocks\" does not exist"}
 )
