@@ -2,6 +2,7 @@ package pglock
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/pglocks/pglocks/internal/engine"
@@ -47,8 +48,8 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 	defer func() {
 		b.end(err, panicked)
 		stop()
-		cancel(context.Canceled) // fn has returned; a loss above stays the cause if it came first
-		if !panicked {
+		cancel(context.Canceled)                          // fn has returned; a loss above stays the cause if it came first
+		if !panicked && !errors.Is(err, ErrRanRecently) { // DoOncePer's skip did no work to hold for
 			holdUntil(ctx, lk.Done(), holdEnd(lk.req, started))
 		}
 		err = lk.doResult(ctx, err)

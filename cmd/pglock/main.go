@@ -112,6 +112,8 @@ func commandTable() []command {
 			about: hashAbout, run: hashMain},
 		{name: "holders", args: "[flags] KEY...", summary: "show who holds or waits for each KEY", about: holdersAbout, run: holdersMain},
 		{name: "list", args: "[flags]", summary: "list every advisory lock in the current database", about: listAbout, run: listMain},
+		{name: "schema", args: "[flags]", summary: "print, or --apply, the DDL of pglocks' tables (for run --once-per)", about: schemaAbout,
+			flags: func(fs *flagSet) { defineSchemaFlags(fs, new(bool)) }, run: schemaMain},
 		{name: "completion", args: "bash|zsh", summary: "print a shell completion script", about: completionAbout, bare: true, run: completionMain},
 		{name: "man", args: "", summary: "print the manual page (roff)", about: manAbout, bare: true, run: manMain},
 	}

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -61,6 +62,9 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if f.healthCheck.d < 10*time.Millisecond {
 		return e.usageErr("run", "--health-check must be at least 10ms")
 	}
+	if msg := f.checkOnce(); msg != "" {
+		return e.usageErr("run", "%s", msg)
+	}
 	return e.runLocked(ctx, g, f, keyArg, key, rest)
 }
 
@@ -72,6 +76,10 @@ type runner struct {
 	f   *runFlags
 	key keys.Key
 	srv server
+	db  *sql.DB
+	// onceStart is, with --once-per, the server's time when the last run
+	// was read: the start of this run, as recorded if it succeeds.
+	onceStart time.Time
 }
 
 func (e env) runLocked(ctx context.Context, g *globals, f *runFlags, keyArg string, key keys.Key, argv []string) int {
@@ -87,12 +95,15 @@ func (e env) runLocked(ctx context.Context, g *globals, f *runFlags, keyArg stri
 		return code
 	}
 	defer db.Close()
-	ru.srv = srv
+	ru.srv, ru.db = srv, db
 	l := pglock.NewLocker(db, pglock.WithHealthCheck(f.healthCheck.d), pglock.WithMultiplexing(0), pglock.WithLogger(ru.r.library()))
 	defer l.Close()
 
 	lk, code, ok := ru.acquire(ctx, l, sigs)
 	if !ok {
+		return code
+	}
+	if code, run := ru.checkOnce(ctx, lk); !run {
 		return code
 	}
 	return ru.runChild(lk, argv, sigs)
@@ -237,6 +248,9 @@ func (ru *runner) runChild(lk *pglock.Lock, argv []string, sigs <-chan os.Signal
 	ru.r.step("exit", "the command "+how, "pid", cmd.Process.Pid, "exit_code", code, "ran", time.Since(started).String())
 	if fg {
 		reclaimTerminal()
+	}
+	if code == 0 && s.lostErr == nil && !ru.recordOnce() {
+		code = exitUnavailable
 	}
 	s.keepHeld(started, sigs)
 	return s.finish(code, how)
