@@ -48,8 +48,10 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 	defer func() {
 		b.end(err, panicked)
 		stop()
-		cancel(context.Canceled)                          // fn has returned; a loss above stays the cause if it came first
-		if !panicked && !errors.Is(err, ErrRanRecently) { // DoOncePer's skip did no work to hold for
+		cancel(context.Canceled) // fn has returned; a loss above stays the cause if it came first
+		// MinHold: not after a panic, nor after DoOncePer's skip (no work
+		// was done to hold for).
+		if !panicked && !errors.Is(err, ErrRanRecently) {
 			holdUntil(ctx, lk.Done(), holdEnd(lk.req, started))
 		}
 		err = lk.doResult(ctx, err)
