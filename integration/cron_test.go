@@ -149,4 +149,3 @@ func TestDoOncePer(t *testing.T) {
 }
 
 var errBoom = errors.New("boom")
-
