@@ -14,8 +14,9 @@ import (
 // cron job on every replica, with clock skew or a slow start): a replica
 // that tries the lock with [NoWait] while it is held skips the work, and
 // the lock stays held long enough for every replica's try to find it busy.
-// It excludes nothing once the hold ends; to skip work that completed
-// recently whenever the others start, see docs/cron.md. A d of zero or
+// It excludes nothing once the hold ends; to skip work that succeeded
+// recently whenever the others start, see [Locker.DoOncePer] and
+// docs/cron.md. A d of zero or
 // less holds nothing more.
 //
 // Where it applies:
