@@ -182,7 +182,10 @@ const recordTimeout = 5 * time.Second
 //
 // Without [NoWait] every replica waits for the lock, then skips; with it, a
 // replica that finds the lock busy returns [ErrNotAcquired] at once. opts
-// are Do's ([MinHold] holds the lock after a run, not after a skip). The table must
+// are Do's ([MinHold] holds the lock after a run, not after a skip). The
+// two statements on the table take a connection from the Locker's pool
+// other than the lock's: a pool limited to one connection
+// (SetMaxOpenConns(1)) waits for it until ctx ends. The table must
 // exist: see [CreateSchema]; when it does not, the error wraps
 // [ErrNoSchema] and fn does not run. Errors of the skip have Op "do", of the
 // table Op "runs".

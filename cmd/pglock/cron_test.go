@@ -149,15 +149,18 @@ func TestSchemaAndOncePer(t *testing.T) {
 
 // TestOncePerCron is the issue's test: 5 hosts fire the same cron job every
 // period, their starts spread, and the job (50 ms) must run exactly once
-// per period, for 20 periods. Each firing n launches 5 `pglock run
-// --once-per 2s --once-skew 1s` at offsets 0, 125, 250, 375 and 500 ms
-// (rotated each period, so that a different host comes first), with the
-// command `echo n >> log; sleep 0.05`; the log must list 0..19 once each,
-// and every pglock must exit 0 (run or skipped). The issue's 3 s spread
-// would need a period above 6 s (docs/cron.md: spread <= skew < period -
-// spread); the test keeps the period at 2 s (40 s in all), and --once-skew
-// 1 s leaves 0.5 s on each side of the 0.5 s spread for start-up jitter and
-// for the hosts queued on the lock while one runs the job.
+// per period, for 20 periods. Every host runs `pglock run --once-per 2s
+// --once-skew 1s` (waiting for the lock, no --nowait) with the command
+// `echo n >> log; sleep 0.05`; the log must list 0..19 once each, and
+// every pglock must exit 0 (run or skipped). Two schedules alternate, so
+// that both ways of failing are tried 10 times: even firings start at 0,
+// 125, 250, 375 and 500 ms (the last host starts 0.5 s after the run: it
+// must skip), odd firings all at 500 ms (5 hosts queued on the lock, and the
+// next firing's first host starts 1.5 s after this run: it must run). The
+// issue's 3 s spread would need a period above 6 s (docs/cron.md: spread <=
+// skew < period - spread); the test keeps the period at 2 s (40 s in all),
+// and --once-skew 1 s leaves 0.5 s on each side of the 0.5 s spread for
+// start-up jitter and for the hosts queued on the lock.
 func TestOncePerCron(t *testing.T) {
 	t.Parallel()
 	const (
@@ -177,7 +180,10 @@ func TestOncePerCron(t *testing.T) {
 	procs := make(chan *proc, periods*hosts)
 	for n := 0; n < periods; n++ {
 		for h := 0; h < hosts; h++ {
-			offset := time.Duration((h+n)%hosts) * spread / (hosts - 1)
+			offset := spread // odd firings: all late
+			if n%2 == 0 {
+				offset = time.Duration(h) * spread / (hosts - 1) // even: spread out
+			}
 			time.Sleep(time.Until(begin.Add(time.Duration(n)*period + offset)))
 			procs <- start(t, env, "--verbose", "run", "--once-per", period.String(), "--once-skew", "1s", name, "--",
 				"sh", "-c", fmt.Sprintf("echo %d >> %s; sleep 0.05", n, logf))
