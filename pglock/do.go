@@ -2,6 +2,8 @@ package pglock
 
 import (
 	"context"
+	"errors"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/engine"
 	"github.com/pglocks/pglocks/keys"
@@ -25,6 +27,10 @@ import (
 // even when fn returned ctx's error, as most Go code does. A release that
 // failed otherwise is joined too. Errors of the acquisition and of the loss
 // have Op "do"; a failed release has Op "unlock".
+//
+// With [MinHold](d), Do releases the lock, and returns, no earlier than d
+// after fn started, unless ctx ends or fn panics first; a loss during that
+// wait is reported as a loss while fn ran (see MinHold).
 func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Context) error, opts ...Option) (err error) {
 	if fn == nil {
 		req, _ := newRequest(engine.LockerLock, []keys.Key{key}, opts)
@@ -34,6 +40,7 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 	if err != nil {
 		return err
 	}
+	started := time.Now()
 	bctx, b := startBody(ctx, tracerOf(lk.req), lk.call(), true)
 	fctx, cancel := context.WithCancelCause(bctx)
 	stop := context.AfterFunc(lk.ctx, func() { cancel(context.Cause(lk.ctx)) })
@@ -42,6 +49,11 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 		b.end(err, panicked)
 		stop()
 		cancel(context.Canceled) // fn has returned; a loss above stays the cause if it came first
+		// MinHold: not after a panic, nor after DoOncePer's skip (no work
+		// was done to hold for).
+		if !panicked && !errors.Is(err, ErrRanRecently) {
+			holdUntil(ctx, lk.Done(), holdEnd(lk.req, started))
+		}
 		err = lk.doResult(ctx, err)
 	}()
 	err = fn(fctx)
@@ -54,7 +66,7 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 // release (found by a health check or by the release itself), or with the
 // release's error.
 func (lk *Lock) doResult(ctx context.Context, ferr error) error {
-	uerr := lk.Unlock(ctx)
+	uerr := lk.release(ctx, ErrUnlocked) // Do has kept any MinHold itself
 	if reason, cause := lk.lost(); reason != nil {
 		return causes(ferr, newError("do", lk.req, reason, cause))
 	}

@@ -114,8 +114,10 @@ type Error struct {
 	// WithLock, Locker.Lock and Locker.LockAll), "trylock" (TryLockConn,
 	// TryLockTx, Locker.TryLock and Locker.TryLockAll), "unlock"
 	// (UnlockConn, Lock.Unlock, and the release at the end of WithLock),
-	// "do" (Locker.Do), "lead" (Locker.Lead), "close" (Locker.Close),
-	// "check" (CheckSessionLocks), "holders" (Holders) or "list" (List).
+	// "do" (Locker.Do, Locker.DoOncePer), "lead" (Locker.Lead), "close"
+	// (Locker.Close), "check" (CheckSessionLocks), "holders" (Holders),
+	// "list" (List), "schema" (CreateSchema) or "runs" (ReadLastRun,
+	// RecordRun).
 	Op string
 
 	Key   keys.Key // the lock; for several, the first in canonical order; zero for List, Close and check

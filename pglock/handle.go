@@ -55,6 +55,8 @@ func lockRun[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req req
 		return false, newError(op, req, ErrNilHandle)
 	case !valid:
 		return false, invalid(op, req)
+	case req.MinHold > 0:
+		return false, newError(op, req, errMinHoldScope)
 	}
 	r := engine.Run(ctx, any(h).(engine.Handle), req, b)
 	conn, _ := any(h).(*sql.Conn)

@@ -41,6 +41,10 @@ type Lock struct {
 	// silent says its end is not reported to a Tracer: a lock granted to
 	// an acquisition that then failed (see Locker.keep, handedOver).
 	silent atomic.Bool
+	// holdEnd is when its MinHold ends (zero: none); deferred says Unlock
+	// came earlier and the release waits for holdEnd (see MinHold).
+	holdEnd  time.Time
+	deferred atomic.Bool
 
 	ctx    context.Context // cancelled with the reason when the lock ends
 	cancel context.CancelCauseFunc
@@ -56,7 +60,7 @@ type ending struct{ reason, cause error }
 // values, not its cancellation.
 func newLock(parent context.Context, l *Locker, api string, req request, gkeys []keys.Key, s *session) *Lock {
 	now := time.Now()
-	lk := &Lock{l: l, api: api, req: req, gkeys: gkeys, s: s, proven: now, since: now}
+	lk := &Lock{l: l, api: api, req: req, gkeys: gkeys, s: s, proven: now, since: now, holdEnd: holdEnd(req, now)}
 	lk.ctx, lk.cancel = context.WithCancelCause(context.WithoutCancel(parent))
 	return lk
 }
@@ -282,11 +286,17 @@ func (lk *Lock) provenAt() time.Time {
 // Unlock on a nil *Lock returns an error wrapping [ErrNilHandle]. Errors
 // have Op "unlock".
 //
+// Under [MinHold], an Unlock before the hold has elapsed returns at once
+// and the Locker releases the lock when it has (see MinHold).
+//
 // Cost: one round trip, whatever the number of keys (a handoff too: the
 // check; the waiter's call costs none).
 func (lk *Lock) Unlock(ctx context.Context) error {
 	if lk == nil || lk.l == nil {
 		return &Error{Op: "unlock", Scope: "session", Err: ErrNilHandle}
+	}
+	if lk.deferRelease() {
+		return nil
 	}
 	return lk.release(ctx, ErrUnlocked)
 }

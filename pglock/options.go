@@ -7,7 +7,7 @@ import (
 )
 
 // Option changes how one lock call behaves: [Shared], [NoWait],
-// [ReportHolders], [WithKeepalive], [Trace]. A nil Option is ignored.
+// [ReportHolders], [WithKeepalive], [Trace], [MinHold]. A nil Option is ignored.
 type Option func(request) request
 
 // request is the description of a lock call, which options change.
@@ -56,6 +56,7 @@ func newTracedRequest(call engine.Call, ks []keys.Key, opts []Option) (request, 
 	}
 	req, ok := call.Request(ks, o)
 	req.Tracer = o.Tracer
+	req.MinHold = o.MinHold
 	t, _ := o.Tracer.(Tracer)
 	return req, ok, t
 }

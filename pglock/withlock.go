@@ -74,6 +74,11 @@ import (
 // sessions. A session lock lost on a *sql.Conn shows only in the unlock's
 // error.
 //
+// With [MinHold](d), WithLock on a *sql.DB or *sql.Conn releases the lock,
+// and returns, no earlier than d after fn started, unless ctx ends or fn
+// panics first (see MinHold); on a *sql.Tx it returns an error without
+// running fn.
+//
 // Session locks cannot work through PgBouncer in transaction pooling mode:
 // call [CheckSessionLocks] at startup, or use a *sql.Tx there. WithLock
 // does not check on each call.
@@ -143,14 +148,20 @@ func withConn(ctx context.Context, conn *sql.Conn, key keys.Key, fn func(context
 	if t != nil {
 		since = time.Now()
 	}
+	started, panicked := time.Now(), true
 	defer func() {
+		if !panicked {
+			holdUntil(ctx, nil, holdEnd(req, started))
+		}
 		uerr := unlockCallerOn(ctx, conn, req)
 		traceUnlock(ctx, t, "WithLock", req, since, uerr, true)
 		if uerr != nil {
 			err = causes(err, newError("unlock", req, uerr))
 		}
 	}()
-	return runBody(ctx, t, req, true, fn)
+	err = runBody(ctx, t, req, true, fn)
+	panicked = false
+	return err
 }
 
 // tryConn is withConn's acquisition, traced by t (nil: not traced): a try first, as on a connection from
@@ -196,12 +207,18 @@ func withDB(ctx context.Context, db *sql.DB, key keys.Key, fn func(context.Conte
 	}
 	fctx, cancel := context.WithCancelCause(ctx)
 	stop := context.AfterFunc(lk.ctx, func() { cancel(context.Cause(lk.ctx)) })
+	started, panicked := time.Now(), true
 	defer func() {
 		stop()
 		cancel(context.Canceled) // fn has returned; a loss above stays the cause if it came first
-		if uerr := lk.Unlock(ctx); uerr != nil {
+		if !panicked {
+			holdUntil(ctx, lk.Done(), holdEnd(req, started))
+		}
+		if uerr := lk.release(ctx, ErrUnlocked); uerr != nil { // the MinHold is kept above
 			err = causes(err, uerr)
 		}
 	}()
-	return runBody(fctx, t, req, true, fn)
+	err = runBody(fctx, t, req, true, fn)
+	panicked = false
+	return err
 }

@@ -150,6 +150,9 @@ type runFlags struct {
 	onLost         onLostValue
 	grace          durationValue
 	healthCheck    durationValue
+	minHold        durationValue
+	oncePer        durationValue
+	onceSkew       durationValue
 }
 
 // newRunFlags returns run's flags at their defaults.
@@ -177,6 +180,12 @@ func (f *runFlags) define(fs *flagSet) {
 		usage: "with --on-lost term, how long to wait after SIGTERM before SIGKILL"})
 	fs.valueFlag(&f.healthCheck, flagDoc{name: "health-check", arg: "DURATION", def: "2s",
 		usage: "how often to verify the lock while the command runs, at least 10ms"})
+	fs.valueFlag(&f.minHold, flagDoc{name: "min-hold", arg: "DURATION", def: "none",
+		usage: "keep the lock until at least this long after the command started, so that late --nowait runs skip"})
+	fs.valueFlag(&f.oncePer, flagDoc{name: "once-per", arg: "PERIOD", def: "none",
+		usage: "skip the command (exit 0) if it last succeeded less than PERIOD minus --once-skew ago; needs \"pglock schema --apply\""})
+	fs.valueFlag(&f.onceSkew, flagDoc{name: "once-skew", arg: "DURATION", def: "a tenth of --once-per",
+		usage: "with --once-per, how much earlier than a full PERIOD a run may come: more than the spread of the hosts' start times"})
 }
 
 const runAbout = `
@@ -202,6 +211,27 @@ group, then SIGKILL after --grace; "kill" sends SIGKILL at once; "ignore" lets
 it finish. pglock then exits with --lost-exit-code whatever the command
 returned, because another host may have run it at the same time. A loss found
 only when the lock is released at the end is reported the same way.
+
+With --min-hold DURATION, the lock stays held until at least DURATION after
+the command started, even if the command ends sooner: pglock waits, then
+releases the lock and exits with the command's exit code (so the exit comes
+late). Another host's "pglock run --nowait" of the same KEY in that time skips
+its command: for a cron job on every host, set it longer than the spread of
+the hosts' start times. SIGINT, SIGTERM or SIGHUP during that wait releases the
+lock at once (exit: the command's code); a loss of the lock during it exits
+with --lost-exit-code. See docs/cron.md.
+
+With --once-per PERIOD, pglock takes the lock, then reads when the command
+last succeeded under KEY from the table pglocks.runs (create it once with
+"pglock schema --apply"): if that run started less than PERIOD minus
+--once-skew ago (by the server's clock), the command is skipped and pglock
+exits 0, saying so on stderr; otherwise the command runs, and if it exits 0
+with the lock held throughout, the run is recorded before the lock is
+released. Unlike --min-hold, this survives the release: a host that starts
+after the first one has finished skips too. --once-skew (default a tenth of
+PERIOD) must exceed the spread of the hosts' start times, and PERIOD minus it
+must exceed that spread too. A missing table, or a record that fails after
+the command succeeded, exits 69. See docs/cron.md.
 
 With --verbose, pglock logs when it starts waiting, acquires the lock, starts
 the command, sees it end (with its exit code) and releases the lock, with

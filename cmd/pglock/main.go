@@ -112,6 +112,8 @@ func commandTable() []command {
 			about: hashAbout, run: hashMain},
 		{name: "holders", args: "[flags] KEY...", summary: "show who holds or waits for each KEY", about: holdersAbout, run: holdersMain},
 		{name: "list", args: "[flags]", summary: "list every advisory lock in the current database", about: listAbout, run: listMain},
+		{name: "schema", args: "[flags]", summary: "print, or --apply, the DDL of pglocks' tables (for run --once-per)", about: schemaAbout,
+			flags: func(fs *flagSet) { defineSchemaFlags(fs, new(bool)) }, run: schemaMain},
 		{name: "completion", args: "bash|zsh", summary: "print a shell completion script", about: completionAbout, bare: true, run: completionMain},
 		{name: "man", args: "", summary: "print the manual page (roff)", about: manAbout, bare: true, run: manMain},
 	}
@@ -139,9 +141,12 @@ PGSERVICE, ...) and ~/.pgpass, the way psql reads them. A DSN is a URL
 const exitHelp = `Exit codes of "pglock run": the command's own exit code when it ran; 128+N
 when it was killed by signal N; the --conflict-exit-code (default 1) when the
 lock was busy (--nowait) or --timeout expired; the --lost-exit-code (default
-75) when the lock was lost while the command ran; 2 for usage errors; 69 when
-the database could not be reached or is a standby (in recovery); 126/127 when the command cannot be run or
-is not found; 128+N when pglock itself got signal N while it waited.
+75) when the lock was lost while the command ran (or during --min-hold); 2
+for usage errors; 69 when the database could not be reached or is a standby
+(in recovery), or with --once-per when pglocks.runs is missing or a success
+could not be recorded; 0 when --once-per skipped the command; 126/127 when
+the command cannot be run or is not found; 128+N when pglock itself got
+signal N while it waited.
 `
 
 func (e env) usage(w io.Writer) {

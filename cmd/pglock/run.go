@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -61,6 +62,9 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if f.healthCheck.d < 10*time.Millisecond {
 		return e.usageErr("run", "--health-check must be at least 10ms")
 	}
+	if msg := f.checkOnce(); msg != "" {
+		return e.usageErr("run", "%s", msg)
+	}
 	return e.runLocked(ctx, g, f, keyArg, key, rest)
 }
 
@@ -72,6 +76,10 @@ type runner struct {
 	f   *runFlags
 	key keys.Key
 	srv server
+	db  *sql.DB
+	// onceStart is, with --once-per, the server's time when the last run
+	// was read: the start of this run, as recorded if it succeeds.
+	onceStart time.Time
 }
 
 func (e env) runLocked(ctx context.Context, g *globals, f *runFlags, keyArg string, key keys.Key, argv []string) int {
@@ -87,12 +95,15 @@ func (e env) runLocked(ctx context.Context, g *globals, f *runFlags, keyArg stri
 		return code
 	}
 	defer db.Close()
-	ru.srv = srv
+	ru.srv, ru.db = srv, db
 	l := pglock.NewLocker(db, pglock.WithHealthCheck(f.healthCheck.d), pglock.WithMultiplexing(0), pglock.WithLogger(ru.r.library()))
 	defer l.Close()
 
 	lk, code, ok := ru.acquire(ctx, l, sigs)
 	if !ok {
+		return code
+	}
+	if code, run := ru.checkOnce(ctx, lk); !run {
 		return code
 	}
 	return ru.runChild(lk, argv, sigs)
@@ -238,6 +249,10 @@ func (ru *runner) runChild(lk *pglock.Lock, argv []string, sigs <-chan os.Signal
 	if fg {
 		reclaimTerminal()
 	}
+	if code == 0 && s.lostErr == nil && !ru.recordOnce() {
+		code = exitUnavailable
+	}
+	s.keepHeld(started, sigs)
 	return s.finish(code, how)
 }
 
@@ -280,6 +295,9 @@ type supervision struct {
 	// killAt fires when the --grace period after the SIGTERM sent on a loss
 	// ends; nil when no SIGKILL is pending.
 	killAt <-chan time.Time
+	// holdLost says lostErr came during --min-hold, after the command
+	// exited.
+	holdLost bool
 }
 
 // wait waits for the command to exit and returns cmd.Wait's error.
@@ -339,6 +357,40 @@ func (s *supervision) graceExpired() {
 	_ = signalGroup(s.cmd.Process, syscall.SIGKILL)
 }
 
+// keepHeld keeps the lock, once the command has exited, until --min-hold
+// after it started (from). It returns early on a stop signal (the lock is
+// then released at once) and on a loss, which it records in lostErr (with
+// holdLost) for finish to report.
+func (s *supervision) keepHeld(from time.Time, sigs <-chan os.Signal) {
+	wait := time.Until(from.Add(s.f.minHold.d))
+	if s.lostErr != nil || s.f.minHold.d <= 0 || wait <= 0 {
+		return
+	}
+	s.r.step("hold", "keeping the lock until --min-hold has elapsed", "key", s.key.String(), "for", wait.String())
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			return
+		case sig := <-sigs:
+			if stopsWait(sig) {
+				s.r.say(slog.LevelWarn, "interrupted", fmt.Sprintf("%v during --min-hold; releasing %s early", sig, describe(s.key)),
+					"key", s.key.String(), "signal", sig.String())
+				return
+			}
+		case <-s.lk.Done():
+			s.lostErr, s.holdLost = s.lk.Err(), true
+			if s.lostErr == nil {
+				s.lostErr = pglock.ErrLost
+			}
+			s.r.say(slog.LevelError, "lost", fmt.Sprintf("lost %s on %s during --min-hold (%v): another host may run the command again", describe(s.key), s.srv, s.lostErr),
+				"key", s.key.String(), "error", s.lostErr.Error())
+			return
+		}
+	}
+}
+
 // finish runs once the command has exited with code (how describes it) and
 // the terminal is reclaimed, and returns pglock's exit code. After a loss
 // (unless --on-lost ignore) it first reaps the command's process group
@@ -347,13 +399,17 @@ func (s *supervision) graceExpired() {
 // lock and returns code, or --lost-exit-code when the release fails, since
 // the lock could not be confirmed held throughout.
 func (s *supervision) finish(code int, how string) int {
-	if s.lostErr != nil && s.f.onLost != onLostIgnore {
+	if s.lostErr != nil && s.f.onLost != onLostIgnore && !s.holdLost {
 		// The lock is gone: nothing the command started may outlive
 		// pglock. Its group gets the rest of the grace period, then SIGKILL.
 		s.reapGroup(s.cmd.Process, s.killAt)
 	}
 	if s.lostErr != nil {
-		s.r.say(slog.LevelError, "exit", fmt.Sprintf("the command %s; exiting %d because the lock was lost while it ran", how, s.f.lostCode),
+		when := "while it ran"
+		if s.holdLost {
+			when = "during --min-hold"
+		}
+		s.r.say(slog.LevelError, "exit", fmt.Sprintf("the command %s; exiting %d because the lock was lost %s", how, s.f.lostCode, when),
 			"command_exit_code", code, "exit_code", int(s.f.lostCode))
 		return int(s.f.lostCode)
 	}

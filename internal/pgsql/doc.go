@@ -34,5 +34,7 @@
 //   - health.go: the statements of a Locker's connections.
 //   - holders.go: the pg_locks listing of holders and waiters.
 //   - probe.go: the session-sharing probe (PgBouncer in transaction mode).
+//   - runs.go: SchemaSQL (schema pglocks) and the statements on
+//     pglocks.runs (once-per).
 //   - sqlstate.go: SQLSTATE codes and the "session lost" classification.
 package pgsql

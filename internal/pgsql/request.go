@@ -58,6 +58,11 @@ type Request struct {
 	// succeeded on it. The acquiring statement then carries no setup.
 	Proven bool
 
+	// MinHold is the least time the lock stays held after it is acquired
+	// (pglock's MinHold option), carried with the request for pglock
+	// alone: nothing here or in the engine reads it. Zero: none.
+	MinHold time.Duration
+
 	// Tracer is the caller's pglock.Tracer (the Trace option), carried
 	// with the request for pglock alone: nothing here or in the engine
 	// reads it.
