@@ -152,13 +152,13 @@ func TestMinHoldEdges(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer tx.Rollback()
-				if err := pglock.LockTx(ctx, tx, key, pglock.MinHold(time.Second)); err == nil {
-					t.Fatal("LockTx took MinHold")
+				if err := pglock.LockTx(ctx, tx, key, pglock.MinHold(time.Second)); !errors.Is(err, pglock.ErrMinHoldScope) {
+					t.Fatalf("LockTx with MinHold = %v, want ErrMinHoldScope", err)
 				}
 				ran := false
 				err = pglock.WithLock(ctx, tx, key, func(context.Context, bool) error { ran = true; return nil }, pglock.MinHold(time.Second))
-				if err == nil || ran {
-					t.Fatalf("WithLock on a *sql.Tx = %v (fn ran: %v), want an error without running fn", err, ran)
+				if !errors.Is(err, pglock.ErrMinHoldScope) || ran {
+					t.Fatalf("WithLock on a *sql.Tx = %v (fn ran: %v), want ErrMinHoldScope without running fn", err, ran)
 				}
 				if h := obs.holders(t, key); len(h) != 0 {
 					t.Fatalf("held by %v after a refused call", h)

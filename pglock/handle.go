@@ -56,7 +56,7 @@ func lockRun[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req req
 	case !valid:
 		return false, invalid(op, req)
 	case req.MinHold > 0:
-		return false, newError(op, req, errMinHoldScope)
+		return false, newError(op, req, ErrMinHoldScope)
 	}
 	r := engine.Run(ctx, any(h).(engine.Handle), req, b)
 	conn, _ := any(h).(*sql.Conn)

@@ -57,9 +57,10 @@ func MinHold(d time.Duration) Option {
 	return func(r request) request { r.MinHold = max(d, 0); return r }
 }
 
-// errMinHoldScope is the error of a MinHold given to a call that cannot keep
-// a lock beyond its return.
-var errMinHoldScope = errors.New("MinHold needs a lock pglock releases: use a Locker, Do, or WithLock on a *sql.DB or *sql.Conn (a transaction lock ends at COMMIT, and UnlockConn cannot tell when the lock was taken)")
+// ErrMinHoldScope is returned, and nothing is sent, when [MinHold] is given
+// to a call that cannot keep its lock beyond its return: LockConn,
+// TryLockConn, LockTx, TryLockTx, LockAllTx and WithLock on a *sql.Tx.
+var ErrMinHoldScope = errors.New("MinHold needs a lock pglock releases: use a Locker, Do, or WithLock on a *sql.DB or *sql.Conn (a transaction lock ends at COMMIT, and UnlockConn cannot tell when the lock was taken)")
 
 // holdUntil waits until until, or until ctx or ended is done (a nil ended
 // never is). A zero until does not wait.
