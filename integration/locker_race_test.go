@@ -246,4 +246,3 @@ func (c *lateCancelConn) Close() error {
 	}()
 	return nil
 }
-
