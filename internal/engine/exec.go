@@ -381,8 +381,33 @@ func reap(h Handle) {
 		_ = h.Raw(func(any) error { return driver.ErrBadConn })
 		_ = h.Close()
 	case *sql.Tx:
-		_ = h.Rollback()
+		endTx(h)
 	}
+}
+
+// endTx ends the session of a caller's transaction whose statement was
+// abandoned, once that statement returned. The call reported the session
+// lost (ErrAbandoned wraps driver.ErrBadConn), as it is on a *sql.Conn, whose
+// connection reap closes; but database/sql cannot close a *sql.Tx's
+// connection, and rolling it back alone would leave the session alive
+// whenever the driver did not close it: a statement that answered just as
+// it was abandoned, or one never sent because the grace had already run out
+// (a slow settling statement on a loaded machine). So the backend is
+// terminated through the transaction itself (its own backend: no privilege
+// needed), after rolling back to the call's savepoint if the transaction is
+// aborted (only ROLLBACK is accepted then), and the transaction is then rolled
+// back. A transaction aborted before the savepoint existed cannot run it: it
+// is only rolled back, which releases its transaction locks.
+func endTx(tx *sql.Tx) {
+	ctx, cancel := context.WithTimeout(context.Background(), escalateTimeout)
+	defer cancel()
+	_, err := tx.ExecContext(ctx, pgsql.TerminateSelfSQL)
+	if pgsql.SQLState(err) == pgsql.CodeInFailedSQLTx {
+		if _, rerr := tx.ExecContext(ctx, pgsql.RollbackSavepointSQL); rerr == nil {
+			_, _ = tx.ExecContext(ctx, pgsql.TerminateSelfSQL)
+		}
+	}
+	_ = tx.Rollback()
 }
 
 // escalate ends an abandoned wait, tagged tag, that the driver could not
