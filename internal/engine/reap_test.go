@@ -11,6 +11,7 @@ import (
 
 	"github.com/pglocks/pglocks/internal/pgsql"
 	"github.com/pglocks/pglocks/internal/testkit"
+	"github.com/pglocks/pglocks/keys"
 )
 
 // txDriver records what a transaction is sent; answers gives the error of
@@ -85,6 +86,71 @@ func TestReapTx(t *testing.T) {
 			}
 			if !d.rolledBack {
 				t.Error("the transaction was not rolled back")
+			}
+		})
+	}
+}
+
+// scriptedHandle answers each ExecContext with the next of answers, and
+// records the statements.
+type scriptedHandle struct {
+	answers []Answer
+	sent    []string
+}
+
+func (h *scriptedHandle) ExecContext(_ context.Context, q string, _ ...any) (sql.Result, error) {
+	h.sent = append(h.sent, q)
+	if len(h.answers) == 0 {
+		return nil, errors.New("no answer scripted")
+	}
+	a := h.answers[0]
+	h.answers = h.answers[1:]
+	if a.Err != nil {
+		return nil, a.Err
+	}
+	return driver.RowsAffected(a.Rows), nil
+}
+
+func (h *scriptedHandle) QueryContext(context.Context, string, ...any) (*sql.Rows, error) {
+	return nil, errors.New("no query scripted")
+}
+
+// TestReleaseAfterLateCancel: a Locker's unlock interrupted by a late
+// cancel request (57014) is settled through pg_locks; a caller's unlock
+// (Release, counted holds) is not.
+func TestReleaseAfterLateCancel(t *testing.T) {
+	set := pgsql.Request{Keys: []keys.Key{keys.Int64(1), keys.Int64(2)}}
+	u, held := set.UnlockSQL(), set.HeldSQL()
+	ok := func(n int64) Answer { return Answer{Rows: n} }
+	canceled := Answer{Err: testkit.Canceled}
+	for _, tc := range []struct {
+		name     string
+		shielded bool
+		answers  []Answer
+		want     []string
+		rows     int64
+		err      error
+	}{
+		{"released", true, []Answer{ok(2)}, []string{u}, 2, nil},
+		{"the unlock ran before the cancel", true, []Answer{canceled, ok(0)}, []string{u, held}, 2, nil},
+		{"the cancel came first: sent again", true, []Answer{canceled, ok(2), ok(2)}, []string{u, held, u}, 2, nil},
+		{"part of the set released", true, []Answer{canceled, ok(1), ok(1)}, []string{u, held, u}, 2, nil},
+		{"the check cancelled too", true, []Answer{canceled, canceled, ok(0)}, []string{u, held, held}, 2, nil},
+		{"cancels use up the tries", true, []Answer{canceled, ok(2), canceled, ok(2), canceled}, []string{u, held, u, held, u}, 0, testkit.Canceled},
+		{"the check fails", true, []Answer{canceled, {Err: driver.ErrBadConn}}, []string{u, held}, 0, driver.ErrBadConn},
+		{"a caller's unlock is not settled", false, []Answer{canceled}, []string{u}, 0, testkit.Canceled},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &scriptedHandle{answers: tc.answers}
+			var n int64
+			var err error
+			if tc.shielded {
+				n, err = ReleaseShielded(context.Background(), h, set, &Shields{})
+			} else {
+				n, err = Release(context.Background(), h, set)
+			}
+			if !slices.Equal(h.sent, tc.want) || n != tc.rows || !errors.Is(err, tc.err) || (tc.err == nil) != (err == nil) {
+				t.Errorf("sent %d statements, released %d, %v; want %d, %d, %v", len(h.sent), n, err, len(tc.want), tc.rows, tc.err)
 			}
 		})
 	}
