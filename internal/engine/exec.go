@@ -52,7 +52,8 @@ const (
 // ErrAbandoned is the error of a statement that did not answer within its
 // bound. The call returned without it; the statement may still be running,
 // and whatever it is granted is released when its connection is closed,
-// which happens as soon as it returns (on a *sql.Tx, it is rolled back). It
+// which happens as soon as it returns (on a *sql.Tx, its backend is
+// terminated through the transaction, which is rolled back: see endTx). It
 // wraps driver.ErrBadConn, so it counts as a lost session.
 var ErrAbandoned = fmt.Errorf("pglocks: the server did not answer in time; the statement was abandoned and its connection is closed once it returns: %w", driver.ErrBadConn)
 
@@ -72,7 +73,8 @@ func Abandoned(err error) bool { return errors.Is(err, ErrAbandoned) }
 // cancelled; a goroutine (the reaper) waits for the statement to return and
 // then discards the handle's connection, so that anything it was granted is
 // released and never reported held (a *sql.Conn is closed through Raw, a
-// *sql.Tx rolled back; a *sql.DB needs nothing).
+// *sql.Tx's backend terminated and the transaction rolled back; a *sql.DB
+// needs nothing).
 type Bounds struct {
 	// DeadlineGrace and CancelGrace: how long after ctx's deadline, or
 	// after ctx was cancelled, a statement is still waited for.
