@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/pglocks/pglocks/internal/pgsql"
 	"github.com/pglocks/pglocks/internal/testkit"
@@ -18,6 +19,7 @@ import (
 // each Exec in turn (nil once they run out).
 type txDriver struct {
 	mu         sync.Mutex
+	slow       []func() // run before answering each Exec in turn, without mu
 	answers    []error
 	sent       []string
 	rolledBack bool
@@ -43,6 +45,15 @@ func (c *txConn) Rollback() error {
 }
 
 func (c *txConn) ExecContext(_ context.Context, q string, _ []driver.NamedValue) (driver.Result, error) {
+	c.d.mu.Lock()
+	var slow func()
+	if len(c.d.slow) > 0 {
+		slow, c.d.slow = c.d.slow[0], c.d.slow[1:]
+	}
+	c.d.mu.Unlock()
+	if slow != nil {
+		slow() // ignores ctx, as a driver blocked in a read does
+	}
 	c.d.mu.Lock()
 	defer c.d.mu.Unlock()
 	c.d.sent = append(c.d.sent, q)
@@ -153,5 +164,46 @@ func TestReleaseAfterLateCancel(t *testing.T) {
 				t.Errorf("sent %d statements, released %d, %v; want %d, %d, %v", len(h.sent), n, err, len(tc.want), tc.rows, tc.err)
 			}
 		})
+	}
+}
+
+// TestRunAbandonedOnTxEndsSession: a wait on a caller's transaction that
+// answers just as the caller cancels, followed by a settling statement that
+// does not answer within the grace, is abandoned and reported lost; once
+// the statement returns, the reaper terminates the session through the
+// transaction (the driver, which never saw its context end during a
+// statement, did not close it), then rolls it back.
+func TestRunAbandonedOnTxEndsSession(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d := &txDriver{slow: []func(){
+		func() { cancel(); time.Sleep(20 * time.Millisecond) }, // the wait answers as ctx ends
+		func() { time.Sleep(CallerCancelGrace + 300*time.Millisecond) },
+	}}
+	db := sql.OpenDB(d)
+	defer db.Close()
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := pgsql.Request{Keys: []keys.Key{keys.Int64(7)}, Scope: pgsql.Xact, Proven: true}
+	r := Run(ctx, tx, req, Caller())
+	if r.Failure != Lost || !Abandoned(r.Err) {
+		t.Fatalf("result %+v, want an abandoned statement", r)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		d.mu.Lock()
+		done := d.rolledBack
+		sent := slices.Clone(d.sent)
+		d.mu.Unlock()
+		if done {
+			if !slices.Contains(sent, pgsql.TerminateSelfSQL) {
+				t.Fatalf("the transaction was rolled back but its session not ended: sent %q", sent)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the reaper did not end the transaction within 5 s: sent %q", sent)
+		}
 	}
 }
