@@ -30,8 +30,10 @@ type session struct {
 	// request interrupts whatever statement the backend runs when it
 	// arrives, so conn never goes back to the pool, nor is it kept idle:
 	// once it holds nothing it is closed (see retireIfEmpty). Meanwhile its
-	// own statements survive a stray 57014 (settling statements and tries
-	// are sent again). Guarded by turn.
+	// own statements survive a stray 57014: settling statements and tries
+	// are sent again, an interrupted unlock is settled through pg_locks
+	// (engine.ReleaseShielded), and a failed health check is tried again.
+	// Guarded by turn.
 	cancelPending bool
 
 	// Guarded by l.mu.
