@@ -334,6 +334,7 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 	b := a.bounds
 	b.Shields = &s.shields // s.turn is held
 	r := engine.Run(ctx, s.conn, req, b)
+	s.cancelPending = s.cancelPending || r.CancelPending // a try whose shield's bound ran out
 	if !r.Granted {
 		if errs := failure(r); !r.Busy && slices.Contains(errs, ErrSessionLost) {
 			s.kill(causes(errs...))
@@ -381,6 +382,7 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 		return nil, e
 	}
 	s := newSession(l, conn)
+	s.cancelPending = r.CancelPending // granted as ctx ended: never reused (see giveBack)
 	lk := newLock(ctx, l, a.api, a.req, a.gkeys, s)
 	s.attach(lk)
 	l.traceConn(ConnShared)
@@ -391,9 +393,28 @@ func (l *Locker) dedicated(ctx context.Context, a attempt, counted bool) (*Lock,
 }
 
 // giveBack ends a dedicated connection whose acquisition failed with
-// errs: closed (discarded) when its session is lost or its outcome was not
-// settled, else kept for reuse or returned to the pool (see putIdle). It
-// returns the errors to report.
+// errs: closed (discarded) when its session is lost, its outcome was not
+// settled, or a cancel request may still be on its way to it; else kept for
+// reuse or returned to the pool (see putIdle). It returns the errors to
+// report.
+//
+// The cancel request: when the caller's ctx ends during a wait, a driver
+// that cancels on the server (pgx's CancelRequestContextWatcherHandler)
+// sends a CancelRequest, but stops waiting for it as soon as the wait
+// returns. A wait that ended some other way meanwhile (granted, lock_timeout,
+// deadlock) leaves that request in flight: it reaches the backend later and
+// cancels whatever statement runs there then, with SQLSTATE 57014, which
+// would be another caller's wait if the connection went back to the pool.
+// Nothing tells when it has arrived (pgx no longer waits for it), so such
+// a connection is closed (engine.Result.CancelPending), which costs a dial
+// only for waits cut short by a cancellation, or by a deadline more than
+// engine.DeadlineGrace past its lock_timeout, that the server ended another
+// way at the same moment. A wait that the cancel itself ended (57014, no
+// statement_timeout of ours) consumed it, and its connection is reused.
+// The alternative, sending a wait that failed with 57014 while its ctx was
+// alive again, would also wait again after an operator's pg_cancel_backend
+// and still let the stray cancel hit other statements (a caller's, through
+// the pool); it is not done.
 func (l *Locker) giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, errs []error) []error {
 	switch lost := slices.Contains(errs, ErrSessionLost); {
 	case engine.Abandoned(r.Err):
@@ -407,7 +428,7 @@ func (l *Locker) giveBack(ctx context.Context, conn *sql.Conn, r engine.Result, 
 		// call's own and held nothing else: not news to the caller.
 		l.discard(conn)
 		return slices.DeleteFunc(errs, func(e error) bool { return e == ErrSessionLost })
-	case lost, r.Discard:
+	case lost, r.Discard, r.CancelPending:
 		l.discard(conn)
 	default:
 		l.putIdle(conn) // settled: this session holds no lock

@@ -24,6 +24,17 @@ type session struct {
 	// shields shields the library's statements on conn, which turn
 	// serializes (see engine.Shields). Guarded by turn.
 	shields engine.Shields
+	// cancelPending says the driver may still have a cancel request on its
+	// way to conn's backend (engine.Result.CancelPending: a wait granted
+	// as the caller's ctx ended, with pgx's CancelRequest handler). Such a
+	// request interrupts whatever statement the backend runs when it
+	// arrives, so conn never goes back to the pool, nor is it kept idle:
+	// once it holds nothing it is closed (see retireIfEmpty). Meanwhile its
+	// own statements survive a stray 57014: settling statements and tries
+	// are sent again, an interrupted unlock is settled through pg_locks
+	// (engine.ReleaseShielded), and a failed health check is tried again.
+	// Guarded by turn.
+	cancelPending bool
 
 	// Guarded by l.mu.
 	locks   map[*Lock]struct{}
@@ -122,13 +133,20 @@ func (s *session) isGone() bool {
 // retireIfEmpty handles s once it holds no lock and no acquisition has
 // picked it: every lock it held was released and confirmed, so it holds no
 // advisory lock. It is kept as a shared connection for IdleKeep (see
-// keeps), and otherwise retired: its connection goes back to the pool. The
+// keeps), and otherwise retired: its connection goes back to the pool, or is
+// closed if a cancel request may still be on its way (cancelPending). The
 // caller holds s.turn.
 func (s *session) retireIfEmpty() {
 	l := s.l
 	l.mu.Lock()
 	if s.gone || len(s.locks) > 0 || s.pending > 0 {
 		l.mu.Unlock()
+		return
+	}
+	if s.cancelPending {
+		s.retire()
+		l.mu.Unlock()
+		l.discard(s.conn)
 		return
 	}
 	if l.keeps() {

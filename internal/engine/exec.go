@@ -52,7 +52,8 @@ const (
 // ErrAbandoned is the error of a statement that did not answer within its
 // bound. The call returned without it; the statement may still be running,
 // and whatever it is granted is released when its connection is closed,
-// which happens as soon as it returns (on a *sql.Tx, it is rolled back). It
+// which happens as soon as it returns (on a *sql.Tx, its backend is
+// terminated through the transaction, which is rolled back: see endTx). It
 // wraps driver.ErrBadConn, so it counts as a lost session.
 var ErrAbandoned = fmt.Errorf("pglocks: the server did not answer in time; the statement was abandoned and its connection is closed once it returns: %w", driver.ErrBadConn)
 
@@ -72,7 +73,8 @@ func Abandoned(err error) bool { return errors.Is(err, ErrAbandoned) }
 // cancelled; a goroutine (the reaper) waits for the statement to return and
 // then discards the handle's connection, so that anything it was granted is
 // released and never reported held (a *sql.Conn is closed through Raw, a
-// *sql.Tx rolled back; a *sql.DB needs nothing).
+// *sql.Tx's backend terminated and the transaction rolled back; a *sql.DB
+// needs nothing).
 type Bounds struct {
 	// DeadlineGrace and CancelGrace: how long after ctx's deadline, or
 	// after ctx was cancelled, a statement is still waited for.
@@ -381,8 +383,33 @@ func reap(h Handle) {
 		_ = h.Raw(func(any) error { return driver.ErrBadConn })
 		_ = h.Close()
 	case *sql.Tx:
-		_ = h.Rollback()
+		endTx(h)
 	}
+}
+
+// endTx ends the session of a caller's transaction whose statement was
+// abandoned, once that statement returned. The call reported the session
+// lost (ErrAbandoned wraps driver.ErrBadConn), as it is on a *sql.Conn, whose
+// connection reap closes; but database/sql cannot close a *sql.Tx's
+// connection, and rolling it back alone would leave the session alive
+// whenever the driver did not close it: a statement that answered just as
+// it was abandoned, or one never sent because the grace had already run out
+// (a slow settling statement on a loaded machine). So the backend is
+// terminated through the transaction itself (its own backend: no privilege
+// needed), after rolling back to the call's savepoint if the transaction is
+// aborted (only ROLLBACK is accepted then), and the transaction is then rolled
+// back. A transaction aborted before the savepoint existed cannot run it: it
+// is only rolled back, which releases its transaction locks.
+func endTx(tx *sql.Tx) {
+	ctx, cancel := context.WithTimeout(context.Background(), escalateTimeout)
+	defer cancel()
+	_, err := tx.ExecContext(ctx, pgsql.TerminateSelfSQL)
+	if pgsql.SQLState(err) == pgsql.CodeInFailedSQLTx {
+		if _, rerr := tx.ExecContext(ctx, pgsql.RollbackSavepointSQL); rerr == nil {
+			_, _ = tx.ExecContext(ctx, pgsql.TerminateSelfSQL)
+		}
+	}
+	_ = tx.Rollback()
 }
 
 // escalate ends an abandoned wait, tagged tag, that the driver could not

@@ -165,6 +165,7 @@ func (p *Plan) Step() Step {
 // Next records the answer to the current step and moves on. It reports
 // whether there is another step to send.
 func (p *Plan) Next(a Answer) bool {
+	p.track(a)
 	switch p.state {
 	case stAcquire:
 		p.afterAcquire(a)
@@ -184,6 +185,22 @@ func (p *Plan) Next(a Answer) bool {
 		p.state = stDone
 	}
 	return p.state != stDone
+}
+
+// track follows the cancel request the driver may have sent for an
+// acquiring statement whose context ended (see [Result.CancelPending]): a
+// statement of the session that fails with 57014 shows that it landed, unless
+// that statement is a wait bounded by a statement_timeout of ours (Timed),
+// whose 57014 may be the timeout's instead. Any other answer of a statement
+// whose context ended leaves a cancel request possibly in flight.
+func (p *Plan) track(a Answer) {
+	landed := pgsql.SQLState(a.Err) == pgsql.CodeQueryCanceled && (p.state != stAcquire || !p.res.Timed)
+	switch {
+	case landed:
+		p.res.CancelPending = false
+	case a.Ctx != nil:
+		p.res.CancelPending = true
+	}
 }
 
 // afterAcquire decides on the acquiring statement's answer.

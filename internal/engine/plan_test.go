@@ -254,3 +254,44 @@ func TestCallRequest(t *testing.T) {
 		}
 	}
 }
+
+// TestPlanCancelPending covers [Result.CancelPending]: after a statement
+// whose driver context ended, the driver may have a cancel request in
+// flight, until a 57014 on the session shows it landed.
+func TestPlanCancelPending(t *testing.T) {
+	one := []keys.Key{keys.Int64(42)}
+	session := pgsql.Request{Keys: one, Proven: true}
+	tx := pgsql.Request{Keys: one, Scope: pgsql.Xact, Proven: true}
+	ok := func(rows int64) Answer { return Answer{Rows: rows} }
+	interrupted := func(err error) Answer { return Answer{Err: err, Ctx: context.Canceled} }
+	tests := []struct {
+		name    string
+		req     pgsql.Request
+		ms      int64 // lock_timeout: a timed wait
+		answers []Answer
+		want    bool
+	}{
+		{"granted, context alive", session, 0, []Answer{ok(1)}, false},
+		{"lock_timeout, context alive", session, 100, []Answer{{Err: testkit.LockTimeout}, ok(0)}, false},
+		{"granted as the context ended", session, 0, []Answer{interrupted(nil), ok(1)}, true},
+		{"lock_timeout as the context ended", session, 100, []Answer{interrupted(testkit.LockTimeout), ok(0)}, true},
+		{"deadlock as the context ended", session, 0, []Answer{interrupted(testkit.Deadlock), ok(0)}, true},
+		{"ended by the cancel", session, 0, []Answer{interrupted(testkit.Canceled), ok(0)}, false},
+		{"57014 on a timed wait may be statement_timeout's", session, 100, []Answer{interrupted(testkit.Canceled), ok(0)}, true},
+		{"the cancel landed on the check", session, 0, []Answer{interrupted(nil), fail57014(), ok(1)}, false},
+		{"the cancel landed on the check, timed", session, 100, []Answer{interrupted(nil), fail57014(), ok(1)}, false},
+		{"tx granted as the context ended", tx, 0, []Answer{interrupted(nil), ok(1), ok(0)}, true},
+		{"tx: the cancel landed on the check", tx, 0, []Answer{interrupted(nil), fail57014(), ok(0), ok(1), ok(0)}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := NewPlan(tt.req, tt.ms)
+			drive(t, p, tt.answers)
+			if got := p.Result().CancelPending; got != tt.want {
+				t.Errorf("CancelPending %v, want %v (%+v)", got, tt.want, p.Result())
+			}
+		})
+	}
+}
+
+func fail57014() Answer { return Answer{Err: testkit.Canceled} }

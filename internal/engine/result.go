@@ -53,6 +53,20 @@ type Result struct {
 	// and statement_timeout taken from the caller's deadline.
 	Timed bool
 
+	// CancelPending says the driver may still have a cancel request on its
+	// way to the session's backend: the acquiring statement's driver
+	// context ended before its answer was seen (Ctx, whether or not the
+	// outcome kept it), and no statement on the session has failed with
+	// SQLSTATE 57014 since, which would have been that cancel landing.
+	// pgx's CancelRequestContextWatcherHandler stops waiting for its cancel
+	// request as soon as the statement returns (it skips its 100 ms pause
+	// too), so a request sent as a wait was granted, or ended by
+	// lock_timeout or a deadlock, reaches the backend at some later time
+	// and interrupts whatever statement the session runs then. A
+	// connection the library owns with CancelPending must not run anyone
+	// else's statements: it is closed once it holds nothing.
+	CancelPending bool
+
 	// Holders lists who holds the keys, when the request asked for them
 	// (Report) and Explains. Set by Run; nil if the lookup failed.
 	Holders []Holder

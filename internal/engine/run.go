@@ -202,16 +202,56 @@ func exec(ctx context.Context, h Handle, q string) Answer {
 // [ErrAbandoned]) and h's connection is discarded once it returns, which
 // releases the locks on the server.
 func Release(ctx context.Context, h Handle, req pgsql.Request) (int64, error) {
-	return ReleaseShielded(ctx, h, req, nil)
+	return release(ctx, h, req, nil, false)
 }
 
-// ReleaseShielded is [Release] shielded through sh (nil: [Shield]), on a
-// handle whose statements are serialized (see [Shields]).
+// ReleaseShielded is [Release] on a Locker's session, whose statements are
+// serialized through sh (see [Shields]) and which holds each of req's keys
+// once. An unlock that a late cancel request interrupts (SQLSTATE 57014: a
+// CancelRequest that pgx stopped waiting for, see
+// [Result.CancelPending], or anyone's pg_cancel_backend) may or may not
+// have run; pg_locks tells, since each key is held once: none of them held
+// means it ran; otherwise the unlock is sent again, up to lateCancelRetries
+// tries in all.
 func ReleaseShielded(ctx context.Context, h Handle, req pgsql.Request, sh *Shields) (int64, error) {
+	return release(ctx, h, req, sh, true)
+}
+
+// release is Release and ReleaseShielded: once says the session holds
+// each key once, so that a late cancel's 57014 can be settled.
+func release(ctx context.Context, h Handle, req pgsql.Request, sh *Shields, once bool) (int64, error) {
 	limit, stop := ReleaseLimit(ctx)
 	defer stop()
 	b := Owned()
 	b.Shields = sh
-	a := settle(ctx, limitOf(limit), h, b, req.UnlockSQL())
+	lim := limitOf(limit)
+	a := settle(ctx, lim, h, b, req.UnlockSQL())
+	if once {
+		a = unlockAfterLateCancel(ctx, lim, h, b, req, a)
+	}
 	return a.Rows, a.Err
+}
+
+// unlockAfterLateCancel settles an unlock of keys held once that failed
+// with 57014 (see [ReleaseShielded]) and returns the unlock's answer: the
+// number of keys it released, or an error. Any other answer is returned as
+// it is.
+func unlockAfterLateCancel(ctx context.Context, lim *waitLimit, h Handle, b Bounds, req pgsql.Request, a Answer) Answer {
+	all := int64(len(req.Keys))
+	for tries := 1; tries < lateCancelRetries && pgsql.SQLState(a.Err) == pgsql.CodeQueryCanceled; tries++ {
+		held := settle(ctx, lim, h, b, req.HeldSQL())
+		switch {
+		case pgsql.SQLState(held.Err) == pgsql.CodeQueryCanceled:
+			continue // the check itself was cancelled: ask again
+		case held.Err != nil:
+			return held
+		case held.Rows == 0:
+			return Answer{Rows: all} // the unlock ran before the cancel
+		}
+		gone := all - held.Rows // released by the interrupted unlock
+		if a = settle(ctx, lim, h, b, req.UnlockSQL()); a.Err == nil {
+			a.Rows += gone
+		}
+	}
+	return a
 }

@@ -39,6 +39,11 @@ func CancelTaggedSQL(t Tag) string { return signalTaggedSQL("pg_cancel_backend",
 // held or waited for.
 func TerminateTaggedSQL(t Tag) string { return signalTaggedSQL("pg_terminate_backend", t) }
 
+// TerminateSelfSQL ends the session that runs it (the server closes the
+// connection): a caller's transaction whose statement was abandoned, on which
+// the library cannot close the connection itself.
+const TerminateSelfSQL = "SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())"
+
 func signalTaggedSQL(fn string, t Tag) string {
 	return "SELECT pg_catalog." + fn + "(pid) FROM pg_catalog.pg_stat_activity " +
 		"WHERE pid <> pg_catalog.pg_backend_pid() AND state = 'active' AND query LIKE '" + t.comment() + "%'"
