@@ -429,3 +429,54 @@ func TestTraceHandoff(t *testing.T) {
 		t.Fatalf("releases %+v", rels)
 	}
 }
+
+// AcquireEnd.RoundTrips counts the statements a call sent on the caller's
+// handle: 2 for a fresh session's first acquisition (the lean statement
+// finds it not set up, then the full one), 1 after, 1 for a busy try and
+// for a transaction lock on a set-up session.
+func TestTraceRoundTrips(t *testing.T) {
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			ctx := context.Background()
+			db := openDB(t, driver)
+			c := conn(t, db)
+			rec := &recorder{}
+			trace := pglock.Trace(rec)
+			key, busy := testkit.UniqueKey(), testkit.UniqueKey()
+			holdElsewhere(t, db, busy)
+			want := func(what string, n int) {
+				t.Helper()
+				if ev, _ := rec.lastEnd(t); ev.RoundTrips != n {
+					t.Fatalf("%s: RoundTrips = %d, want %d (outcome %v)", what, ev.RoundTrips, n, ev.Outcome)
+				}
+			}
+			if err := pglock.LockConn(ctx, c, key, trace); err != nil {
+				t.Fatal(err)
+			}
+			want("first LockConn on a fresh session", 2)
+			if err := pglock.UnlockConn(ctx, c, key); err != nil {
+				t.Fatal(err)
+			}
+			if err := pglock.LockConn(ctx, c, key, trace); err != nil {
+				t.Fatal(err)
+			}
+			want("LockConn on a set-up session", 1)
+			if err := pglock.UnlockConn(ctx, c, key); err != nil {
+				t.Fatal(err)
+			}
+			if ok, err := pglock.TryLockConn(ctx, c, busy, trace); ok || err != nil {
+				t.Fatalf("TryLockConn of a held key = %v, %v", ok, err)
+			}
+			want("busy TryLockConn", 1)
+			tx, err := c.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tx.Rollback()
+			if err := pglock.LockTx(ctx, tx, key, trace); err != nil {
+				t.Fatal(err)
+			}
+			want("LockTx on a set-up session", 1)
+		})
+	}
+}

@@ -38,29 +38,32 @@ var (
 // discarded in the background once the statement returns.
 func lockOn[H *sql.Conn | *sql.Tx](ctx context.Context, op, api string, t Tracer, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, error) {
 	if t == nil {
-		return lockRun(ctx, op, h, req, valid, busyIsErr, b)
+		held, _, err := lockRun(ctx, op, h, req, valid, busyIsErr, b)
+		return held, err
 	}
 	c := ownCallOf(api, req) // the caller's keys stay on its stack
 	start := time.Now()
 	tctx := t.TraceAcquireStart(ctx, AcquireStart{Call: c})
-	held, err := lockRun(ctx, op, h, req, valid, busyIsErr, b)
-	acquireEnd(tctx, t, c, start, held, err, false)
+	held, rt, err := lockRun(ctx, op, h, req, valid, busyIsErr, b)
+	acquireEnd(tctx, t, c, start, held, err, false, rt)
 	return held, err
 }
 
-// lockRun is lockOn, untraced.
-func lockRun[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, error) {
+// lockRun is lockOn, untraced; it also returns the round trips the call
+// made.
+func lockRun[H *sql.Conn | *sql.Tx](ctx context.Context, op string, h H, req request, valid, busyIsErr bool, b engine.Bounds) (bool, int, error) {
 	switch {
 	case h == nil:
-		return false, newError(op, req, ErrNilHandle)
+		return false, 0, newError(op, req, ErrNilHandle)
 	case !valid:
-		return false, invalid(op, req)
+		return false, 0, invalid(op, req)
 	case req.MinHold > 0:
-		return false, newError(op, req, ErrMinHoldScope)
+		return false, 0, newError(op, req, ErrMinHoldScope)
 	}
 	r := engine.Run(ctx, any(h).(engine.Handle), req, b)
 	conn, _ := any(h).(*sql.Conn)
-	return outcome(op, conn, req, r, busyIsErr)
+	held, err := outcome(op, conn, req, r, busyIsErr)
+	return held, r.RoundTrips, err
 }
 
 // outcome is lockOn's answer once req ran on conn (nil on a *sql.Tx) with

@@ -141,9 +141,13 @@ type AcquireEnd struct {
 	Err error
 	// Wait is the time from the start to the end of the call.
 	Wait time.Duration
-	// RoundTrips is 0 when the outcome was reached in memory, without a
-	// statement (a Locker's handoff), and -1 when it is not known: see
-	// "Round trips" in docs/guarantees.md for what each call costs.
+	// RoundTrips is the number of statements the call sent on the
+	// caller's *sql.Conn or *sql.Tx (LockConn, TryLockConn, LockTx,
+	// TryLockTx, LockAllTx, WithLock on a *sql.Tx), each one round trip;
+	// 0 when a Locker's outcome was reached in memory, without a statement
+	// (a handoff); and -1 when it is not counted (a Locker's other calls,
+	// WithLock on a *sql.DB or *sql.Conn). See "Round trips" in
+	// docs/guarantees.md for what each call costs.
 	RoundTrips int
 	// Managed says the lock's end is reported (TraceRelease or TraceLoss):
 	// a Locker's locks and WithLock's on a *sql.DB or *sql.Conn. Locks
@@ -340,13 +344,14 @@ func ownCallOf(api string, req request) Call {
 }
 
 // acquireEnd reports the end of an acquisition of c started at start
-// (traced into ctx): held and err are what the call returned.
-func acquireEnd(ctx context.Context, t Tracer, c Call, start time.Time, held bool, err error, managed bool) {
+// (traced into ctx): held and err are what the call returned, rt its round
+// trips (-1: not known).
+func acquireEnd(ctx context.Context, t Tracer, c Call, start time.Time, held bool, err error, managed bool, rt int) {
 	o := OutcomeOf(err)
 	if err == nil && !held {
 		o = OutcomeBusy
 	}
-	t.TraceAcquireEnd(ctx, AcquireEnd{Call: c, Outcome: o, Err: err, Wait: time.Since(start), RoundTrips: -1, Managed: managed})
+	t.TraceAcquireEnd(ctx, AcquireEnd{Call: c, Outcome: o, Err: err, Wait: time.Since(start), RoundTrips: rt, Managed: managed})
 }
 
 // body traces the fn of a Do or WithLock (see startBody).

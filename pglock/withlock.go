@@ -176,7 +176,7 @@ func tryConn(ctx context.Context, t Tracer, conn *sql.Conn, req request) (bool, 
 	tctx := t.TraceAcquireStart(ctx, AcquireStart{Call: c})
 	r, _ := engine.TryFirst(ctx, conn, req, engine.Caller())
 	held, err := outcome("lock", conn, req, r, false)
-	acquireEnd(tctx, t, c, start, held, err, true)
+	acquireEnd(tctx, t, c, start, held, err, true, -1)
 	return held, err
 }
 

@@ -53,6 +53,11 @@ type Result struct {
 	// and statement_timeout taken from the caller's deadline.
 	Timed bool
 
+	// RoundTrips is the number of statements Run sent, each one round trip,
+	// counting a holders lookup and an abandoned statement (even one
+	// abandoned before it was sent, its bound already past).
+	RoundTrips int
+
 	// CancelPending says the driver may still have a cancel request on its
 	// way to the session's backend: the acquiring statement's driver
 	// context ended before its answer was seen (Ctx, whether or not the

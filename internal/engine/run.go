@@ -43,6 +43,7 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 	lim := graceLimit(ctx, b)
 	p := NewPlan(req, ms)
 	var holders []Holder
+	sent := 0
 	for !p.Done() {
 		if p.Refresh() && !req.Try {
 			// The gated wait took nothing: bound the full one by the time
@@ -61,13 +62,17 @@ func Run(ctx context.Context, h Handle, req pgsql.Request, b Bounds) Result {
 		default:
 			a = settle(ctx, &lim, h, b, st.SQL)
 		}
+		if !pgsql.NeverSent(a.Err) {
+			sent++
+		}
 		if Abandoned(a.Err) {
-			return Result{Failure: Lost, Err: a.Err, Ctx: Ended(ctx), Timed: ms > 0}
+			return Result{Failure: Lost, Err: a.Err, Ctx: Ended(ctx), Timed: ms > 0, RoundTrips: sent}
 		}
 		p.Next(a)
 	}
 	res := p.Result()
 	res.Holders = holders
+	res.RoundTrips = sent
 	return res
 }
 
