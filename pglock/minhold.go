@@ -46,8 +46,8 @@ import (
 //     Lock's Done.
 //   - Calls on the caller's *sql.Conn or *sql.Tx other than WithLock on a
 //     *sql.Conn (LockConn, TryLockConn, LockTx, TryLockTx, LockAllTx and
-//     WithLock on a *sql.Tx) refuse it: they return an error without
-//     sending anything. A transaction lock ends at COMMIT or ROLLBACK, which
+//     WithLock on a *sql.Tx) refuse it: they return [ErrMinHoldScope]
+//     without sending anything. A transaction lock ends at COMMIT or ROLLBACK, which
 //     pglock does not control, and UnlockConn cannot tell when the lock
 //     was acquired.
 //
