@@ -86,10 +86,11 @@ func (lk *Lock) finish(reason, cause error) bool {
 	}
 	lk.why = ending{reason: reason, cause: cause}
 	lk.done.Store(true) // publishes why to readers that see done
-	lk.cancel(reason)
 	if reason == ErrLost {
+		// Before Done closes: whoever sees the loss there sees it traced.
 		lk.traceLoss(cause)
 	}
+	lk.cancel(reason)
 	return true
 }
 

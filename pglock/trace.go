@@ -52,7 +52,8 @@ type Tracer interface {
 	// Close.
 	TraceRelease(ctx context.Context, ev Release)
 	// TraceLoss is called when a lock held through a Locker is lost (it
-	// ends with [ErrLost]), with the lock's context (see [Lock.Context]).
+	// ends with [ErrLost]), with the lock's context (see [Lock.Context]),
+	// just before the lock's Done closes.
 	TraceLoss(ctx context.Context, ev Loss)
 	// TraceHealthCheck is called after each health check of a Locker's
 	// connection.
