@@ -121,6 +121,12 @@ func (l *Locker) acquireReq(ctx context.Context, op, api string, req request, ok
 		return nil, newError(op, req, ErrNotAcquired)
 	}
 	lk, e := l.take(ctx, a)
+	if e == nil && req.Fence && lk.token == 0 {
+		// Granted by a wait (or on a new connection): issue its token.
+		if e = l.issue(ctx, a, lk); e != nil {
+			return nil, e // lk was released, and its gates left
+		}
+	}
 	if e != nil {
 		l.gates.leaveAll(a.gkeys, req.Shared)
 		if !errors.Is(e, ErrNotAcquired) {
@@ -327,6 +333,9 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 	if s.isGone() {
 		s.unreserve()
 		return nil, engine.Result{Failure: engine.Lost, Err: errSharedGone}
+	}
+	if a.req.Fence {
+		return l.tryFenced(ctx, s, a)
 	}
 	req := a.req
 	// A shared connection holds locks: an earlier acquisition set it up.
