@@ -4,8 +4,10 @@ import (
 	"context"
 	"database/sql"
 	"errors"
-	"fmt"
-	"net/url"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -104,11 +106,16 @@ func TestFenceNoSchema(t *testing.T) {
 			_ = tx.Rollback()
 			// Misuse: a clear error, nothing sent.
 			for name, call := range map[string]func() error{
-				"Shared":     func() error { _, err := l.Lock(ctx, key, pglock.Fenced(), pglock.Shared()); return err },
-				"LockAll":    func() error { _, err := l.LockAll(ctx, []keys.Key{key, testkit.UniqueKey()}, pglock.Fenced()); return err },
-				"Do":         func() error { return l.Do(ctx, key, func(context.Context) error { return nil }, pglock.Fenced()) },
-				"LockConn":   func() error { return pglock.LockConn(ctx, c, key, pglock.Fenced()) },
-				"WithLock":   func() error { return pglock.WithLock(ctx, db, key, func(context.Context, bool) error { return nil }, pglock.Fenced()) },
+				"Shared": func() error { _, err := l.Lock(ctx, key, pglock.Fenced(), pglock.Shared()); return err },
+				"LockAll": func() error {
+					_, err := l.LockAll(ctx, []keys.Key{key, testkit.UniqueKey()}, pglock.Fenced())
+					return err
+				},
+				"Do":       func() error { return l.Do(ctx, key, func(context.Context) error { return nil }, pglock.Fenced()) },
+				"LockConn": func() error { return pglock.LockConn(ctx, c, key, pglock.Fenced()) },
+				"WithLock": func() error {
+					return pglock.WithLock(ctx, db, key, func(context.Context, bool) error { return nil }, pglock.Fenced())
+				},
 				"ConnShared": func() error { _, err := pglock.LockConnFenced(ctx, c, key, pglock.Shared()); return err },
 			} {
 				if err := call(); !errors.Is(err, pglock.ErrFenceUnsupported) {
@@ -256,7 +263,9 @@ func TestFence(t *testing.T) {
 }
 
 // isNoLogTable reports a missing fence_log (tests that do not create it).
-func isNoLogTable(err error) bool { return err != nil && errors.Is(err, errNoLog) || sqlState(err) == "42P01" }
+func isNoLogTable(err error) bool {
+	return err != nil && errors.Is(err, errNoLog) || sqlState(err) == "42P01"
+}
 
 var errNoLog = errors.New("no fence_log")
 
@@ -269,5 +278,268 @@ func sqlState(err error) string {
 	return ""
 }
 
-var _ = url.Parse
-var _ = fmt.Sprint
+// fenceRec is one fenced acquisition: its token, and when the call began
+// and returned (the grant happened in between).
+type fenceRec struct {
+	token      int64
+	start, end time.Time
+}
+
+// fenceChaos is the state of TestFenceChaos's workers.
+type fenceChaos struct {
+	t        *testing.T
+	key      keys.Key
+	res      *sql.DB // the resource: fence_log, written under CheckToken
+	until    time.Time
+	acquired atomic.Int64
+	mu       sync.Mutex
+	recs     []fenceRec
+	// writes landed and refused under the lock; late writes of holders
+	// whose loss they noticed (all must be refused).
+	landed, refused, lateRefused, lateLanded atomic.Int64
+}
+
+const fenceChaosMax = 400 // acquisitions in all, per driver
+
+func (f *fenceChaos) more() bool {
+	return time.Now().Before(f.until) && f.acquired.Load() < fenceChaosMax
+}
+
+func (f *fenceChaos) record(tok int64, start time.Time) {
+	f.acquired.Add(1)
+	f.mu.Lock()
+	f.recs = append(f.recs, fenceRec{token: tok, start: start, end: time.Now()})
+	f.mu.Unlock()
+}
+
+// work is a holder's guarded write, then its hold (which the chaos may
+// cut short).
+func (f *fenceChaos) work(tok int64) {
+	ctx := context.Background()
+	switch err := guardedWrite(ctx, f.res, f.key, tok); {
+	case err == nil:
+		f.landed.Add(1)
+	case errors.Is(err, pglock.ErrStaleToken):
+		// Refused: only right if a newer token exists (this holder was cut
+		// off and another took the lock).
+		if n := f.newest(); n <= tok {
+			f.t.Errorf("token %d refused while the newest is %d: %v", tok, n, err)
+		}
+		f.refused.Add(1)
+	default:
+		f.t.Errorf("guarded write: %v", err)
+	}
+	time.Sleep(time.Duration(2+rand.IntN(8)) * time.Millisecond)
+}
+
+// late is the write of a holder that found its lock lost: once a newer
+// token exists, its guarded write must be refused.
+func (f *fenceChaos) late(tok int64) {
+	for end := time.Now().Add(3 * time.Second); f.newest() <= tok; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(end) {
+			return // nobody took the lock since: nothing to prove
+		}
+	}
+	switch err := guardedWrite(context.Background(), f.res, f.key, tok); {
+	case errors.Is(err, pglock.ErrStaleToken):
+		f.lateRefused.Add(1)
+	case err == nil:
+		f.lateLanded.Add(1)
+		f.t.Errorf("the late write of a lost holder (token %d) landed", tok)
+	default:
+		f.t.Errorf("late guarded write: %v", err)
+	}
+}
+
+func (f *fenceChaos) newest() int64 {
+	var tok sql.NullInt64
+	err := f.res.QueryRow(`SELECT token FROM pglocks.fences WHERE space = 1 AND k1 = $1::bigint AND k2 = 0`, f.key.Int64()).Scan(&tok)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		f.t.Errorf("newest: %v", err)
+	}
+	return tok.Int64
+}
+
+// lockerWorker takes the key with a Locker of its own.
+func (f *fenceChaos) lockerWorker(l *pglock.Locker) {
+	for f.more() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		start := time.Now()
+		lk, err := l.Lock(ctx, f.key, pglock.Fenced())
+		cancel()
+		if err != nil {
+			continue // a deadline, or a connection the chaos ended
+		}
+		f.record(lk.Token(), start)
+		f.work(lk.Token())
+		if err := lk.Unlock(context.Background()); err != nil {
+			f.late(lk.Token()) // lost: its backend was terminated
+		}
+	}
+}
+
+// connWorker takes the key with LockConnFenced on a connection of its
+// own, replaced when the chaos ends it.
+func (f *fenceChaos) connWorker(db *sql.DB) {
+	var c *sql.Conn
+	defer func() {
+		if c != nil {
+			c.Close()
+		}
+	}()
+	for f.more() {
+		if c == nil {
+			var err error
+			if c, err = db.Conn(context.Background()); err != nil {
+				f.t.Errorf("conn: %v", err)
+				return
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		start := time.Now()
+		tok, err := pglock.LockConnFenced(ctx, c, f.key)
+		cancel()
+		if err != nil {
+			if errors.Is(err, pglock.ErrSessionLost) {
+				c.Close()
+				c = nil
+			}
+			continue
+		}
+		f.record(tok, start)
+		f.work(tok)
+		if err := pglock.UnlockConn(context.Background(), c, f.key); err != nil {
+			c.Close()
+			c = nil
+			f.late(tok)
+		}
+	}
+}
+
+// chaos terminates the key's holder every 30 to 70 ms until stop closes,
+// and returns the number of backends it terminated.
+func (f *fenceChaos) chaos(stop <-chan struct{}) int64 {
+	c, o, s := f.key.LockTag()
+	var kills int64
+	for {
+		select {
+		case <-stop:
+			return kills
+		case <-time.After(time.Duration(30+rand.IntN(40)) * time.Millisecond):
+		}
+		var n int64
+		err := f.res.QueryRow(`SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_locks
+			WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = $3 AND granted`, int64(c), int64(o), s).Scan(&n)
+		if err != nil {
+			f.t.Errorf("chaos: %v", err)
+			return kills
+		}
+		kills += n
+	}
+}
+
+// TestFenceChaos: 16 workers (8 Lockers, 8 LockConnFenced callers, each
+// on a pool of its own) take one key while a chaos goroutine terminates
+// the holder's backend. Every acquisition's token is recorded with the
+// interval of its call:
+//   - no token is issued twice, and a call that returned before another
+//     began has the smaller token;
+//   - the writes guarded by CheckToken land in token order (fence_log's
+//     ids), and a refused write always had a newer token above it;
+//   - a holder that finds its lock lost (its backend terminated mid-work)
+//     has its late write refused, once another holder has a token.
+//
+// Bounded: at most 400 acquisitions or 3 s of work per driver.
+func TestFenceChaos(t *testing.T) {
+	fresh := freshDatabase(t)
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			res := fencedDB(t, driver, fresh)
+			res.SetMaxOpenConns(10)
+			if _, err := res.Exec(`CREATE TABLE IF NOT EXISTS fence_log (id bigserial PRIMARY KEY, token bigint NOT NULL); TRUNCATE fence_log`); err != nil {
+				t.Fatal(err)
+			}
+			f := &fenceChaos{t: t, key: testkit.UniqueKey(), res: res, until: time.Now().Add(3 * time.Second)}
+			var wg sync.WaitGroup
+			for i := 0; i < 16; i++ {
+				db := openFresh(t, driver, fresh)
+				db.SetMaxOpenConns(3)
+				if i%2 == 0 {
+					l := pglock.NewLocker(db, pglock.WithHealthCheck(50*time.Millisecond))
+					t.Cleanup(func() { l.Close() })
+					wg.Go(func() { f.lockerWorker(l) })
+				} else {
+					wg.Go(func() { f.connWorker(db) })
+				}
+			}
+			stop := make(chan struct{})
+			kills := make(chan int64, 1)
+			go func() { kills <- f.chaos(stop) }()
+			wg.Wait()
+			close(stop)
+			killed := <-kills
+			f.verify(t, killed)
+		})
+	}
+}
+
+// verify checks the recorded tokens and fence_log.
+func (f *fenceChaos) verify(t *testing.T, killed int64) {
+	recs := f.recs
+	seen := map[int64]bool{}
+	for _, r := range recs {
+		if seen[r.token] {
+			t.Errorf("token %d issued twice", r.token)
+		}
+		seen[r.token] = true
+	}
+	// By the calls' starts: every call that returned before this one
+	// began (a prefix of the ends) has a smaller token.
+	byEnd := append([]fenceRec(nil), recs...)
+	sort.Slice(byEnd, func(i, j int) bool { return byEnd[i].end.Before(byEnd[j].end) })
+	sort.Slice(recs, func(i, j int) bool { return recs[i].start.Before(recs[j].start) })
+	var maxBefore int64
+	e := 0
+	for _, r := range recs {
+		for ; e < len(byEnd) && byEnd[e].end.Before(r.start); e++ {
+			maxBefore = max(maxBefore, byEnd[e].token)
+		}
+		if r.token <= maxBefore {
+			t.Errorf("token %d (call began %v) is not above %d, issued to a call that returned before", r.token, r.start.Format(time.StampMicro), maxBefore)
+		}
+	}
+	rows, err := f.res.Query(`SELECT token FROM fence_log ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var prev int64
+	n := 0
+	for rows.Next() {
+		var tok int64
+		if err := rows.Scan(&tok); err != nil {
+			t.Fatal(err)
+		}
+		if tok < prev {
+			t.Errorf("fence_log: write of token %d landed after one of token %d", tok, prev)
+		}
+		if !seen[tok] {
+			t.Errorf("fence_log: token %d was never issued to a holder", tok)
+		}
+		prev = tok
+		n++
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d acquisitions, %d backends terminated; writes: %d landed, %d refused; late writes of lost holders: %d refused, %d landed",
+		len(recs), killed, f.landed.Load(), f.refused.Load(), f.lateRefused.Load(), f.lateLanded.Load())
+	switch {
+	case int64(n) != f.landed.Load():
+		t.Errorf("fence_log has %d rows, %d writes landed", n, f.landed.Load())
+	case len(recs) < 10:
+		t.Errorf("only %d acquisitions: the test proved little", len(recs))
+	case killed == 0 || f.lateRefused.Load() == 0:
+		t.Errorf("the chaos terminated %d holders and %d late writes were refused: want both above 0", killed, f.lateRefused.Load())
+	}
+}
