@@ -543,3 +543,70 @@ func (f *fenceChaos) verify(t *testing.T, killed int64) {
 		t.Errorf("the chaos terminated %d holders and %d late writes were refused: want both above 0", killed, f.lateRefused.Load())
 	}
 }
+
+// TestFenceCrash: tokens issued before a crash (pg_ctl stop -m immediate
+// of a throwaway cluster, so that the restart replays the WAL) are below
+// every token issued after it, at session and transaction scope, with
+// both drivers; and the key's row survives with the newest token.
+func TestFenceCrash(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a cluster")
+	}
+	c := testkit.NewCluster(t)
+	key := testkit.UniqueKey()
+	var before int64
+	issue := func(driver string) int64 {
+		t.Helper()
+		db, err := openPool(driver, c.DSN())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		ctx := context.Background()
+		if err := pglock.CreateSchema(ctx, db); err != nil {
+			t.Fatal(err)
+		}
+		l := pglock.NewLocker(db)
+		defer l.Close()
+		var last int64
+		for i := 0; i < 5; i++ {
+			lk, err := l.Lock(ctx, key, pglock.Fenced())
+			if err != nil {
+				t.Fatalf("%s: %v", driver, err)
+			}
+			if lk.Token() <= last {
+				t.Fatalf("%s: token %d after %d", driver, lk.Token(), last)
+			}
+			last = lk.Token()
+			if err := lk.Unlock(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, err := pglock.LockTxFenced(ctx, tx, key)
+		if err != nil || tok <= last {
+			t.Fatalf("%s: LockTxFenced: %d, %v after %d", driver, tok, err, last)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		if n := newestToken(t, db, key); n != tok {
+			t.Fatalf("%s: the key's row has %d, want the last token %d", driver, n, tok)
+		}
+		return tok
+	}
+	for round := 0; round < 2; round++ {
+		for _, driver := range []string{"postgres", "pgx"} {
+			tok := issue(driver)
+			if tok <= before {
+				t.Fatalf("round %d, %s: token %d not above %d, issued before the crash", round, driver, tok, before)
+			}
+			before = tok
+			c.Crash(t)
+			c.Start(t)
+		}
+	}
+}
