@@ -4,7 +4,9 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"net/url"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -608,5 +610,74 @@ func TestFenceCrash(t *testing.T) {
 			c.Crash(t)
 			c.Start(t)
 		}
+	}
+}
+
+// TestFenceDenied: a role that may not write pglocks.fences, or may not
+// use its sequence (which nextval checks after the try took the lock),
+// gets ErrFenceDenied from every fenced call, and no lock stays held.
+func TestFenceDenied(t *testing.T) {
+	fresh := freshDatabase(t)
+	admin := fencedDB(t, "pgx", fresh)
+	obs := &observer{db: admin}
+	for _, tc := range []struct{ name, grants string }{
+		{"no INSERT on the table", "GRANT USAGE ON SCHEMA pglocks TO %[1]s; GRANT SELECT ON pglocks.fences TO %[1]s"},
+		{"no USAGE on the sequence", "GRANT USAGE ON SCHEMA pglocks TO %[1]s; GRANT SELECT, INSERT, UPDATE ON pglocks.fences TO %[1]s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			roleDSN := testkit.RoleDSN(t, admin, nil)
+			u, err := url.Parse(roleDSN)
+			if err != nil {
+				t.Fatal(err)
+			}
+			role := u.User.Username()
+			if _, err := admin.Exec(fmt.Sprintf(tc.grants, `"`+role+`"`)); err != nil {
+				t.Fatal(err)
+			}
+			for _, driver := range drivers {
+				// A leaked lock would make the next call wait: bounded.
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				db, err := openPool(driver, roleDSN)
+				if err != nil {
+					t.Fatal(err)
+				}
+				l := pglock.NewLocker(db)
+				key := testkit.UniqueKey()
+				keep, err := l.Lock(ctx, testkit.UniqueKey()) // a shared connection for the fenced try
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := 0; i < 2; i++ {
+					if _, err := l.Lock(ctx, key, pglock.Fenced()); !errors.Is(err, pglock.ErrFenceDenied) {
+						t.Errorf("%s: Locker.Lock Fenced: %v; want ErrFenceDenied", driver, err)
+					}
+				}
+				c, err := db.Conn(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := 0; i < 2; i++ {
+					if _, err := pglock.LockConnFenced(ctx, c, key); !errors.Is(err, pglock.ErrFenceDenied) {
+						t.Errorf("%s: LockConnFenced: %v; want ErrFenceDenied", driver, err)
+					}
+				}
+				// A closed connection's backend releases the key as it exits.
+				for end := time.Now().Add(3 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+					pids := obs.holders(t, key)
+					if len(pids) == 0 {
+						break
+					}
+					if time.Now().After(end) {
+						t.Errorf("%s: after the refusals, %v hold the key", driver, pids)
+						break
+					}
+				}
+				c.Close()
+				keep.Unlock(ctx)
+				l.Close()
+				db.Close()
+			}
+		})
 	}
 }
