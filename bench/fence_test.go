@@ -54,6 +54,7 @@ func fencedLocker(tb testing.TB, driver, target string) *pglock.Locker {
 //
 //	go test -run XXX -bench Fence -benchtime 2000x
 func BenchmarkFence(b *testing.B) {
+	dropSchemaAfter(b)
 	for _, driver := range drivers {
 		b.Run(driver, func(b *testing.B) {
 			l := fencedLocker(b, driver, dsn)
@@ -92,6 +93,21 @@ func BenchmarkFence(b *testing.B) {
 			b.ReportMetric(float64(fenced)/float64(plain), "x-plain")
 			b.ReportMetric(float64(prt), "plain-rt")
 			b.ReportMetric(float64(frt), "fenced-rt")
+		})
+	}
+}
+
+// dropSchemaAfter drops pglocks' schema from the test database at tb's end
+// if it is not there now: it must not outlive the benchmark there.
+func dropSchemaAfter(tb testing.TB) {
+	db := openDB(tb, "pgx")
+	var present bool
+	must(tb, "schema", db.QueryRow(`SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'pglocks')`).Scan(&present))
+	if !present {
+		tb.Cleanup(func() {
+			if _, err := db.Exec(`DROP SCHEMA IF EXISTS pglocks CASCADE`); err != nil {
+				tb.Errorf("dropping pglocks' schema: %v", err)
+			}
 		})
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"os"
 
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
@@ -86,4 +87,29 @@ func ExampleLockTxFenced() {
 	fmt.Println("got a token:", token > 0)
 	// Output:
 	// got a token: true
+}
+
+// keepSchemaAway returns a function that drops pglocks' schema from the
+// test database if it is not there now: the fencing examples create it,
+// and it must not outlive the test binary there.
+func keepSchemaAway() (drop func()) {
+	dsn := os.Getenv("PGLOCKS_TEST_DSN")
+	if dsn == "" {
+		return func() {}
+	}
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		return func() {}
+	}
+	var present bool
+	if err := db.QueryRow(`SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'pglocks')`).Scan(&present); err != nil || present {
+		db.Close()
+		return func() {}
+	}
+	return func() {
+		defer db.Close()
+		if _, err := db.Exec(`DROP SCHEMA IF EXISTS pglocks CASCADE`); err != nil {
+			log.Printf("dropping the examples' schema: %v", err)
+		}
+	}
 }
