@@ -121,18 +121,15 @@ func (l *Locker) acquireReq(ctx context.Context, op, api string, req request, ok
 		return nil, newError(op, req, ErrNotAcquired)
 	}
 	lk, e := l.take(ctx, a)
-	if e == nil && req.Fence && lk.token == 0 {
-		// Granted by a wait (or on a new connection): issue its token.
-		if e = l.issue(ctx, a, lk); e != nil {
-			return nil, e // lk was released, and its gates left
-		}
-	}
 	if e != nil {
 		l.gates.leaveAll(a.gkeys, req.Shared)
 		if !errors.Is(e, ErrNotAcquired) {
 			e.Err = causes(l.interruption(ctx), e.Err)
 		}
 		return nil, e
+	}
+	if req.Fence && lk.token == 0 {
+		return l.keepFenced(ctx, a, lk)
 	}
 	return l.keep(op, lk)
 }

@@ -353,3 +353,13 @@ type staleError struct{ token, newest int64 }
 func (e staleError) Error() string {
 	return "token " + strconv.FormatInt(e.token, 10) + " is not the newest (" + strconv.FormatInt(e.newest, 10) + ")"
 }
+
+// keepFenced is keep for a fenced lock granted by a wait or on a new
+// connection (its token not issued yet): it issues the token first. When
+// that fails, lk is released, its gates left, and the error returned.
+func (l *Locker) keepFenced(ctx context.Context, a attempt, lk *Lock) (*Lock, error) {
+	if e := l.issue(ctx, a, lk); e != nil {
+		return nil, e
+	}
+	return l.keep(a.op, lk)
+}

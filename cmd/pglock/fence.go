@@ -21,3 +21,12 @@ func fenceEnv(lk *pglock.Lock) []string {
 	}
 	return append(os.Environ(), fenceTokenEnv+"="+strconv.FormatInt(t, 10))
 }
+
+// check validates the flags that combine: --fence, --once-per and
+// --once-skew (see checkOnce). It returns the usage error, or "".
+func (f *runFlags) check() string {
+	if f.fence && f.shared {
+		return "--fence needs an exclusive lock: drop --shared"
+	}
+	return f.checkOnce()
+}

@@ -62,10 +62,7 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if f.healthCheck.d < 10*time.Millisecond {
 		return e.usageErr("run", "--health-check must be at least 10ms")
 	}
-	if f.fence && f.shared {
-		return e.usageErr("run", "--fence needs an exclusive lock: drop --shared")
-	}
-	if msg := f.checkOnce(); msg != "" {
+	if msg := f.check(); msg != "" {
 		return e.usageErr("run", "%s", msg)
 	}
 	return e.runLocked(ctx, g, f, keyArg, key, rest)
