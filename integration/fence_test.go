@@ -668,3 +668,96 @@ func TestFenceDenied(t *testing.T) {
 		})
 	}
 }
+
+// TestFenceTxIsolation: at REPEATABLE READ, LockTxFenced as the first
+// statement works; an issuance after a wait during which another holder
+// issued a token fails with a serialization failure and ErrTxAborted, and
+// the rollback leaves the key free; CheckToken of a stale token there is
+// a serialization failure (a refusal) too.
+func TestFenceTxIsolation(t *testing.T) {
+	fresh := freshDatabase(t)
+	obs := newObserver(t)
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			db := fencedDB(t, driver, fresh)
+			l := pglock.NewLocker(db)
+			t.Cleanup(func() { l.Close() })
+			key := testkit.UniqueKey()
+			rr := &sql.TxOptions{Isolation: sql.LevelRepeatableRead}
+
+			tx, err := db.BeginTx(ctx, rr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			first, err := pglock.LockTxFenced(ctx, tx, key)
+			if err != nil {
+				t.Fatalf("LockTxFenced first in a REPEATABLE READ tx: %v", err)
+			}
+			if err := tx.Commit(); err != nil {
+				t.Fatal(err)
+			}
+
+			// A snapshot, then another holder's token, then a wait.
+			tx, err = db.BeginTx(ctx, rr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tx.Rollback()
+			if _, err := tx.ExecContext(ctx, `SELECT 1`); err != nil {
+				t.Fatal(err)
+			}
+			lk, err := l.Lock(ctx, key, pglock.Fenced())
+			if err != nil || lk.Token() <= first {
+				t.Fatalf("Locker.Lock: %v, token %d after %d", err, lk.Token(), first)
+			}
+			time.AfterFunc(100*time.Millisecond, func() { lk.Unlock(context.Background()) })
+			_, err = pglock.LockTxFenced(ctx, tx, key)
+			if !errors.Is(err, pglock.ErrTxAborted) || sqlState(err) != "40001" {
+				t.Fatalf("LockTxFenced after a wait, at REPEATABLE READ, the row changed since the snapshot: %v; want ErrTxAborted, 40001", err)
+			}
+			if err := tx.Rollback(); err != nil {
+				t.Fatal(err)
+			}
+			if pids := obs.holders(t, key); len(pids) != 0 {
+				t.Fatalf("after the rollback %v hold the key", pids)
+			}
+
+			// CheckToken at REPEATABLE READ of a token made stale after the snapshot.
+			lk, err = l.Lock(ctx, key, pglock.Fenced())
+			if err != nil {
+				t.Fatal(err)
+			}
+			check, err := db.BeginTx(ctx, rr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer check.Rollback()
+			if _, err := check.ExecContext(ctx, `SELECT 1`); err != nil {
+				t.Fatal(err)
+			}
+			stale := lk.Token()
+			if err := lk.Unlock(ctx); err != nil {
+				t.Fatal(err)
+			}
+			lk, err = l.Lock(ctx, key, pglock.Fenced())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer lk.Unlock(ctx)
+			if err := pglock.CheckToken(ctx, check, key, stale); err == nil || sqlState(err) != "40001" {
+				t.Fatalf("CheckToken of a token made stale after the snapshot: %v; want a serialization failure", err)
+			}
+		})
+	}
+}
+
+// sqlState returns the SQLSTATE err carries, or "".
+func sqlState(err error) string {
+	var s interface{ SQLState() string }
+	if errors.As(err, &s) {
+		return s.SQLState()
+	}
+	return ""
+}
