@@ -761,3 +761,51 @@ func sqlState(err error) string {
 	}
 	return ""
 }
+
+// TestFenceStandby: on a hot standby every fenced call fails with
+// ErrStandby, with each driver, and nothing is held there.
+func TestFenceStandby(t *testing.T) {
+	fresh := freshDatabase(t)
+	fencedDB(t, "pgx", fresh) // the schema, on the primary
+	standby := testkit.Standby(t)
+	su, err := url.Parse(standby)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fu, err := url.Parse(fresh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	su.Path = fu.Path
+	obs := standbyObserver(t, standby)
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			db := openFresh(t, driver, su.String())
+			key := testkit.UniqueKey()
+			l := pglock.NewLocker(db)
+			t.Cleanup(func() { l.Close() })
+			if _, err := l.Lock(ctx, key, pglock.Fenced()); !errors.Is(err, pglock.ErrStandby) {
+				t.Errorf("Locker.Lock Fenced on a standby: %v; want ErrStandby", err)
+			}
+			c := conn(t, db)
+			if _, err := pglock.LockConnFenced(ctx, c, key); !errors.Is(err, pglock.ErrStandby) {
+				t.Errorf("LockConnFenced on a standby: %v; want ErrStandby", err)
+			}
+			// lib/pq begins a default transaction READ WRITE, which a standby
+			// refuses: a read-only one, the only kind a standby runs.
+			tx, err := db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := pglock.LockTxFenced(ctx, tx, key); !errors.Is(err, pglock.ErrStandby) {
+				t.Errorf("LockTxFenced on a standby: %v; want ErrStandby", err)
+			}
+			_ = tx.Rollback()
+			if pids := obs.holders(t, key); len(pids) != 0 {
+				t.Errorf("%v hold the key on the standby", pids)
+			}
+		})
+	}
+}
