@@ -809,3 +809,49 @@ func TestFenceStandby(t *testing.T) {
 		})
 	}
 }
+
+// TestFenceNoHandoff: a fenced waiter of the same Locker is not handed the
+// lock in memory by an Unlock (which would keep its predecessor's token):
+// it gets a token of its own, greater than its predecessor's.
+func TestFenceNoHandoff(t *testing.T) {
+	fresh := freshDatabase(t)
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			db := fencedDB(t, driver, fresh)
+			l := pglock.NewLocker(db)
+			t.Cleanup(func() { l.Close() })
+			key := testkit.UniqueKey()
+			prev, err := l.Lock(ctx, key, pglock.Fenced())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 3; i++ {
+				next := make(chan *pglock.Lock, 1)
+				go func() {
+					lk, err := l.Lock(ctx, key, pglock.Fenced())
+					if err != nil {
+						t.Error(err)
+					}
+					next <- lk
+				}()
+				time.Sleep(50 * time.Millisecond) // the waiter queues at the gate
+				if err := prev.Unlock(ctx); err != nil {
+					t.Fatal(err)
+				}
+				lk := <-next
+				if lk == nil {
+					t.FailNow()
+				}
+				if lk.Token() <= prev.Token() {
+					t.Fatalf("waiter's token %d, not above its predecessor's %d", lk.Token(), prev.Token())
+				}
+				prev = lk
+			}
+			if err := prev.Unlock(ctx); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
