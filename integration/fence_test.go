@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pglocks/pglocks/internal/pgproxy"
 	"github.com/pglocks/pglocks/internal/testkit"
 	"github.com/pglocks/pglocks/keys"
 	"github.com/pglocks/pglocks/pglock"
@@ -851,6 +852,96 @@ func TestFenceNoHandoff(t *testing.T) {
 			}
 			if err := prev.Unlock(ctx); err != nil {
 				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestFenceRoundTrips: Fenced costs no extra round trip on the uncontended
+// path: one for a Locker's Lock on a connection it keeps (as without
+// Fenced), one for LockConnFenced and LockTxFenced on a set-up session.
+// Counted exactly by a proxy (client/server turns).
+func TestFenceRoundTrips(t *testing.T) {
+	fresh := freshDatabase(t)
+	fencedDB(t, "pgx", fresh) // the schema
+	proxy, proxied := pgproxy.Start(t, fresh)
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			db := openFresh(t, driver, proxied)
+			l := pglock.NewLocker(db, pglock.WithHealthCheck(0), pglock.WithSessionCheck(false))
+			t.Cleanup(func() { l.Close() })
+			keep, err := l.Lock(ctx, testkit.UniqueKey()) // a connection the Locker keeps
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer keep.Unlock(ctx)
+			c := conn(t, db)
+			if err := pglock.LockConn(ctx, c, testkit.UniqueKey()); err != nil { // sets the session up
+				t.Fatal(err)
+			}
+			key := testkit.UniqueKey()
+			// measured runs acquire (counted) then release (not counted).
+			measured := func(acquire func() (release func() error, err error)) func() int {
+				return func() int {
+					before := proxy.Turns()
+					release, err := acquire()
+					if err != nil {
+						t.Fatal(err)
+					}
+					n := int(proxy.Turns() - before)
+					if err := release(); err != nil {
+						t.Fatal(err)
+					}
+					return n
+				}
+			}
+			locker := func(opts ...pglock.Option) func() int {
+				return measured(func() (func() error, error) {
+					lk, err := l.Lock(ctx, key, opts...)
+					if err != nil {
+						return nil, err
+					}
+					if len(opts) > 0 && lk.Token() == 0 {
+						t.Fatal("no token")
+					}
+					return func() error { return lk.Unlock(ctx) }, nil
+				})
+			}
+			for _, tc := range []struct {
+				name string
+				op   func() int
+			}{
+				{"Locker.Lock", locker()},
+				{"Locker.Lock Fenced", locker(pglock.Fenced())},
+				{"LockConnFenced", measured(func() (func() error, error) {
+					_, err := pglock.LockConnFenced(ctx, c, key)
+					return func() error { return pglock.UnlockConn(ctx, c, key) }, err
+				})},
+				{"LockTxFenced", func() int {
+					tx, err := db.BeginTx(ctx, nil)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer tx.Rollback()
+					if _, err := tx.ExecContext(ctx, `SELECT 1`); err != nil { // BEGIN is sent with the first statement
+						t.Fatal(err)
+					}
+					before := proxy.Turns()
+					if _, err := pglock.LockTxFenced(ctx, tx, key); err != nil {
+						t.Fatal(err)
+					}
+					n := int(proxy.Turns() - before)
+					if err := tx.Commit(); err != nil { // a rollback would undo the session's setup too
+						t.Fatal(err)
+					}
+					return n
+				}},
+			} {
+				if n := countRoundTrips(t, tc.op); n != 1 {
+					t.Errorf("%s: %d round trips; want 1", tc.name, n)
+				}
 			}
 		})
 	}
