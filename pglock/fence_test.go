@@ -34,7 +34,9 @@ func TestFencedMisuse(t *testing.T) {
 		"Locker.Do":          func() error { return l.Do(ctx, k, func(context.Context) error { return nil }, pglock.Fenced()) },
 		"LockConn":           func() error { return pglock.LockConn(ctx, c, k, pglock.Fenced()) },
 		"TryLockConn":        func() error { _, err := pglock.TryLockConn(ctx, c, k, pglock.Fenced()); return err },
-		"WithLock":           func() error { return pglock.WithLock(ctx, db, k, func(context.Context, bool) error { return nil }, pglock.Fenced()) },
+		"WithLock": func() error {
+			return pglock.WithLock(ctx, db, k, func(context.Context, bool) error { return nil }, pglock.Fenced())
+		},
 		"LockConnFenced Shared": func() error {
 			_, err := pglock.LockConnFenced(ctx, c, k, pglock.Shared())
 			return err
