@@ -128,6 +128,9 @@ func (l *Locker) acquireReq(ctx context.Context, op, api string, req request, ok
 		}
 		return nil, e
 	}
+	if req.Fence && lk.token == 0 {
+		return l.keepFenced(ctx, a, lk)
+	}
 	return l.keep(op, lk)
 }
 
@@ -327,6 +330,9 @@ func (l *Locker) tryShared(ctx context.Context, s *session, a attempt) (*Lock, e
 	if s.isGone() {
 		s.unreserve()
 		return nil, engine.Result{Failure: engine.Lost, Err: errSharedGone}
+	}
+	if a.req.Fence {
+		return l.tryFenced(ctx, s, a)
 	}
 	req := a.req
 	// A shared connection holds locks: an earlier acquisition set it up.

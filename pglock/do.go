@@ -36,6 +36,10 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 		req, _ := newRequest(engine.LockerLock, []keys.Key{key}, opts)
 		return newError("do", req, ErrNilHandle, errNilFunc)
 	}
+	if fencedDo(opts) {
+		req, _ := newRequest(engine.LockerLock, []keys.Key{key}, opts)
+		return newError("do", req, ErrFenceUnsupported)
+	}
 	lk, err := l.acquire(ctx, "do", engine.LockerLock, []keys.Key{key}, opts)
 	if err != nil {
 		return err

@@ -73,7 +73,7 @@ type slot struct {
 // newSlot returns the slot of an acquisition of req (gkeys unnamed) under
 // ctx, or nil when it cannot take a lock over.
 func (l *Locker) newSlot(ctx context.Context, api string, req request, gkeys []keys.Key) *slot {
-	if req.Try || req.Shared || l.maxHandoffs() == 0 {
+	if req.Try || req.Shared || req.Fence || l.maxHandoffs() == 0 { // a fenced waiter needs a token of its own
 		return nil
 	}
 	return &slot{ctx: ctx, api: api, req: req, gkeys: gkeys}

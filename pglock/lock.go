@@ -45,6 +45,9 @@ type Lock struct {
 	// came earlier and the release waits for holdEnd (see MinHold).
 	holdEnd  time.Time
 	deferred atomic.Bool
+	// token is its fencing token (Fenced; 0: none), set before the Lock
+	// is returned and never changed.
+	token int64
 
 	ctx    context.Context // cancelled with the reason when the lock ends
 	cancel context.CancelCauseFunc

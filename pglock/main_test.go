@@ -19,5 +19,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "pglock: SKIPPED the examples: they need PostgreSQL (set "+testkit.DSNEnv+"; make test sets it)")
 		_ = run.Value.Set("^Test")
 	}
-	os.Exit(m.Run())
+	drop := keepSchemaAway() // ExampleFenced creates pglocks' schema
+	code := m.Run()
+	drop()
+	os.Exit(code)
 }

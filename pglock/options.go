@@ -7,7 +7,7 @@ import (
 )
 
 // Option changes how one lock call behaves: [Shared], [NoWait],
-// [ReportHolders], [WithKeepalive], [Trace], [MinHold]. A nil Option is ignored.
+// [ReportHolders], [WithKeepalive], [Trace], [MinHold], [Fenced]. A nil Option is ignored.
 type Option func(request) request
 
 // request is the description of a lock call, which options change.
@@ -57,14 +57,18 @@ func newTracedRequest(call engine.Call, ks []keys.Key, opts []Option) (request, 
 	req, ok := call.Request(ks, o)
 	req.Tracer = o.Tracer
 	req.MinHold = o.MinHold
+	req.Fence = o.Fence
 	t, _ := o.Tracer.(Tracer)
-	return req, ok, t
+	return req, ok && !fenceMisused(call, req), t
 }
 
 // invalid is the error of a request whose keys name no lock.
 func invalid(op string, req request) error {
 	if len(req.Keys) == 0 {
 		return newError(op, req, ErrInvalidKey, errNoKeys)
+	}
+	if req.Fence && !req.Keys[0].IsZero() {
+		return newError(op, req, ErrFenceUnsupported)
 	}
 	return newError(op, req, ErrInvalidKey)
 }

@@ -14,14 +14,17 @@ import (
 
 // SchemaSQL is the DDL of the tables pglocks keeps in the database, all in
 // schema pglocks, as [CreateSchema] runs it and "pglock schema" prints it.
-// It is idempotent (CREATE ... IF NOT EXISTS). Today it holds one table,
-// pglocks.runs: per lock key, when the work done under it last succeeded
-// (see [Locker.DoOncePer]). Keys are stored as pg_locks spells them: space 1
-// for a bigint key (k1 the key, k2 0), space 2 for a pair (k1, k2).
+// It is idempotent (CREATE ... IF NOT EXISTS). It holds pglocks.runs: per
+// lock key, when the work done under it last succeeded (see
+// [Locker.DoOncePer]); and the fencing tokens (see [Fenced]): the sequence
+// pglocks.fence_seq, which issues them, and pglocks.fences, the newest token
+// of each key. Keys are stored as pg_locks spells them: space 1 for a bigint
+// key (k1 the key, k2 0), space 2 for a pair (k1, k2).
 const SchemaSQL = pgsql.SchemaSQL
 
 var (
-	// ErrNoSchema means pglocks' table is missing in the database: create
+	// ErrNoSchema means pglocks' table (pglocks.runs, or pglocks.fences for
+	// a fenced call) is missing in the database: create
 	// it with [CreateSchema] or "pglock schema --apply" (or run
 	// [SchemaSQL] with your migrations).
 	ErrNoSchema = errors.New(`pglocks' schema is missing in this database: run "pglock schema --apply" or pglock.CreateSchema, or apply pglock.SchemaSQL`)

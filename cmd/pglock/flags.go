@@ -153,6 +153,7 @@ type runFlags struct {
 	minHold        durationValue
 	oncePer        durationValue
 	onceSkew       durationValue
+	fence          bool
 }
 
 // newRunFlags returns run's flags at their defaults.
@@ -186,6 +187,8 @@ func (f *runFlags) define(fs *flagSet) {
 		usage: "skip the command (exit 0) if it last succeeded less than PERIOD minus --once-skew ago; needs \"pglock schema --apply\""})
 	fs.valueFlag(&f.onceSkew, flagDoc{name: "once-skew", arg: "DURATION", def: "a tenth of --once-per",
 		usage: "with --once-per, how much earlier than a full PERIOD a run may come: more than the spread of the hosts' start times"})
+	fs.boolFlag(&f.fence, flagDoc{name: "fence",
+		usage: "issue a fencing token with the lock and pass it to the command as " + fenceTokenEnv + "; needs \"pglock schema --apply\""})
 }
 
 const runAbout = `

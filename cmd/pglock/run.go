@@ -62,7 +62,7 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if f.healthCheck.d < 10*time.Millisecond {
 		return e.usageErr("run", "--health-check must be at least 10ms")
 	}
-	if msg := f.checkOnce(); msg != "" {
+	if msg := f.check(); msg != "" {
 		return e.usageErr("run", "%s", msg)
 	}
 	return e.runLocked(ctx, g, f, keyArg, key, rest)
@@ -125,6 +125,9 @@ func (ru *runner) acquire(ctx context.Context, l *pglock.Locker, sigs <-chan os.
 	}
 	if ru.f.nowait {
 		opts = append(opts, pglock.NoWait())
+	}
+	if ru.f.fence {
+		opts = append(opts, pglock.Fenced())
 	}
 	lctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -236,6 +239,7 @@ func (ru *runner) runChild(lk *pglock.Lock, argv []string, sigs <-chan os.Signal
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = ru.e.stdin, ru.e.stdout, ru.e.stderr
 	fg := foreground()
 	cmd.SysProcAttr = procAttr(fg)
+	cmd.Env = fenceEnv(lk)
 	acquired := time.Now()
 	if err := cmd.Start(); err != nil {
 		return ru.startFailed(lk, argv[0], err)

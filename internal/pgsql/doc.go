@@ -36,5 +36,9 @@
 //   - probe.go: the session-sharing probe (PgBouncer in transaction mode).
 //   - runs.go: SchemaSQL (schema pglocks) and the statements on
 //     pglocks.runs (once-per).
+//   - fence.go: the fencing tokens' schema (pglocks.fences, fence_seq) and
+//     statements. They return their token as a row, so they are read with
+//     QueryContext (one statement each, as pgx's extended protocol needs),
+//     on a context shielded from the caller's cancellation.
 //   - sqlstate.go: SQLSTATE codes and the "session lost" classification.
 package pgsql

@@ -58,6 +58,12 @@ type Request struct {
 	// succeeded on it. The acquiring statement then carries no setup.
 	Proven bool
 
+	// Fence asks for a fencing token with the lock (pglock's Fenced
+	// option), carried with the request for pglock alone: the engine's
+	// plans ignore it; pglock sends [Request.FencedTrySQL] and
+	// [IssueTokenSQL] itself.
+	Fence bool
+
 	// MinHold is the least time the lock stays held after it is acquired
 	// (pglock's MinHold option), carried with the request for pglock
 	// alone: nothing here or in the engine reads it. Zero: none.

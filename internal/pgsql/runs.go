@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS pglocks.runs (
     PRIMARY KEY (space, k1, k2)
 );
 COMMENT ON TABLE pglocks.runs IS 'pglocks: when the work done under each advisory lock key last succeeded (DoOncePer, pglock run --once-per)';
-`
+` + FenceSchemaSQL
 
 // SchemaLockSQL serializes concurrent schema creations (CREATE ... IF NOT
 // EXISTS can fail with a unique violation when two run at once): a
