@@ -211,10 +211,11 @@ func semChaos(t *testing.T, driver string, n int, d time.Duration, kill bool) in
 	obs := newObserver(t)
 	key := semKey()
 	app := fmt.Sprintf("pglocks-semchaos-%d", appSeq.Add(1))
-	const lockers, workers = 3, 3
+	const lockers, workers = 3, 2
 	var (
 		wg, bg   sync.WaitGroup
 		acquired atomic.Int64
+		errs     atomic.Int64
 		inside   atomic.Int64 // holders that have not seen a loss (no kills: all)
 		mu       sync.Mutex
 		owner    = map[int]*pglock.Lock{}
@@ -243,13 +244,18 @@ func semChaos(t *testing.T, driver string, n int, d time.Duration, kill bool) in
 						return
 					default:
 					}
-					ctx, cancel := context.WithTimeout(context.Background(), time.Duration(5+rand.IntN(150))*time.Millisecond)
+					ctx, cancel := context.WithTimeout(context.Background(), time.Duration(20+rand.IntN(400))*time.Millisecond)
 					if rand.IntN(3) == 0 {
-						time.AfterFunc(time.Duration(rand.IntN(100))*time.Millisecond, cancel)
+						time.AfterFunc(time.Duration(rand.IntN(300))*time.Millisecond, cancel)
 					}
+					st := time.Now()
 					lk, err := sem.Lock(ctx)
+					el := time.Since(st)
 					cancel()
 					if err != nil {
+						if errs.Add(1)%100 == 1 && testing.Verbose() {
+							t.Logf("lock, after %v: %v", el, err)
+						}
 						continue
 					}
 					acquired.Add(1)
@@ -299,7 +305,7 @@ func semChaos(t *testing.T, driver string, n int, d time.Duration, kill bool) in
 				select {
 				case <-stop:
 					return
-				case <-time.After(time.Duration(20+rand.IntN(80)) * time.Millisecond):
+				case <-time.After(time.Duration(100+rand.IntN(200)) * time.Millisecond):
 				}
 				_, _ = obs.db.Exec(`SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
 					WHERE application_name = $1 ORDER BY pg_catalog.random() LIMIT 1`, app)

@@ -424,7 +424,7 @@ func (s *Semaphore) onOwn(ctx context.Context, a semAttempt) (*Lock, error) {
 		return nil, newError(a.op, a.req, causes(l.interruption(ctx), causes(errs...)))
 	}
 	queued := r.Granted
-	i, pending, err := s.head(ctx, conn, a, queued)
+	i, pending, clean, err := s.head(ctx, conn, a, queued)
 	if err == nil && i >= 0 && queued {
 		err = s.leaveQueue(ctx, conn, qreq)
 	}
@@ -432,7 +432,7 @@ func (s *Semaphore) onOwn(ctx context.Context, a semAttempt) (*Lock, error) {
 		err = l.gates.enterAfterGrant(ctx, s.slots[i])
 	}
 	if err != nil || i < 0 {
-		s.dropOwn(conn, queued || i >= 0 || err != nil, err)
+		s.dropOwn(ctx, conn, qreq, queued, clean && (i < 0 || err == nil), err)
 		if err != nil {
 			return nil, newError(a.op, a.req, causes(l.interruption(ctx), err))
 		}
@@ -460,16 +460,21 @@ func (s *Semaphore) leaveQueue(ctx context.Context, conn *sql.Conn, qreq request
 	return err
 }
 
-// dropOwn ends the connection of a failed onOwn: closed when it may hold
-// something (dirty), kept for reuse otherwise.
-func (s *Semaphore) dropOwn(conn *sql.Conn, dirty bool, err error) {
+// dropOwn ends the connection of a failed onOwn. One whose outcome was
+// settled (clean: it holds no slot, and a cancel request may not be on its
+// way) leaves the queue if queued and is kept for reuse; any other is
+// closed, which releases whatever it holds on the server.
+func (s *Semaphore) dropOwn(ctx context.Context, conn *sql.Conn, qreq request, queued, clean bool, err error) {
+	if clean && queued {
+		clean = s.leaveQueue(ctx, conn, qreq) == nil
+	}
 	switch {
 	case engine.Abandoned(err):
 		s.l.traceConn(ConnDiscarded) // its reaper closes it
-	case dirty:
-		s.l.discard(conn)
-	default:
+	case clean:
 		s.l.putIdle(conn)
+	default:
+		s.l.discard(conn)
 	}
 }
 
@@ -477,26 +482,30 @@ func (s *Semaphore) dropOwn(conn *sql.Conn, dirty bool, err error) {
 // waits for one as the head of the queue: on one slot at a time for at most
 // SemaphorePoll, trying every slot between waits. It returns the slot
 // held, or -1 when a try found every slot busy; pending is the winning
-// wait's Result.CancelPending.
-func (s *Semaphore) head(ctx context.Context, conn *sql.Conn, a semAttempt, queued bool) (slot int, pending bool, err error) {
+// wait's Result.CancelPending; clean says that on failure conn holds no
+// slot and no cancel request may be on its way to it.
+func (s *Semaphore) head(ctx context.Context, conn *sql.Conn, a semAttempt, queued bool) (slot int, pending, clean bool, err error) {
 	next := rand.IntN(s.n)
 	for {
+		if err := engine.Ended(ctx); err != nil {
+			return -1, false, true, err // nothing sent
+		}
 		ans := engine.Scan(ctx, conn, a.bounds, s.scan)
 		if ans.Err != nil {
-			return -1, false, causes(sessionLost(ans.Err), ans.Err)
+			return -1, false, false, causes(sessionLost(ans.Err), ans.Err)
 		}
 		i, err := s.slotOf(ans.Rows)
 		switch {
 		case err == nil:
-			return i, false, nil
+			return i, false, true, nil
 		case !errors.Is(err, errSemaphoreBusy):
-			return -1, false, err
+			return -1, false, true, err
 		case a.req.Try || !queued:
-			return -1, false, nil
+			return -1, false, true, nil
 		}
-		got, pending, err := s.waitSlot(ctx, conn, a, next)
+		got, pending, clean, err := s.waitSlot(ctx, conn, a, next)
 		if got || err != nil {
-			return next, pending, err
+			return next, pending, clean, err
 		}
 		next = (next + 1) % s.n
 	}
@@ -512,20 +521,22 @@ func sessionLost(err error) error {
 
 // waitSlot waits for slot i on conn for at most SemaphorePoll (and ctx's
 // deadline). got says it is held; a nil error without it, that the poll
-// bound ran out cleanly (nothing taken, the session fine).
-func (s *Semaphore) waitSlot(ctx context.Context, conn *sql.Conn, a semAttempt, i int) (got, pending bool, err error) {
+// bound ran out cleanly (nothing taken, the session fine). clean says that
+// a failed wait was settled: nothing taken, no cancel request in flight.
+func (s *Semaphore) waitSlot(ctx context.Context, conn *sql.Conn, a semAttempt, i int) (got, pending, clean bool, err error) {
 	pctx, cancel := context.WithTimeout(ctx, SemaphorePoll)
 	defer cancel()
 	req := a.slotReq(s.slots[i], false)
 	req.Proven = true // the queue key's acquisition set the session up
 	r := engine.Run(pctx, conn, req, a.bounds)
+	clean = r.Failure == engine.Classify && !r.Discard && !r.CancelPending
 	switch {
 	case r.Granted:
-		return true, r.CancelPending, nil
+		return true, r.CancelPending, false, nil
 	case engine.Ended(ctx) == nil && pollEnded(r):
-		return false, false, nil
+		return false, false, true, nil
 	}
-	return false, false, causes(failure(r)...)
+	return false, false, clean, causes(failure(r)...)
 }
 
 // pollEnded reports whether a slot's wait ended by its poll bound's
