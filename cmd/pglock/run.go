@@ -59,6 +59,9 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if f.nowait && f.timeout.set {
 		return e.usageErr("run", "--nowait and --timeout cannot be combined")
 	}
+	if f.limit > 0 && (f.shared || f.oncePer.set) {
+		return e.usageErr("run", "--limit cannot be combined with --shared or --once-per")
+	}
 	if f.healthCheck.d < 10*time.Millisecond {
 		return e.usageErr("run", "--health-check must be at least 10ms")
 	}
@@ -141,7 +144,7 @@ func (ru *runner) acquire(ctx context.Context, l *pglock.Locker, sigs <-chan os.
 		"server", ru.srv.addr, "database", ru.srv.database)
 	began := time.Now()
 	go func() {
-		lk, err := l.Lock(lctx, ru.key, opts...)
+		lk, err := ru.lock(lctx, l, opts)
 		done <- result{lk, err}
 	}()
 	var stop os.Signal
@@ -169,6 +172,18 @@ func (ru *runner) acquire(ctx context.Context, l *pglock.Locker, sigs <-chan os.
 			return nil, ru.acquireFailed(r.err), false
 		}
 	}
+}
+
+// lock takes KEY, or with --limit a slot of its semaphore.
+func (ru *runner) lock(ctx context.Context, l *pglock.Locker, opts []pglock.Option) (*pglock.Lock, error) {
+	if ru.f.limit == 0 {
+		return l.Lock(ctx, ru.key, opts...)
+	}
+	sem, err := l.Semaphore(ru.key, int(ru.f.limit))
+	if err != nil {
+		return nil, err
+	}
+	return sem.Lock(ctx, opts...)
 }
 
 // acquireFailed reports a failed acquisition and returns the exit code.
