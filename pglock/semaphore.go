@@ -62,6 +62,7 @@ type Semaphore struct {
 	slots []keys.Key // the slot keys, by index
 	queue keys.Key   // where waiters queue on the server
 	scan  string     // pgsql.SemaphoreScanSQL
+	size  string     // pgsql.SemaphoreSizeSQL
 }
 
 // SemaphoreSlot returns the key of slot i (0 <= i < n) of the semaphore
@@ -122,7 +123,7 @@ func (l *Locker) Semaphore(key keys.Key, n int) (*Semaphore, error) {
 	}
 	hi := semaphoreHi(key)
 	s := &Semaphore{l: l, key: key, n: n, slots: make([]keys.Key, n),
-		queue: keys.Pair(hi, pgsql.SemaphoreLo(n, pgsql.SemaphoreQueueSlot)), scan: pgsql.SemaphoreScanSQL(hi, n)}
+		queue: keys.Pair(hi, pgsql.SemaphoreLo(n, pgsql.SemaphoreQueueSlot)), scan: pgsql.SemaphoreScanSQL(hi, n), size: pgsql.SemaphoreSizeSQL(hi, n)}
 	for i := range s.slots {
 		s.slots[i] = keys.Pair(hi, pgsql.SemaphoreLo(n, i))
 	}
@@ -223,10 +224,11 @@ type semAttempt struct {
 	op, api string
 	req     request // the semaphore's key, for errors; Try: do not wait
 	bounds  engine.Bounds
+	sized   bool // the size check ran (see checkSize)
 }
 
 // slotReq is the request of the lock of key (a slot or the queue key).
-func (a semAttempt) slotReq(key keys.Key, try bool) request {
+func (a *semAttempt) slotReq(key keys.Key, try bool) request {
 	r := a.req
 	r.Keys = []keys.Key{key}
 	r.Try, r.Report = try, false
@@ -254,9 +256,9 @@ func (s *Semaphore) acquire(ctx context.Context, op, api string, try bool, opts 
 	defer l.startCheck()
 	a := semAttempt{op: op, api: api, req: req, bounds: engine.OwnedBy(l.db)}
 	a.bounds.From = ctx
-	lk, err := s.onShared(ctx, a)
+	lk, err := s.onShared(ctx, &a)
 	if lk == nil && err == nil {
-		lk, err = s.onOwn(ctx, a)
+		lk, err = s.onOwn(ctx, &a)
 	}
 	switch {
 	case err != nil:
@@ -274,7 +276,7 @@ var errSemaphoreBusy = errors.New("every slot is busy")
 // holds none of them. It returns nils when there is none to use, or every
 // slot is busy and the call may wait (it then waits on a connection of
 // its own).
-func (s *Semaphore) onShared(ctx context.Context, a semAttempt) (*Lock, error) {
+func (s *Semaphore) onShared(ctx context.Context, a *semAttempt) (*Lock, error) {
 	for {
 		ss := s.l.pickFor(s.slots)
 		if ss == nil {
@@ -314,7 +316,7 @@ func (l *Locker) pickFor(gkeys []keys.Key) *session {
 // scanShared runs the semaphore's statement on ss, which pickFor
 // reserved. again says ss could not be used (it holds a slot now, or it is
 // gone): pick another.
-func (s *Semaphore) scanShared(ctx context.Context, ss *session, a semAttempt) (lk *Lock, err error, again bool) {
+func (s *Semaphore) scanShared(ctx context.Context, ss *session, a *semAttempt) (lk *Lock, err error, again bool) {
 	l := s.l
 	ss.turn.Lock()
 	defer ss.turn.Unlock()
@@ -338,6 +340,17 @@ func (s *Semaphore) scanShared(ctx context.Context, ss *session, a semAttempt) (
 		return nil, ans.Err, lost
 	}
 	i, err := s.slotOf(ans.Rows)
+	if errors.Is(err, errSemaphoreBusy) {
+		err = s.checkSize(ctx, ss.conn, b, a)
+		if pgsql.IsSessionLost(err) || engine.Abandoned(err) {
+			ss.kill(err)
+			ss.unreserve()
+			return nil, err, true
+		}
+		if !errors.Is(err, ErrSemaphoreSize) {
+			err = errSemaphoreBusy // the check is advisory: its failure is not the call's
+		}
+	}
 	if err != nil {
 		ss.unreserve()
 		return nil, err, false
@@ -355,8 +368,10 @@ func (s *Semaphore) scanShared(ctx context.Context, ss *session, a semAttempt) (
 	return lk, nil, false
 }
 
+var errScanAnswer = errors.New("unexpected answer to the semaphore's statement")
+
 // slotOf decodes the semaphore statement's row count: the slot taken, or
-// errSemaphoreBusy, or ErrSemaphoreSize.
+// errSemaphoreBusy.
 func (s *Semaphore) slotOf(rows int64) (int, error) {
 	switch {
 	case rows == 0:
@@ -364,7 +379,25 @@ func (s *Semaphore) slotOf(rows int64) (int, error) {
 	case rows > 0 && rows <= int64(s.n):
 		return int(rows - 1), nil
 	}
-	return -1, ErrSemaphoreSize
+	return -1, errScanAnswer
+}
+
+// checkSize runs the size check on h once per acquisition, after a scan
+// found every slot busy: ErrSemaphoreSize when pg_locks shows the key's slot
+// space in use with another size, the statement's error, or nil.
+func (s *Semaphore) checkSize(ctx context.Context, h engine.Handle, b engine.Bounds, a *semAttempt) error {
+	if a.sized {
+		return nil
+	}
+	a.sized = true
+	ans := engine.Scan(ctx, h, b, s.size)
+	switch {
+	case ans.Err != nil:
+		return ans.Err
+	case ans.Rows > 0:
+		return ErrSemaphoreSize
+	}
+	return nil
 }
 
 // enterAfterGrant passes key's gate once its lock is held on the server:
@@ -410,7 +443,7 @@ func (s *Semaphore) unlockShared(ctx context.Context, ss *session, req request) 
 // the slots and, unless a try, waits for them as the head of the queue.
 // Once it holds a slot it leaves the queue, and the connection joins the
 // Locker's shared ones. It returns nils when a try found every slot busy.
-func (s *Semaphore) onOwn(ctx context.Context, a semAttempt) (*Lock, error) {
+func (s *Semaphore) onOwn(ctx context.Context, a *semAttempt) (*Lock, error) {
 	l := s.l
 	ctx, stop := l.closeable(ctx)
 	defer stop()
@@ -484,7 +517,7 @@ func (s *Semaphore) dropOwn(ctx context.Context, conn *sql.Conn, qreq request, q
 // held, or -1 when a try found every slot busy; pending is the winning
 // wait's Result.CancelPending; clean says that on failure conn holds no
 // slot and no cancel request may be on its way to it.
-func (s *Semaphore) head(ctx context.Context, conn *sql.Conn, a semAttempt, queued bool) (slot int, pending, clean bool, err error) {
+func (s *Semaphore) head(ctx context.Context, conn *sql.Conn, a *semAttempt, queued bool) (slot int, pending, clean bool, err error) {
 	next := rand.IntN(s.n)
 	for {
 		if err := engine.Ended(ctx); err != nil {
@@ -495,11 +528,16 @@ func (s *Semaphore) head(ctx context.Context, conn *sql.Conn, a semAttempt, queu
 			return -1, false, false, causes(sessionLost(ans.Err), ans.Err)
 		}
 		i, err := s.slotOf(ans.Rows)
+		if errors.Is(err, errSemaphoreBusy) {
+			if err = s.checkSize(ctx, conn, a.bounds, a); err == nil {
+				err = errSemaphoreBusy
+			}
+		}
 		switch {
 		case err == nil:
 			return i, false, true, nil
 		case !errors.Is(err, errSemaphoreBusy):
-			return -1, false, true, err
+			return -1, false, errors.Is(err, ErrSemaphoreSize), err
 		case a.req.Try || !queued:
 			return -1, false, true, nil
 		}
@@ -523,7 +561,7 @@ func sessionLost(err error) error {
 // deadline). got says it is held; a nil error without it, that the poll
 // bound ran out cleanly (nothing taken, the session fine). clean says that
 // a failed wait was settled: nothing taken, no cancel request in flight.
-func (s *Semaphore) waitSlot(ctx context.Context, conn *sql.Conn, a semAttempt, i int) (got, pending, clean bool, err error) {
+func (s *Semaphore) waitSlot(ctx context.Context, conn *sql.Conn, a *semAttempt, i int) (got, pending, clean bool, err error) {
 	pctx, cancel := context.WithTimeout(ctx, SemaphorePoll)
 	defer cancel()
 	req := a.slotReq(s.slots[i], false)

@@ -22,28 +22,26 @@ func SemaphoreLo(n, i int) int32 { return int32(n<<16 | i) }
 // try, so that one execution cannot take two slots.
 //
 // Its answer is its row count (it returns rows without columns, so that
-// it runs as an Exec in the simple protocol of both drivers):
-//
-//	i+1     slot i was taken (1 <= i+1 <= n)
-//	0       every slot is busy, and no lock of the same hi is held or
-//	        awaited with another size
-//	n+1     every slot is busy, and pg_locks shows a lock of the same hi
-//	        whose upper 16 bits of the low key are not n: a semaphore of
-//	        another size (or a colliding pair key). Nothing is held.
-//
-// pg_locks is read only when every slot is busy.
+// it runs as an Exec in the simple protocol of both drivers): i+1 when it
+// took slot i, 0 when every slot was busy.
 func SemaphoreScanSQL(hi int32, n int) string {
 	h := "'" + strconv.FormatInt(int64(hi), 10) + "'::integer"
 	ns := "'" + strconv.Itoa(n) + "'::integer"
 	base := "'" + strconv.FormatInt(int64(SemaphoreLo(n, 0)), 10) + "'::integer"
-	classid := "'" + strconv.FormatUint(uint64(uint32(hi)), 10) + "'::oid"
 	return "WITH RECURSIVE r(o) AS (SELECT pg_catalog.floor(pg_catalog.random() * " + ns + "::double precision)::integer % " + ns + "), " +
 		"t(k, i, got) AS (SELECT 1, r.o, pg_catalog.pg_try_advisory_lock(" + h + ", " + base + " + r.o) FROM r " +
 		"UNION ALL SELECT t.k + 1, (t.i + 1) % " + ns + ", pg_catalog.pg_try_advisory_lock(" + h + ", " + base + " + (t.i + 1) % " + ns + ") " +
-		"FROM t WHERE NOT t.got AND t.k < " + ns + "), " +
-		"w(i) AS (SELECT (SELECT t.i FROM t WHERE t.got)) " +
-		"SELECT FROM w, pg_catalog.generate_series('1'::integer, CASE WHEN w.i IS NOT NULL THEN w.i + 1 " +
-		"WHEN EXISTS (SELECT FROM pg_catalog.pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = '2'::smallint " +
+		"FROM t WHERE NOT t.got AND t.k < " + ns + ") " +
+		"SELECT FROM t, pg_catalog.generate_series('0'::integer, t.i) WHERE t.got"
+}
+
+// SemaphoreSizeSQL returns one row when pg_locks shows, in the current
+// database, an advisory pair-key lock (held or awaited) whose high key is
+// hi and whose low key's upper 16 bits are not n: a semaphore of the same
+// key with another size (or a colliding pair key); none otherwise. It
+// takes nothing.
+func SemaphoreSizeSQL(hi int32, n int) string {
+	return "SELECT 1 WHERE EXISTS (SELECT FROM pg_catalog.pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = '2'::smallint " +
 		"AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()) " +
-		"AND l.classid = " + classid + " AND (l.objid::bigint >> 16) <> " + ns + "::bigint) THEN " + ns + " + 1 ELSE 0 END)"
+		"AND l.classid = '" + strconv.FormatUint(uint64(uint32(hi)), 10) + "'::oid AND (l.objid::bigint >> 16) <> '" + strconv.Itoa(n) + "'::bigint)"
 }
