@@ -225,6 +225,10 @@ SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to the command's process group;
 while pglock still waits, SIGINT, SIGTERM and SIGHUP stop the wait instead
 (exit 128+N, command not run).
 
+With --limit N, up to N runs of KEY (on any host) run their commands at once,
+as consul lock -n: a semaphore of N slots (docs/semaphore.md). Every run of
+KEY must give the same N.
+
 With --nowait, or when --timeout expires, pglock exits with the conflict code
 without running the command, and prints who holds the lock, and on which
 database and server, to stderr.
