@@ -351,6 +351,11 @@ func (s *Semaphore) scanShared(ctx context.Context, ss *session, a *semAttempt) 
 			err = errSemaphoreBusy // the check is advisory: its failure is not the call's
 		}
 	}
+	if errors.Is(err, errScanAnswer) {
+		lost := s.settleShared(ctx, ss, err) // it may have taken slots
+		ss.unreserve()
+		return nil, err, lost
+	}
 	if err != nil {
 		ss.unreserve()
 		return nil, err, false

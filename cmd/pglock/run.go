@@ -59,13 +59,10 @@ func runMain(ctx context.Context, e env, g *globals, c command, args []string) i
 	if f.nowait && f.timeout.set {
 		return e.usageErr("run", "--nowait and --timeout cannot be combined")
 	}
-	if f.limit > 0 && (f.shared || f.oncePer.set) {
-		return e.usageErr("run", "--limit cannot be combined with --shared or --once-per")
-	}
 	if f.healthCheck.d < 10*time.Millisecond {
 		return e.usageErr("run", "--health-check must be at least 10ms")
 	}
-	if msg := f.checkOnce(); msg != "" {
+	if msg := f.checkLimited(); msg != "" {
 		return e.usageErr("run", "%s", msg)
 	}
 	return e.runLocked(ctx, g, f, keyArg, key, rest)
@@ -172,6 +169,18 @@ func (ru *runner) acquire(ctx context.Context, l *pglock.Locker, sigs <-chan os.
 			return nil, ru.acquireFailed(r.err), false
 		}
 	}
+}
+
+// checkLimited is checkOnce, then the combinations --limit refuses; "" when
+// the flags are fine.
+func (f *runFlags) checkLimited() string {
+	if msg := f.checkOnce(); msg != "" {
+		return msg
+	}
+	if f.limit > 0 && (f.shared || f.oncePer.set) {
+		return "--limit cannot be combined with --shared or --once-per"
+	}
+	return ""
 }
 
 // lock takes KEY, or with --limit a slot of its semaphore.
