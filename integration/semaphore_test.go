@@ -346,3 +346,69 @@ func TestSemaphoreChaos(t *testing.T) {
 		})
 	}
 }
+
+// TestSemaphoreFIFO: with every slot held, waiters from three Lockers (three
+// processes), each seen waiting on the server before the next starts, are
+// granted in arrival order as the slot is released and passed on.
+func TestSemaphoreFIFO(t *testing.T) {
+	for _, driver := range drivers {
+		t.Run(driver, func(t *testing.T) {
+			ctx := context.Background()
+			obs := newObserver(t)
+			key := semKey()
+			l := pglock.NewLocker(openDB(t, driver))
+			defer l.Close()
+			sem, err := l.Semaphore(key, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held, err := sem.Lock(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			order := make(chan int, 3)
+			var wg sync.WaitGroup
+			for w := range 3 {
+				lw := pglock.NewLocker(openDB(t, driver))
+				defer lw.Close()
+				sw, err := lw.Semaphore(key, 1)
+				if err != nil {
+					t.Fatal(err)
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					lk, err := sw.Lock(ctx)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					order <- w
+					time.Sleep(50 * time.Millisecond)
+					_ = lk.Unlock(ctx)
+				}()
+				for end := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+					if _, waiting, _ := semLocks(t, obs.db, key, 1); waiting == w+1 {
+						break
+					}
+					if time.Now().After(end) {
+						t.Fatalf("waiter %d not seen waiting", w)
+					}
+				}
+			}
+			if err := held.Unlock(ctx); err != nil {
+				t.Fatal(err)
+			}
+			wg.Wait()
+			close(order)
+			var got []int
+			for w := range order {
+				got = append(got, w)
+			}
+			if fmt.Sprint(got) != "[0 1 2]" {
+				t.Fatalf("granted in order %v; want [0 1 2]", got)
+			}
+			waitNoSemLocks(t, obs.db, key, 1)
+		})
+	}
+}
