@@ -40,7 +40,7 @@ const MaxSemaphore = pgsql.SemaphoreMax
 // one slot on the server before it tries every slot again (see
 // [Semaphore.Lock]): a slot freed while it waits on another one is taken
 // within about this long.
-const SemaphorePoll = 200 * time.Millisecond
+const SemaphorePoll = 100 * time.Millisecond
 
 // semaphorePrefix starts the bytes whose FNV-1a hash is a semaphore's high
 // key (see [SemaphoreSlot]). Frozen: changing it moves every semaphore.
