@@ -24,9 +24,9 @@ var (
 	ErrFenceDenied = errors.New("permission denied on pglocks.fences or pglocks.fence_seq: grant SELECT, INSERT, UPDATE on pglocks.fences and USAGE on pglocks.fence_seq")
 	// ErrFenceUnsupported means a fencing token was asked of a call that
 	// cannot issue one: [Fenced] applies to one exclusive key taken by
-	// [Locker.Lock] or [Locker.TryLock] (not Shared, LockAll, Do or the
-	// calls on a caller's handle, which have [LockConnFenced] and
-	// [LockTxFenced]); nothing was sent.
+	// [Locker.Lock] or [Locker.TryLock] (not Shared, LockAll, Do, a
+	// Semaphore, or the calls on a caller's handle, which have
+	// [LockConnFenced] and [LockTxFenced]); nothing was sent.
 	ErrFenceUnsupported = errors.New("fencing tokens need one exclusive key: use Fenced with Locker.Lock or Locker.TryLock, or LockConnFenced / LockTxFenced")
 )
 

@@ -141,6 +141,7 @@ type Locker struct {
 	sessions map[*session]struct{} // connections that hold locks
 	opening  int                   // new shared connections being opened
 	changed  chan struct{}         // closed (and replaced) when sessions or opening change
+	sems     map[keys.Key]int      // the size of each semaphore key used (see Semaphore)
 
 	keepIdle  time.Duration // how long an emptied connection is kept (see IdleKeep); 0: not kept
 	idle      []idleConn    // emptied connections kept for reuse, oldest first

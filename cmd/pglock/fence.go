@@ -25,8 +25,11 @@ func fenceEnv(lk *pglock.Lock) []string {
 // check validates the flags that combine: --fence, --once-per and
 // --once-skew (see checkOnce). It returns the usage error, or "".
 func (f *runFlags) check() string {
-	if f.fence && f.shared {
+	switch {
+	case f.fence && f.shared:
 		return "--fence needs an exclusive lock: drop --shared"
+	case f.fence && f.limit > 0:
+		return "--fence cannot be combined with --limit: a semaphore's slots carry no token"
 	}
-	return f.checkOnce()
+	return f.checkLimited()
 }

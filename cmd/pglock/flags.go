@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"io"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
+
+	"github.com/pglocks/pglocks/pglock"
 )
 
 // flagDoc describes one flag for --help, the completion scripts and the
@@ -154,6 +157,27 @@ type runFlags struct {
 	oncePer        durationValue
 	onceSkew       durationValue
 	fence          bool
+	limit          limitValue
+}
+
+// limitValue is run's --limit: how many holders of KEY may run at once (0:
+// not set, an ordinary exclusive lock).
+type limitValue int
+
+func (v *limitValue) String() string {
+	if *v == 0 {
+		return ""
+	}
+	return strconv.Itoa(int(*v))
+}
+
+func (v *limitValue) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 || n > pglock.MaxSemaphore {
+		return fmt.Errorf("must be a whole number from 1 to %d", pglock.MaxSemaphore)
+	}
+	*v = limitValue(n)
+	return nil
 }
 
 // newRunFlags returns run's flags at their defaults.
@@ -171,6 +195,8 @@ func (f *runFlags) define(fs *flagSet) {
 	fs.boolFlag(&f.nowait, flagDoc{name: "nowait", short: "n", usage: "do not wait: if the lock is busy, exit with the conflict code at once"})
 	fs.valueFlag(&f.timeout, flagDoc{name: "timeout", short: "w", arg: "DURATION", def: "none, wait for ever",
 		usage: "give up waiting after this long (30s, 1m, or seconds) and exit with the conflict code"})
+	fs.valueFlag(&f.limit, flagDoc{name: "limit", arg: "N", def: "none, one holder",
+		usage: "let up to N holders of KEY run at once (a semaphore, as consul lock -n); every run of KEY must give the same N"})
 	fs.valueFlag(&f.conflictCode, flagDoc{name: "conflict-exit-code", short: "E", arg: "CODE", def: "1",
 		usage: "exit code when the lock is busy or --timeout expires"})
 	fs.valueFlag(&f.lostCode, flagDoc{name: "lost-exit-code", arg: "CODE", def: "75",
@@ -201,6 +227,10 @@ code. The lock is released after the command exits. SIGINT, SIGTERM, SIGHUP,
 SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to the command's process group;
 while pglock still waits, SIGINT, SIGTERM and SIGHUP stop the wait instead
 (exit 128+N, command not run).
+
+With --limit N, up to N runs of KEY (on any host) run their commands at once,
+as consul lock -n: a semaphore of N slots (docs/semaphore.md). Every run of
+KEY must give the same N.
 
 With --nowait, or when --timeout expires, pglock exits with the conflict code
 without running the command, and prints who holds the lock, and on which

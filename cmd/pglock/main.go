@@ -3,7 +3,7 @@
 // replica exactly one does the work at a time. It also hashes lock names and
 // shows who holds or waits for advisory locks.
 //
-//	pglock run [--shared] [--nowait|-n] [--timeout 30s] [--conflict-exit-code 1]
+//	pglock run [--shared] [--nowait|-n] [--timeout 30s] [--limit N] [--conflict-exit-code 1]
 //	           [--on-lost term|kill|ignore] [--grace 10s] KEY -- command [args...]
 //	pglock hash KEY...       # the lock a KEY names: its int64 and pg_locks columns
 //	pglock holders KEY...    # who holds or waits for each KEY

@@ -144,7 +144,7 @@ func (ru *runner) acquire(ctx context.Context, l *pglock.Locker, sigs <-chan os.
 		"server", ru.srv.addr, "database", ru.srv.database)
 	began := time.Now()
 	go func() {
-		lk, err := l.Lock(lctx, ru.key, opts...)
+		lk, err := ru.lock(lctx, l, opts)
 		done <- result{lk, err}
 	}()
 	var stop os.Signal
@@ -172,6 +172,30 @@ func (ru *runner) acquire(ctx context.Context, l *pglock.Locker, sigs <-chan os.
 			return nil, ru.acquireFailed(r.err), false
 		}
 	}
+}
+
+// checkLimited is checkOnce, then the combinations --limit refuses; "" when
+// the flags are fine.
+func (f *runFlags) checkLimited() string {
+	if msg := f.checkOnce(); msg != "" {
+		return msg
+	}
+	if f.limit > 0 && (f.shared || f.oncePer.set) {
+		return "--limit cannot be combined with --shared or --once-per"
+	}
+	return ""
+}
+
+// lock takes KEY, or with --limit a slot of its semaphore.
+func (ru *runner) lock(ctx context.Context, l *pglock.Locker, opts []pglock.Option) (*pglock.Lock, error) {
+	if ru.f.limit == 0 {
+		return l.Lock(ctx, ru.key, opts...)
+	}
+	sem, err := l.Semaphore(ru.key, int(ru.f.limit))
+	if err != nil {
+		return nil, err
+	}
+	return sem.Lock(ctx, opts...)
 }
 
 // acquireFailed reports a failed acquisition and returns the exit code.
