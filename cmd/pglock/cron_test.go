@@ -152,14 +152,15 @@ func TestSchemaAndOncePer(t *testing.T) {
 // run exactly once per period, for 20 periods. The log of runs must list
 // 0..19 once each, in order. Both remedies of docs/cron.md run it, at once:
 //
-//   - once-per: every host runs `pglock run --once-per 7s --once-skew 3.5s`
+//   - once-per: every host runs `pglock run --once-per 8s --once-skew 4s`
 //     (waiting for the lock, no --nowait) and must exit 0 (run or skipped).
 //     Two schedules alternate, so that both ways of failing are tried 10
 //     times: even firings start at 0, 0.75, 1.5, 2.25 and 3 s (the last host
 //     starts 3 s after the run: it must skip), odd firings all at 3 s (5
-//     hosts queued on the lock, and the next firing's first host starts 4 s
+//     hosts queued on the lock, and the next firing's first host starts 5 s
 //     after this run: it must run). docs/cron.md's rule, spread <= skew <
-//     period - spread, holds with 0.5 s to spare on each side.
+//     period - spread, holds with 1 s to spare on each side, for start-up
+//     delays on a loaded machine.
 //   - min-hold: every host runs `pglock run --nowait --min-hold 4s`, starts
 //     spread over 0..3 s each period of 5 s: the first holds the lock until
 //     4 s after it started, so the others skip (--conflict-exit-code 42), and the
@@ -178,7 +179,7 @@ func TestCronOncePerPeriod(t *testing.T) {
 		late    bool // odd firings all start at the spread's end
 		skipped int  // the exit code of a host that skips
 	}{
-		{"once-per", 7 * time.Second, []string{"--once-per", "7s", "--once-skew", "3.5s"}, true, 0},
+		{"once-per", 8 * time.Second, []string{"--once-per", "8s", "--once-skew", "4s"}, true, 0},
 		{"min-hold", 5 * time.Second, []string{"--nowait", "--conflict-exit-code", "42", "--min-hold", "4s"}, false, 42},
 	}
 	for _, tc := range tests {
