@@ -44,6 +44,13 @@ func (l *Locker) Do(ctx context.Context, key keys.Key, fn func(ctx context.Conte
 	if err != nil {
 		return err
 	}
+	return lk.runHeld(ctx, fn)
+}
+
+// runHeld is the body of Do (a Locker's and a Semaphore's) once lk is
+// held: it runs fn with a ctx that ends when lk is lost, keeps MinHold,
+// releases lk and returns Do's error (see doResult).
+func (lk *Lock) runHeld(ctx context.Context, fn func(ctx context.Context) error) (err error) {
 	started := time.Now()
 	bctx, b := startBody(ctx, tracerOf(lk.req), lk.call(), true)
 	fctx, cancel := context.WithCancelCause(bctx)

@@ -202,23 +202,7 @@ func (s *Semaphore) Do(ctx context.Context, fn func(ctx context.Context) error, 
 	if err != nil {
 		return err
 	}
-	started := time.Now()
-	bctx, b := startBody(ctx, tracerOf(lk.req), lk.call(), true)
-	fctx, cancel := context.WithCancelCause(bctx)
-	stop := context.AfterFunc(lk.ctx, func() { cancel(context.Cause(lk.ctx)) })
-	panicked := true
-	defer func() {
-		b.end(err, panicked)
-		stop()
-		cancel(context.Canceled)
-		if !panicked {
-			holdUntil(ctx, lk.Done(), holdEnd(lk.req, started))
-		}
-		err = lk.doResult(ctx, err)
-	}()
-	err = fn(fctx)
-	panicked = false
-	return err
+	return lk.runHeld(ctx, fn)
 }
 
 // semAttempt is one acquisition of a semaphore's slot.
