@@ -106,7 +106,10 @@ func TestLockerHealthCheckFullEvery(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if strings.Contains(logged.String(), "health check failed") {
+	// Up to the loss: the session's watcher may start one more check
+	// (which finds no expectation left) before it sees the loss.
+	before, _, _ := strings.Cut(logged.String(), "lock lost")
+	if strings.Contains(before, "health check failed") {
 		t.Fatalf("a check failed: the checks were not the expected ones:\n%s", logged.String())
 	}
 }
